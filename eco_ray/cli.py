@@ -115,6 +115,42 @@ def cmd_data_convert(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------- cost
+def cmd_cost(args) -> int:
+    import torch
+
+    from eco_ray.model.config import load_model_config
+    from eco_ray.model.cost import exit_cost_table
+    from eco_ray.model.early_exit import EarlyExitMask2Former
+
+    cfg = load_model_config(args.model, args.set)
+    torch.manual_seed(0)
+    model = EarlyExitMask2Former(cfg)
+    size = args.image_size or [cfg.image_size]
+    table = exit_cost_table(model, size[0], batch_sizes=tuple(args.batch_sizes), repeats=args.repeats,
+                            measure_latency=not args.no_latency, width=size[-1])
+    if args.json:
+        _print_json(table)
+        return 0
+    h, w = size[0], size[-1]
+    print(f"model {table['model']}, input {h}x{w}; GFLOPs per image, "
+          f"{table['gflops_convention']}")
+    print(f"backbone + input projections {table['backbone_gflops']:.4f}, one encoder layer "
+          f"{table['encoder_layer_gflops'][0]:.4f}, FPN + decoder + heads {table['head_gflops']:.4f}")
+    lat = table["latency"]
+    cols = [f"batch {b} ms" for b in lat["batch_sizes"]] if lat else []
+    print(f"{'exit':>4} {'encoder GFLOPs':>15} {'total GFLOPs':>13} {'encoder share':>14}" +
+          "".join(f" {c:>12}" for c in cols))
+    for e in table["exits"]:
+        row = f"{e['exit']:>4} {e['encoder_gflops']:>15.4f} {e['total_gflops']:>13.4f} {e['encoder_share']:>14.1%}"
+        if lat:
+            row += "".join(f" {e[f'latency_ms_batch{b}']:>12.2f}" for b in lat["batch_sizes"])
+        print(row)
+    if lat:
+        print(f"latency: median of {lat['repeats']} runs, {lat['device']}, {lat['threads']} threads")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -163,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--min-visible", type=float, default=0.0,
                    help="drop instances with less than this fraction of their area visible (default 0)")
     v.set_defaults(func=cmd_data_convert)
+
+    c = sub.add_parser("cost", help="GFLOPs and latency of every exit of a model config",
+                       description="Counts GFLOPs per image (fvcore convention: 1 multiply-accumulate = 1 FLOP; "
+                                   "the deformable sampling is not counted, as in the paper) and times forward() "
+                                   "at each exit on this machine. Weights are random: cost does not depend on them.")
+    c.add_argument("--model", default="small", help="preset (tiny, small, swin-t) or a model YAML (default small)")
+    c.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model setting")
+    c.add_argument("--image-size", type=int, nargs="+", default=None, metavar="SIDE",
+                   help="input side, or HEIGHT WIDTH (GFLOPs only) (default: the config's image_size)")
+    c.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8], help="batch sizes to time (default 1 8)")
+    c.add_argument("--repeats", type=int, default=20, help="timed runs per exit and batch size (default 20)")
+    c.add_argument("--no-latency", action="store_true", help="count GFLOPs only (fast; for large configs)")
+    c.add_argument("--json", action="store_true", help="print the table as JSON (latency_ms = batch 1)")
+    c.set_defaults(func=cmd_cost)
     return p
 
 

@@ -1,0 +1,203 @@
+"""The early-exit model against the unmodified library model, its gates, weights on disk, post-processing."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import Mask2FormerForUniversalSegmentation
+
+from eco_ray.config import ConfigError
+from eco_ray.data import CocoPanopticDataset, collate_panoptic
+from eco_ray.metrics import aggregate, image_stats
+from eco_ray.model.config import load_model_config
+from eco_ray.model.early_exit import EarlyExitMask2Former
+from eco_ray.model.gates import BudgetGate, ExitClassifierGate
+from eco_ray.model.io import ModelFileError, load_gate, load_parent, parent_from_pretrained, save_gate, save_parent
+from eco_ray.model.postprocess import to_panoptic
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return EarlyExitMask2Former(load_model_config("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def assert_same(a, b, atol=0.0):
+    for x, y in zip(a.class_logits + a.mask_logits, b.class_logits + b.mask_logits):
+        torch.testing.assert_close(x, y, atol=atol, rtol=0 if atol == 0 else 1e-5)
+
+
+@torch.no_grad()
+def test_deepest_exit_equals_the_library_model(model, batch):
+    ref = model.m2f(batch, output_auxiliary_logits=True)
+    out = model(batch)  # deepest exit by default
+    assert out.exit_per_image.tolist() == [6, 6, 6]
+    torch.testing.assert_close(out.class_queries_logits, ref.class_queries_logits, atol=0, rtol=0)
+    torch.testing.assert_close(out.masks_queries_logits, ref.masks_queries_logits, atol=0, rtol=0)
+    for aux, c, m in zip(ref.auxiliary_logits, out.class_logits[:-1], out.mask_logits[:-1]):
+        torch.testing.assert_close(c, aux["class_queries_logits"], atol=0, rtol=0)
+        torch.testing.assert_close(m, aux["masks_queries_logits"], atol=0, rtol=0)
+
+
+@torch.no_grad()
+def test_one_pass_multi_exit_equals_separate_forwards(model, batch):
+    every = model.forward_exits(batch)
+    assert sorted(every) == [2, 3, 4, 5, 6]
+    for k, out in every.items():
+        assert_same(out, model(batch, exit=k))
+    # exits really differ: the encoder depth changes the prediction
+    assert not torch.allclose(every[2].masks_queries_logits, every[6].masks_queries_logits)
+
+
+@torch.no_grad()
+def test_mixed_exits_in_a_batch_equal_per_image_forwards(model, batch):
+    exits = torch.tensor([4, 2, 6])
+    mixed = model.forward_per_image(batch, exits)
+    assert mixed.exit_per_image.tolist() == [4, 2, 6]
+    for i, k in enumerate(exits.tolist()):
+        alone = model(batch[i:i + 1], exit=k)
+        torch.testing.assert_close(mixed.class_queries_logits[i], alone.class_queries_logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mixed.masks_queries_logits[i], alone.masks_queries_logits[0], atol=1e-5, rtol=1e-5)
+    same = model.forward_per_image(batch, [3, 3, 3])
+    assert_same(same, model(batch, exit=3), atol=1e-6)
+
+
+@torch.no_grad()
+def test_gate_features_are_per_image_and_depth_independent(model, batch):
+    feats = model.forward_exits(batch, [2, 6])
+    assert feats[2].gate_features.shape == (3, 32)
+    torch.testing.assert_close(feats[2].gate_features, feats[6].gate_features, atol=0, rtol=0)
+    alone = model(batch[1:2], exit=2).gate_features
+    torch.testing.assert_close(alone[0], feats[2].gate_features[1], atol=1e-6, rtol=1e-5)
+
+
+def test_bad_exits_are_rejected(model, batch):
+    with pytest.raises(ValueError, match="not exits"):
+        model(batch, exit=1)
+    with pytest.raises(ValueError, match="not exits"):
+        model.forward_per_image(batch, [2, 7, 2])
+    with pytest.raises(ValueError, match="one entry per image"):
+        model.forward_per_image(batch, [2, 2])
+    with pytest.raises(ConfigError, match="exits"):
+        load_model_config("tiny", ["exits=[2,9]"])
+    with pytest.raises(ConfigError, match="unknown model config"):
+        load_model_config("huge")
+
+
+def test_loss_trains_only_the_layers_an_exit_uses(model, synth_root):
+    ds = CocoPanopticDataset.from_root(synth_root, "val")
+    b = collate_panoptic([ds[0], ds[1]], ds.categories)
+    model.train()
+    try:
+        model.zero_grad()
+        loss = model.loss(model(b["pixel_values"], exit=3), b["mask_labels"], b["class_labels"])
+        assert torch.isfinite(loss) and loss.item() > 0
+        loss.backward()
+        layers = model.pixel_decoder.encoder.layers
+        used = [any(p.grad is not None and p.grad.abs().sum() > 0 for p in layers[i].parameters()) for i in range(6)]
+        assert used == [True, True, True, False, False, False]
+    finally:
+        model.zero_grad()
+        model.eval()
+
+
+def test_swin_backbone_config_builds_and_exits():
+    m = EarlyExitMask2Former(load_model_config("tiny", ["backbone=swin", "backbone_embed=32",
+                                                         "swin_num_heads=[1,2,4,8]", "swin_window=4"])).eval()
+    with torch.no_grad():
+        out = m.forward_exits(torch.randn(1, 3, 64, 64), [2, 6])
+    assert out[2].masks_queries_logits.shape == (1, 8, 16, 16)
+
+
+# ---------------------------------------------------------------------------------------------- gates
+def test_classifier_gate_decides_per_image():
+    gate = ExitClassifierGate(4, [2, 3, 4, 5, 6])
+    with torch.no_grad():
+        gate.linear.weight.zero_()
+        gate.linear.bias.zero_()
+        gate.linear.weight[4, 0] = 1.0  # feature 0 votes for exit 6
+        gate.linear.weight[1, 1] = 1.0  # feature 1 votes for exit 3
+    x = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 0]])
+    assert gate.decide(x).tolist() == [6, 3, 2]  # all-equal logits: the shallowest exit
+
+
+def test_budget_gate_trades_quality_for_cost():
+    gate = BudgetGate(2, [2, 4, 6])
+    with torch.no_grad():
+        gate.net.weight.zero_()
+        gate.net.bias.copy_(torch.tensor([0.5, 0.75, 0.8125]))  # predicted quality per exit (exact binary)
+    x = torch.zeros(3, 2)
+    costs = [1.0, 2.0, 3.0]
+    assert gate.decide(x, 0.0, costs).tolist() == [6, 6, 6]
+    assert gate.decide(x, 0.0625, costs).tolist() == [4, 4, 4]  # utilities .4375, .625, .625: tie -> shallower
+    assert gate.decide(x, 0.25, costs).tolist() == [2, 2, 2]  # .25, .25, .0625: tie -> shallower
+    assert gate.decide(x, torch.tensor([0.0, 0.0625, 1.0]), costs).tolist() == [6, 4, 2]  # beta per image
+    with pytest.raises(ValueError, match="one cost per exit"):
+        gate.decide(x, 0.1, [1.0, 2.0])
+
+
+# ------------------------------------------------------------------------------------ weights on disk
+def test_parent_round_trips_bit_exactly(model, batch, tmp_path):
+    save_parent(model, tmp_path / "parent", extra={"categories": [{"id": 1, "name": "x", "isthing": 1}]})
+    loaded, meta = load_parent(tmp_path / "parent")
+    assert meta["categories"][0]["name"] == "x" and meta["model"]["exits"] == [2, 3, 4, 5, 6]
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+    with torch.no_grad():
+        assert_same(model(batch, exit=4), loaded(batch, exit=4))
+
+
+def test_gates_round_trip(tmp_path):
+    for gate in (ExitClassifierGate(8, [2, 4, 6]), BudgetGate(8, [2, 4, 6], hidden=16)):
+        save_gate(gate, tmp_path / gate.kind, extra={"beta": 0.01})
+        loaded, meta = load_gate(tmp_path / gate.kind)
+        assert meta["beta"] == 0.01 and type(loaded) is type(gate)
+        for p1, p2 in zip(gate.state_dict().values(), loaded.state_dict().values()):
+            assert torch.equal(p1, p2)
+
+
+def test_broken_model_directories_are_clear_errors(model, tmp_path):
+    with pytest.raises(ModelFileError, match="not an eco-ray parent"):
+        load_parent(tmp_path)
+    save_gate(ExitClassifierGate(8, [2, 4]), tmp_path / "g")
+    with pytest.raises(ModelFileError, match="expected a 'parent'"):
+        load_parent(tmp_path / "g")
+    save_parent(model, tmp_path / "p")
+    save_gate(ExitClassifierGate(8, [2, 4]), tmp_path / "p2")
+    (tmp_path / "p" / "model.safetensors").write_bytes((tmp_path / "p2" / "model.safetensors").read_bytes())
+    with pytest.raises(ModelFileError, match="does not match"):
+        load_parent(tmp_path / "p")
+
+
+def test_start_from_a_local_pretrained_directory(model, batch, tmp_path):
+    model.m2f.save_pretrained(tmp_path / "hf")  # safetensors, the layout of a downloaded checkpoint
+    started = parent_from_pretrained(tmp_path / "hf", load_model_config("tiny")).eval()
+    with torch.no_grad():
+        assert_same(started(batch, exit=5), model(batch, exit=5))
+    relabelled = parent_from_pretrained(tmp_path / "hf", load_model_config("tiny", ["num_labels=3"]))
+    assert relabelled.m2f.class_predictor.out_features == 4
+
+
+# ------------------------------------------------------------------------------------ post-processing
+def test_postprocess_gives_valid_panoptic_maps(model, synth_root):
+    ds = CocoPanopticDataset.from_root(synth_root, "val")
+    samples = [ds[i] for i in range(4)]
+    b = collate_panoptic(samples, ds.categories)
+    with torch.no_grad():
+        out = model(b["pixel_values"], exit=2)
+    preds = to_panoptic(out, ds.categories, (64, 64), threshold=0.0)  # untrained: keep every query
+    stats = []
+    for (id_map, segments), s in zip(preds, samples):
+        assert id_map.shape == (64, 64) and id_map.dtype == np.int64
+        assert set(np.unique(id_map).tolist()) - {0} == {seg["id"] for seg in segments}
+        assert all(seg["category_id"] in ds.categories for seg in segments)
+        stuff = [seg["category_id"] for seg in segments if not ds.categories.isthing[ds.categories.index(seg["category_id"])]]
+        assert len(stuff) == len(set(stuff))  # one segment per stuff category
+        stats.append(image_stats(s.id_map, s.segments, id_map, segments, ds.categories))
+    from eco_ray.metrics import PanopticStats
+    r = aggregate(PanopticStats.stack(stats), ds.categories)
+    assert 0.0 <= r.pq < 1.0  # an untrained model is scored, not perfect
