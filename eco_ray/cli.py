@@ -151,6 +151,27 @@ def cmd_cost(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ train
+def cmd_train(args) -> int:
+    from eco_ray.train.config import load_train_config
+    from eco_ray.train.ray_train import run_training
+
+    if args.resume and (args.config or args.set or args.name):
+        raise ConfigError("--resume continues a run with its saved config; do not combine it with --config, --set "
+                          "or --name")
+    cfg = None if args.resume else load_train_config(args.config, args.set)
+    summary = run_training(cfg, name=args.name, resume=args.resume, address=args.address,
+                           tracking_uri=args.tracking_uri, run_dir=args.run_dir)
+    if args.json:
+        _print_json(summary)
+        return 0
+    print(f"trained {summary['name']}: {summary['steps']} steps in {summary['seconds']:.0f} s")
+    print("validation PQ per exit: " + ", ".join(
+        f"{k}: {v:.3f}" for k, v in summary["val_pq_per_exit"].items() if v is not None))
+    print(f"registered {summary['model_uri']} (MLflow run {summary['run_id']}, {summary['tracking_uri']})")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -213,16 +234,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-latency", action="store_true", help="count GFLOPs only (fast; for large configs)")
     c.add_argument("--json", action="store_true", help="print the table as JSON (latency_ms = batch 1)")
     c.set_defaults(func=cmd_cost)
+
+    t = sub.add_parser("train", help="Step A: train the early-exit parent on Ray Train, register it in MLflow",
+                       description="Weighted stochastic depth: each step trains one sampled exit (or all), its loss "
+                                   "weighted by alpha_k. Data-parallel over Ray Train workers; checkpoints every "
+                                   "checkpoint_every steps; a killed worker recovers from the last checkpoint, a "
+                                   "stopped run continues with --resume NAME. Settings: eco_ray/train/config.py.")
+    t.add_argument("--config", help="YAML file with training settings (TrainConfig)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set steps=500 --set model.num_queries=16 (repeatable)")
+    t.add_argument("--name", help="run name (default: train-<UTC time>); a new run never reuses an old name")
+    t.add_argument("--resume", metavar="NAME", help="continue the stopped run NAME from its last checkpoint")
+    t.add_argument("--run-dir", help="where runs live when resuming (default: runs)")
+    t.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
+    t.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else "
+                                          "sqlite under the run directory)")
+    t.add_argument("--json", action="store_true", help="print the summary as JSON")
+    t.set_defaults(func=cmd_train)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eco_ray.data.coco_panoptic import DatasetError
+    from eco_ray.errors import EcoRayError
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, DatasetError) as e:
+    except EcoRayError as e:
         print(f"eco-ray: error: {e}", file=sys.stderr)
         return 2
 

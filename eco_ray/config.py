@@ -6,24 +6,30 @@ the offending key before any work (or any Ray cluster) starts.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 from omegaconf import OmegaConf
+
+from eco_ray.errors import EcoRayError
 from omegaconf.errors import OmegaConfBaseException
 
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(EcoRayError):
     """A config file, key or value that cannot be used; the message names it."""
 
 
-def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = ()) -> T:
-    """Build ``schema`` (a dataclass) from its defaults, then the YAML file, then ``key=value`` overrides."""
+def load_config(schema: type[T], path: str | Path | None = None, overrides: Sequence[str] = (),
+                layers: Sequence[Mapping] = ()) -> T:
+    """Build ``schema`` (a dataclass) from its defaults, then ``layers`` (e.g. a preset), then the YAML file,
+    then ``key=value`` overrides."""
     try:
         cfg = OmegaConf.structured(schema)
+        for layer in layers:
+            cfg = OmegaConf.merge(cfg, OmegaConf.create(dict(layer)))
         if path is not None:
             path = Path(path)
             if not path.is_file():

@@ -17,10 +17,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from eco_ray.errors import EcoRayError
 from eco_ray.metrics.panoptic import VOID, CategorySet
 
 
-class DatasetError(ValueError):
+class DatasetError(EcoRayError):
     """The dataset on disk is missing, malformed or inconsistent; the message names the file."""
 
 

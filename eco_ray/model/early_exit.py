@@ -147,7 +147,12 @@ class EarlyExitMask2Former(nn.Module):
         if bad:
             raise ValueError(f"exits {bad} are not exits of this model; its exits are {self.exits}")
 
-    def forward(self, pixel_values: Tensor, exit: int | None = None) -> ExitOutput:
+    def forward(self, pixel_values: Tensor, exit: int | None = None, exits: Sequence[int] | None = None
+                ) -> ExitOutput | dict[int, ExitOutput]:
+        """One exit (default: the deepest), or with ``exits=[...]`` the dict of ``forward_exits``: the one
+        entry point that DistributedDataParallel wraps."""
+        if exits is not None:
+            return self.forward_exits(pixel_values, exits)
         k = self.exits[-1] if exit is None else int(exit)
         return self.forward_exits(pixel_values, [k])[k]
 

@@ -10,6 +10,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
 
+from eco_ray.errors import EcoRayError
 from eco_ray.model.config import ModelConfig
 from eco_ray.model.early_exit import EarlyExitMask2Former
 from eco_ray.model.gates import build_gate
@@ -18,7 +19,7 @@ WEIGHTS = "model.safetensors"
 CONFIG = "eco_config.json"
 
 
-class ModelFileError(ValueError):
+class ModelFileError(EcoRayError):
     """A model directory that is missing, incomplete or does not match its config."""
 
 

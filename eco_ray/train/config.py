@@ -1,0 +1,75 @@
+"""Step A configuration: one dataclass, YAML, ``key=value`` overrides, and a model preset underneath."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from eco_ray.config import ConfigError, load_config
+from eco_ray.model.config import ModelConfig, preset_names
+
+EXIT_SAMPLING = ("uniform", "deep", "all")
+ALPHA = ("depth", "depth_sq", "uniform")
+
+
+@dataclass
+class TrainConfig:
+    data_root: str = "runs/data"  # a COCO-panoptic dataset root (train and val splits)
+    model_preset: str = "small"  # tiny | small | swin-t: the defaults under `model`
+    model: ModelConfig = field(default_factory=ModelConfig)
+    steps: int = 4000  # optimiser steps
+    batch_size: int = 8  # global batch, split over the workers
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    # weighted stochastic depth: which exit(s) each step trains, and the loss weight alpha_k of exit k
+    exit_sampling: str = "uniform"  # uniform over exits | deep (probability ~ depth) | all (every exit, every step)
+    alpha: str = "depth"  # depth: k / K (the official code) | depth_sq: k^2 / K^2 | uniform: 1
+    eval_every: int = 1000  # steps between validations (PQ per exit on eval_images validation images)
+    eval_images: int = 100
+    checkpoint_every: int = 250  # steps between checkpoints
+    keep_checkpoints: int = 3
+    num_workers: int = 2  # Ray Train data-parallel workers
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    mixed_precision: bool = False  # bf16 autocast on GPU
+    seed: int = 0
+    run_dir: str = "runs"  # where runs, checkpoints and the default MLflow store live
+    storage_path: str | None = None  # Ray Train storage; default <run_dir>/ray; s3://... on a cluster
+    experiment: str = "eco-ray"
+    registered_model: str = "eco-parent"
+    max_failures: int = 3  # worker failures Ray Train recovers from (restarts from the last checkpoint)
+
+    def validate(self) -> None:
+        if self.exit_sampling not in EXIT_SAMPLING:
+            raise ValueError(f"exit_sampling must be one of {EXIT_SAMPLING}, got {self.exit_sampling!r}")
+        if self.alpha not in ALPHA:
+            raise ValueError(f"alpha must be one of {ALPHA}, got {self.alpha!r}")
+        for name in ("steps", "batch_size", "num_workers", "eval_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of num_workers {self.num_workers}")
+        if self.lr <= 0 or self.cpus_per_worker <= 0:
+            raise ValueError("lr and cpus_per_worker must be > 0")
+        self.model.validate()
+
+
+def load_train_config(path: str | Path | None = None, overrides=()) -> TrainConfig:
+    """Defaults <- the model preset named by ``model_preset`` <- the YAML file <- ``key=value`` overrides."""
+    try:
+        raw = OmegaConf.load(path) if path is not None and Path(path).is_file() else OmegaConf.create()
+        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist([o for o in overrides if "=" in o]))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad config: {str(e).splitlines()[0]}") from None
+    preset = str(raw.get("model_preset", TrainConfig.model_preset))
+    if preset not in preset_names():
+        raise ConfigError(f"bad config value for 'model_preset': {preset!r} is not one of {preset_names()}")
+    preset_yaml = resources.files("eco_ray.model").joinpath("configs").joinpath(f"{preset}.yaml")
+    preset_doc = OmegaConf.to_container(OmegaConf.create(preset_yaml.read_text()))
+    return load_config(TrainConfig, path, overrides, layers=[{"model": preset_doc}])

@@ -1,0 +1,141 @@
+"""Step A on a real local Ray cluster: 2 CPU workers, the tiny config, a few steps; MLflow on SQLite."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from eco_ray.config import ConfigError
+from eco_ray.data import CocoPanopticDataset, collate_panoptic
+from eco_ray.model.io import load_parent
+from eco_ray.model.postprocess import to_panoptic
+from eco_ray.registry import resolve_model_dir
+from eco_ray.train.config import load_train_config
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_config(synth_root, run_dir, *extra):
+    return load_train_config(overrides=[
+        f"data_root={synth_root}", "model_preset=tiny", f"run_dir={run_dir}", "batch_size=4", "num_workers=2",
+        "warmup_steps=2", "eval_images=8", *extra])
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_bad_config_or_data_fails_before_ray_starts(tmp_path):
+    import ray
+
+    from eco_ray.train.ray_train import run_training
+
+    with pytest.raises(ConfigError, match="steps"):
+        load_train_config(overrides=["steps=0"])
+    cfg = load_train_config(overrides=[f"data_root={tmp_path / 'nope'}", f"run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="nope"):
+        run_training(cfg)
+    assert not ray.is_initialized()
+
+
+def test_training_registers_a_parent_that_loads_and_predicts(ray_cluster, synth_root, tmp_path):
+    from eco_ray.train.ray_train import run_training
+
+    cfg = tiny_config(synth_root, tmp_path, "steps=6", "checkpoint_every=2", "eval_every=6")
+    summary = run_training(cfg, name="t1")
+    assert summary["steps"] == 6 and summary["model_uri"] == "models:/eco-parent/1"
+    assert set(summary["val_pq_per_exit"]) == {2, 3, 4, 5, 6}
+    client = MlflowClient(summary["tracking_uri"])
+    run = client.get_run(summary["run_id"])
+    assert run.data.params["model.name"] == "tiny" and run.data.tags["data_hash"]
+    assert len(client.get_metric_history(summary["run_id"], "loss")) == 6  # one per step
+    version = client.get_model_version("eco-parent", "1")
+    assert version.tags["data_hash"] == run.data.tags["data_hash"] and version.tags["config_hash"]
+    artifacts = {a.path for a in client.list_artifacts(summary["run_id"])}
+    assert {"parent", "pq_per_exit.png"} <= artifacts
+
+    model, meta = load_parent(resolve_model_dir("models:/eco-parent/1", summary["tracking_uri"]))
+    ds = CocoPanopticDataset.from_root(synth_root, "val")
+    batch = collate_panoptic([ds[0], ds[1]], ds.categories)
+    with torch.no_grad():
+        out = model.forward_per_image(batch["pixel_values"], [2, 6])
+    preds = to_panoptic(out, ds.categories, (64, 64), threshold=0.0)
+    assert all(p[0].shape == (64, 64) for p in preds) and meta["data_hash"] == run.data.tags["data_hash"]
+    # a second run may not silently reuse the name
+    with pytest.raises(ConfigError, match="exists already"):
+        run_training(cfg, name="t1")
+
+
+def _train_workers(ray):
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "TrainWorker" in a.class_name]
+
+
+def _latest_checkpoint_step(storage: Path) -> int:
+    steps = [json.loads(p.read_text())["step"] for p in storage.rglob("state.json")]
+    return max(steps, default=0)
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, synth_root, tmp_path):
+    from eco_ray.train.ray_train import run_training
+
+    cfg = tiny_config(synth_root, tmp_path, "steps=60", "checkpoint_every=5", "eval_every=60", "max_failures=2")
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run_training(cfg, name="kill")), daemon=True)
+    thread.start()
+    storage = tmp_path / "ray" / "kill"
+    deadline = time.time() + 240
+    while _latest_checkpoint_step(storage) < 10 and time.time() < deadline and thread.is_alive():
+        time.sleep(0.5)
+    killed_after = _latest_checkpoint_step(storage)
+    assert killed_after >= 10, "no checkpoint appeared in time"
+    workers = _train_workers(ray_cluster)
+    assert len(workers) == 2
+    os.kill(workers[1].pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not thread.is_alive() and result["steps"] == 60
+    client = MlflowClient(result["tracking_uri"])
+    resumed = [m.value for m in client.get_metric_history(result["run_id"], "resumed_from_step")]
+    assert resumed and min(resumed) >= killed_after  # continued, did not restart at 0
+    steps = sorted(m.step for m in client.get_metric_history(result["run_id"], "loss"))
+    assert steps[-1] == 60 and steps.count(1) == 1  # step 1 was trained once: no restart from scratch
+
+
+def test_resume_after_the_driver_is_killed(synth_root, tmp_path):
+    args = ["--set", f"data_root={synth_root}", "--set", "model_preset=tiny", "--set", f"run_dir={tmp_path}",
+            "--set", "batch_size=4", "--set", "steps=40", "--set", "checkpoint_every=5", "--set", "eval_every=40",
+            "--set", "eval_images=8", "--set", "warmup_steps=2"]
+    driver = subprocess.Popen([sys.executable, "-m", "eco_ray.cli", "train", "--name", "drv", *args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    storage = tmp_path / "ray" / "drv"
+    deadline = time.time() + 240
+    while _latest_checkpoint_step(storage) < 10 and time.time() < deadline and driver.poll() is None:
+        time.sleep(0.5)
+    stopped_after = _latest_checkpoint_step(storage)
+    os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local cluster it started
+    driver.wait()
+    assert 10 <= stopped_after < 40
+    run = json.loads((tmp_path / "train" / "drv" / "run.json").read_text())
+    proc = subprocess.run([sys.executable, "-m", "eco_ray.cli", "train", "--resume", "drv", "--run-dir", str(tmp_path),
+                           "--json"], capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout[proc.stdout.index("{"):])
+    assert summary["run_id"] == run["run_id"] and summary["steps"] == 40  # the same MLflow run, continued
+    client = MlflowClient(summary["tracking_uri"])
+    resumed = [m.value for m in client.get_metric_history(summary["run_id"], "resumed_from_step")]
+    assert resumed and min(resumed) >= stopped_after
