@@ -70,11 +70,11 @@ class SynthConfig:
     min_objects: int = 1
     max_objects: int = 8
     max_radius_fraction: float = 0.25  # object radius at clutter 0, as a fraction of the image size
-    min_radius_fraction: float = 0.06  # object radius at clutter 1
+    min_radius_fraction: float = 0.09  # object radius at clutter 1
     max_overlap: float = 0.45  # at clutter 1: most of a new object that may lie on earlier ones
     min_visible: float = 0.5  # every object keeps at least this fraction of its own pixels visible
     key_min_distance: float = 0.35  # relational: key marker to nearest gem, as a fraction of the size
-    camouflage_shift: float = 28.0  # camouflage: colour offset of the object from the stuff beneath
+    camouflage_shift: float = 40.0  # camouflage: colour offset of the object from the stuff beneath
     noise: float = 6.0  # per-pixel Gaussian noise (0-255 scale)
 
     def validate(self) -> None:
@@ -110,10 +110,21 @@ def _random_colour(rng, lo=20, hi=235) -> np.ndarray:
     return rng.uniform(lo, hi, 3).astype(np.float32)
 
 
+def _contrasting_colour(rng, other: np.ndarray, min_l1: float = 150.0) -> np.ndarray:
+    """A colour at least ``min_l1`` (sum of channel differences) from ``other``: a stripe or checker pattern
+    in two near-equal colours would look flat and make the stuff classes ambiguous."""
+    for _ in range(50):
+        c = _random_colour(rng)
+        if np.abs(c - other).sum() >= min_l1:
+            return c
+    return (255.0 - other).astype(np.float32)
+
+
 def _stuff_texture(canvas: _Canvas, name: str, rng, params: dict | None = None) -> tuple[np.ndarray, dict]:
     """(H, W, 3) float texture of a stuff class; ``params`` reproduces one (used for camouflage)."""
+    a = _random_colour(rng)
     p = dict(params) if params else {
-        "a": _random_colour(rng), "b": _random_colour(rng), "angle": rng.uniform(0, math.pi),
+        "a": a, "b": _contrasting_colour(rng, a), "angle": rng.uniform(0, math.pi),
         "period": rng.uniform(6, 16) * canvas.size / 128, "phase": rng.uniform(0, 2 * math.pi),
     }
     u, v = canvas.rotated(canvas.size / 2, canvas.size / 2, p["angle"])
@@ -258,11 +269,7 @@ def _thing_fill(cfg: SynthConfig, canvas: _Canvas, kind: str, rng, under: np.nda
         params["phase"] = params["phase"] + math.pi / 2
         return _stuff_texture(canvas, stuff_names[k], rng, params)[0]
     # clean: a colour far from what lies beneath, half of the time striped
-    colour = _random_colour(rng)
-    for _ in range(10):
-        if np.abs(colour - under).sum() > 180:
-            break
-        colour = _random_colour(rng)
+    colour = _contrasting_colour(rng, under, 180.0)
     fill = np.broadcast_to(colour, (canvas.size, canvas.size, 3)).copy()
     if rng.uniform() < 0.5:
         u, _ = canvas.rotated(cx, cy, rng.uniform(0, math.pi))

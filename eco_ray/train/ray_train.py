@@ -85,7 +85,7 @@ def _worker_loop(config: dict) -> None:
     val_ds = CocoPanopticDataset.from_root(cfg.data_root, "val")
     core = EarlyExitMask2Former(cfg.model)
     optimizer_state, start_step = None, 0
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = _resume_checkpoint(ray.train.get_checkpoint(), config["storage_run_path"], config["run_id"])
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             load_model(core, os.path.join(d, CHECKPOINT_WEIGHTS))
@@ -148,6 +148,43 @@ def _worker_loop(config: dict) -> None:
                 ray.train.report(report, checkpoint=ckpt)
 
 
+def _checkpoint_step(checkpoint) -> int:
+    fs, path = checkpoint.filesystem, checkpoint.path
+    with fs.open_input_stream(f"{path}/{CHECKPOINT_STATE}") as f:
+        return int(json.loads(f.read().decode())["step"])
+
+
+def _resume_checkpoint(registered, storage_run_path: str, run_id: str):
+    """The checkpoint to resume from: the latest of the one Ray Train registered and the complete ones in
+    the run's storage. Ray Train registers a reported checkpoint only when its controller next polls the
+    workers, so a worker killed right after a report can leave a newer checkpoint on storage than the
+    registered one (or none registered at all); taking it loses less work and never restarts from 0
+    while a checkpoint of this run exists."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    best, best_step = registered, (_checkpoint_step(registered) if registered is not None else 0)
+    try:
+        fs, root = pafs.FileSystem.from_uri(storage_run_path)
+        entries = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except (OSError, ValueError):
+        return best
+    for entry in entries:
+        if entry.type != pafs.FileType.Directory or not entry.base_name.startswith("checkpoint_"):
+            continue
+        files = {f.base_name for f in fs.get_file_info(pafs.FileSelector(entry.path))}
+        if not {CHECKPOINT_WEIGHTS, CHECKPOINT_OPTIMIZER, CHECKPOINT_STATE} <= files:
+            continue  # incomplete: its upload was interrupted
+        try:
+            with fs.open_input_stream(f"{entry.path}/{CHECKPOINT_STATE}") as f:
+                state = json.loads(f.read().decode())
+        except (OSError, ValueError):
+            continue
+        if state.get("run_id") == run_id and int(state["step"]) > best_step:
+            best, best_step = ray.train.Checkpoint(entry.path, filesystem=fs), int(state["step"])
+    return best
+
+
 # ------------------------------------------------------------------------------------------------ driver
 def new_run_name() -> str:
     return "train-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
@@ -199,11 +236,13 @@ def run_training(cfg: TrainConfig | None = None, *, name: str | None = None, res
         (base / "run.json").write_text(json.dumps(info, indent=2))
 
     storage = cfg.storage_path or str((Path(cfg.run_dir) / "ray").resolve())
+    storage_run_path = f"{storage.rstrip('/')}/{name}"
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"train_config": asdict(cfg), "run_id": run_id, "tracking_uri": tracking_uri},
+        train_loop_config={"train_config": asdict(cfg), "run_id": run_id, "tracking_uri": tracking_uri,
+                           "storage_run_path": storage_run_path},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.max_failures),
