@@ -52,10 +52,11 @@ def test_bad_config_or_data_fails_before_ray_starts(tmp_path):
     assert not ray.is_initialized()
 
 
-def test_training_registers_a_parent_that_loads_and_predicts(ray_cluster, synth_root, tmp_path):
+def test_training_registers_a_parent_that_loads_and_predicts(ray_cluster, synth_root, tmp_path, monkeypatch):
     from eco_ray.train.ray_train import run_training
 
-    cfg = tiny_config(synth_root, tmp_path, "steps=6", "checkpoint_every=2", "eval_every=6")
+    monkeypatch.chdir(synth_root.parent)  # relative paths, as a user types them, must reach the workers
+    cfg = tiny_config(synth_root.name, tmp_path, "steps=6", "checkpoint_every=2", "eval_every=6")
     summary = run_training(cfg, name="t1")
     assert summary["steps"] == 6 and summary["model_uri"] == "models:/eco-parent/1"
     assert set(summary["val_pq_per_exit"]) == {2, 3, 4, 5, 6}

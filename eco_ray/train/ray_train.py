@@ -211,6 +211,9 @@ def run_training(cfg: TrainConfig | None = None, *, name: str | None = None, res
         name, tracking_uri = resume, info["tracking_uri"]
     else:
         cfg = cfg or TrainConfig()
+        # workers run in other directories (and on other nodes): pass absolute paths
+        cfg.data_root = str(Path(cfg.data_root).resolve())
+        cfg.run_dir = str(Path(cfg.run_dir).resolve())
         name = name or new_run_name()
         base = Path(cfg.run_dir) / "train" / name
         if (base / "run.json").exists():
