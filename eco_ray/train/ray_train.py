@@ -186,6 +186,11 @@ def _resume_checkpoint(registered, storage_run_path: str, run_id: str):
 
 
 # ------------------------------------------------------------------------------------------------ driver
+def _absolute(path: str) -> str:
+    """Workers run in other directories (and on other nodes): they get absolute paths (URIs stay)."""
+    return path if "://" in path else str(Path(path).resolve())
+
+
 def new_run_name() -> str:
     return "train-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
 
@@ -208,12 +213,11 @@ def run_training(cfg: TrainConfig | None = None, *, name: str | None = None, res
             raise ConfigError(f"cannot resume {resume!r}: {base / 'run.json'} not found")
         info = json.loads((base / "run.json").read_text())
         cfg = load_config(TrainConfig, base / "config.yaml")
+        cfg.data_root, cfg.run_dir = _absolute(cfg.data_root), _absolute(cfg.run_dir)
         name, tracking_uri = resume, info["tracking_uri"]
     else:
         cfg = cfg or TrainConfig()
-        # workers run in other directories (and on other nodes): pass absolute paths
-        cfg.data_root = str(Path(cfg.data_root).resolve())
-        cfg.run_dir = str(Path(cfg.run_dir).resolve())
+        cfg.data_root, cfg.run_dir = _absolute(cfg.data_root), _absolute(cfg.run_dir)
         name = name or new_run_name()
         base = Path(cfg.run_dir) / "train" / name
         if (base / "run.json").exists():
