@@ -79,10 +79,10 @@ def test_crowd_is_neither_fn_nor_fp_when_covered():
     # the same prediction with another class is not excused by a crowd region of class a
     st = image_stats(gt, segs, pred, [seg(6, 3), seg(1, 1), seg(5, 2)], CATS)
     assert st.fp[B] == 1
-    # a prediction only 25% on the crowd region is a false positive
+    # a prediction with exactly half (not more) of its pixels on the crowd region is a false positive
     pred2 = np.full((10, 10), 6)
     pred2[0:4, 0:4] = 1
-    pred2[2:10, 8:10] = 5  # 16 px, 8 on crowd (6:10 x 8:10) and 8 on stuff... exactly half -> FP
+    pred2[2:10, 8:10] = 5  # 16 px: 8 on the crowd region (rows 6-9), 8 on stuff
     st = image_stats(gt, segs, pred2, psegs, CATS)
     assert st.fp[A] == 1
 

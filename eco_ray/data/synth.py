@@ -122,11 +122,12 @@ def _contrasting_colour(rng, other: np.ndarray, min_l1: float = 150.0) -> np.nda
 
 def _stuff_texture(canvas: _Canvas, name: str, rng, params: dict | None = None) -> tuple[np.ndarray, dict]:
     """(H, W, 3) float texture of a stuff class; ``params`` reproduces one (used for camouflage)."""
-    a = _random_colour(rng)
-    p = dict(params) if params else {
-        "a": a, "b": _contrasting_colour(rng, a), "angle": rng.uniform(0, math.pi),
-        "period": rng.uniform(6, 16) * canvas.size / 128, "phase": rng.uniform(0, 2 * math.pi),
-    }
+    if params:
+        p = dict(params)
+    else:
+        a = _random_colour(rng)
+        p = {"a": a, "b": _contrasting_colour(rng, a), "angle": rng.uniform(0, math.pi),
+             "period": rng.uniform(6, 16) * canvas.size / 128, "phase": rng.uniform(0, 2 * math.pi)}
     u, v = canvas.rotated(canvas.size / 2, canvas.size / 2, p["angle"])
     if name == "gradient":
         t = (u / canvas.size + 0.5).clip(0, 1)
