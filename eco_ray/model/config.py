@@ -32,6 +32,9 @@ class ModelConfig:
     decoder_ffn: int = 256
     num_queries: int = 20
     train_num_points: int = 1024  # sampled points per mask in the loss
+    class_weight: float = 2.0  # loss weights, as transformers names them (its defaults)
+    mask_weight: float = 5.0
+    dice_weight: float = 5.0
     image_size: int = 128  # side of the square training / cost-measurement input
     num_labels: int = 9  # categories of the dataset (set from the dataset when training)
     exits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6])  # encoder depths where the model may exit
@@ -69,6 +72,7 @@ class ModelConfig:
             hidden_dim=self.hidden_dim, encoder_feedforward_dim=self.encoder_ffn, encoder_layers=self.encoder_layers,
             decoder_layers=self.decoder_layers, num_attention_heads=self.num_heads, dim_feedforward=self.decoder_ffn,
             num_queries=self.num_queries, train_num_points=self.train_num_points, dropout=0.0,
+            class_weight=self.class_weight, mask_weight=self.mask_weight, dice_weight=self.dice_weight,
             num_labels=self.num_labels, id2label={i: str(i) for i in range(self.num_labels)},
             label2id={str(i): i for i in range(self.num_labels)}, use_auxiliary_loss=True,
             output_auxiliary_logits=False,
