@@ -52,6 +52,17 @@ def test_bad_config_or_data_fails_before_ray_starts(tmp_path):
     assert not ray.is_initialized()
 
 
+def test_a_missing_pretrained_directory_fails_before_ray_starts(synth_root, tmp_path):
+    import ray
+
+    from eco_ray.train.ray_train import run_training
+
+    cfg = tiny_config(synth_root, tmp_path, f"model.pretrained={tmp_path / 'no-such-model'}")
+    with pytest.raises(ConfigError, match="no-such-model"):
+        run_training(cfg)
+    assert not ray.is_initialized()
+
+
 def test_training_registers_a_parent_that_loads_and_predicts(ray_cluster, synth_root, tmp_path, monkeypatch):
     from eco_ray.train.ray_train import run_training
 
@@ -147,3 +158,4 @@ def test_resume_after_the_driver_is_killed(synth_root, tmp_path):
     client = MlflowClient(summary["tracking_uri"])
     resumed = [m.value for m in client.get_metric_history(summary["run_id"], "resumed_from_step")]
     assert resumed and min(resumed) >= stopped_after - 10 and min(resumed) > 0
+

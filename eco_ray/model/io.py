@@ -44,6 +44,11 @@ def load_parent(directory: str | Path) -> tuple[EarlyExitMask2Former, dict]:
     return model.eval(), meta
 
 
+def build_parent(config: ModelConfig) -> EarlyExitMask2Former:
+    """A new parent: from ``config.pretrained`` (a local transformers directory) when set, else random init."""
+    return parent_from_pretrained(config.pretrained, config) if config.pretrained else EarlyExitMask2Former(config)
+
+
 def parent_from_pretrained(path: str | Path, config: ModelConfig) -> EarlyExitMask2Former:
     """Start from a user's local transformers Mask2Former directory (``save_pretrained`` layout).
 

@@ -58,6 +58,9 @@ def check_inputs(cfg: TrainConfig) -> dict:
                           f"{cfg.num_workers} workers with batch {per_worker} each")
     if len(val) == 0:
         raise ConfigError(f"data_root={cfg.data_root!r} has no validation images")
+    if cfg.model.pretrained and not (Path(cfg.model.pretrained) / "config.json").is_file():
+        raise ConfigError(f"model.pretrained={cfg.model.pretrained!r} is not a local transformers model directory "
+                          f"(no config.json); nothing is downloaded")
     return {"num_labels": len(train.categories), "categories": train.categories.to_coco(),
             "train_images": len(train), "val_images": len(val), "data_hash": dataset_hash(cfg.data_root)}
 
@@ -73,7 +76,7 @@ def _worker_loop(config: dict) -> None:
 
     from eco_ray.config import load_config
     from eco_ray.data import CocoPanopticDataset
-    from eco_ray.model.early_exit import EarlyExitMask2Former
+    from eco_ray.model.io import build_parent
     from eco_ray.train.loop import ExitSchedule, lr_factor, make_optimizer, train_step, training_batches, validate
 
     cfg = load_config(TrainConfig, layers=[config["train_config"]])
@@ -83,7 +86,7 @@ def _worker_loop(config: dict) -> None:
     torch.manual_seed(cfg.seed)
     train_ds = CocoPanopticDataset.from_root(cfg.data_root, "train")
     val_ds = CocoPanopticDataset.from_root(cfg.data_root, "val")
-    core = EarlyExitMask2Former(cfg.model)
+    core = build_parent(cfg.model)
     optimizer_state, start_step = None, 0
     checkpoint = _resume_checkpoint(ray.train.get_checkpoint(), config["storage_run_path"], config["run_id"])
     if checkpoint is not None:
@@ -218,6 +221,8 @@ def run_training(cfg: TrainConfig | None = None, *, name: str | None = None, res
     else:
         cfg = cfg or TrainConfig()
         cfg.data_root, cfg.run_dir = _absolute(cfg.data_root), _absolute(cfg.run_dir)
+        if cfg.model.pretrained:
+            cfg.model.pretrained = _absolute(cfg.model.pretrained)
         name = name or new_run_name()
         base = Path(cfg.run_dir) / "train" / name
         if (base / "run.json").exists():
@@ -272,12 +277,11 @@ def _finish(cfg: TrainConfig, name: str, base: Path, run_id: str, tracking_uri: 
     from mlflow import MlflowClient
     from safetensors.torch import load_model
 
-    from eco_ray.model.early_exit import EarlyExitMask2Former
-    from eco_ray.model.io import save_parent
+    from eco_ray.model.io import build_parent, save_parent
     from eco_ray.registry import content_hash, register_directory
 
     client = MlflowClient(tracking_uri)
-    model = EarlyExitMask2Former(cfg.model)
+    model = build_parent(cfg.model)
     with result.checkpoint.as_directory() as d:
         load_model(model, os.path.join(d, CHECKPOINT_WEIGHTS))
         state = json.loads(Path(d, CHECKPOINT_STATE).read_text())
