@@ -14,7 +14,7 @@ import torch
 
 from eco_ray.data.coco_panoptic import CocoPanopticDataset
 from eco_ray.data.collate import pixel_values
-from eco_ray.data.transforms import build_transform
+from eco_ray.data.transforms import HorizontalFlip, build_transform
 from eco_ray.metrics.panoptic import PanopticStats, image_stats
 from eco_ray.model.early_exit import EarlyExitMask2Former
 from eco_ray.model.postprocess import to_panoptic
@@ -46,7 +46,7 @@ def evaluate_exits(model: EarlyExitMask2Former, dataset: CocoPanopticDataset, ex
     for start in range(0, len(indices), batch_size):
         samples = [transform(dataset[i], rng) for i in indices[start:start + batch_size]]
         if flip:
-            samples = [_flipped(s) for s in samples]
+            samples = [HorizontalFlip(p=1.0)(s, rng) for s in samples]
         out = model.forward_exits(pixel_values([s.image for s in samples]), exits)
         per_exit = [to_panoptic(out[k], dataset.categories, (size, size), threshold, mask_threshold) for k in exits]
         for j, s in enumerate(samples):
@@ -59,9 +59,3 @@ def evaluate_exits(model: EarlyExitMask2Former, dataset: CocoPanopticDataset, ex
             progress(min(start + batch_size, len(indices)), len(indices))
     return ExitEvaluation(np.asarray(ids), exits, PanopticStats.stack(all_stats),
                           np.concatenate(feats) if feats else np.zeros((0, model.config.hidden_dim), np.float32), metas)
-
-
-def _flipped(sample):
-    from dataclasses import replace
-
-    return replace(sample, image=sample.image[:, ::-1].copy(), id_map=sample.id_map[:, ::-1].copy())
