@@ -201,3 +201,35 @@ def test_postprocess_gives_valid_panoptic_maps(model, synth_root):
     from eco_ray.metrics import PanopticStats
     r = aggregate(PanopticStats.stack(stats), ds.categories)
     assert 0.0 <= r.pq < 1.0  # an untrained model is scored, not perfect
+
+
+def _logits_for(label: int, score: float, num_classes: int) -> list[float]:
+    """Class logits (num_classes + 1 with the void class) whose softmax gives ``score`` to ``label``."""
+    rest = (1 - score) / num_classes
+    return [float(np.log(score if c == label else rest)) for c in range(num_classes + 1)]
+
+
+def test_postprocess_follows_mask2former_semantics(synth_root):
+    """Hand-built queries: a moderately scored thing with a confident mask is kept (transformers' version
+    drops it), stuff of one class is fused, void / low-score / mostly-overlapped queries give no segment."""
+    from eco_ray.model.early_exit import ExitOutput
+
+    cats = CocoPanopticDataset.from_root(synth_root, "val").categories  # 6 things, then 3 stuff
+    n, size = len(cats), 8
+    yy, xx = np.mgrid[0:size, 0:size]
+    left, right, bottom = xx < 4, (xx >= 4) & (yy < 6), (xx >= 4) & (yy >= 6)
+    queries = [  # (label, score, mask)
+        (0, 0.5, left),  # thing at score 0.5, mask probability 0.9: kept
+        (6, 0.9, right),  # stuff
+        (6, 0.8, bottom),  # the same stuff class: fused with the one above
+        (n, 0.9, left),  # the void class: dropped
+        (1, 0.3, right),  # below the score threshold: dropped
+        (2, 0.45, left | right),  # loses most of its mask to better queries: dropped (overlap < 0.8)
+    ]
+    logits = torch.tensor([[_logits_for(lab, s, n) for lab, s, _ in queries]])
+    masks = torch.tensor(np.stack([np.where(m, 2.2, -4.0) for _, _, m in queries])[None], dtype=torch.float32)
+    out = ExitOutput([logits], [masks], torch.zeros(1, 4), torch.tensor([6]))
+    (id_map, segments), = to_panoptic(out, cats, (size, size), threshold=0.4)
+    assert [(s["category_id"], round(s["score"], 3)) for s in segments] == [(cats.ids[0], 0.5), (cats.ids[6], 0.9)]
+    thing, stuff = segments[0]["id"], segments[1]["id"]
+    assert (id_map[left] == thing).all() and (id_map[right | bottom] == stuff).all()
