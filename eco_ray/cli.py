@@ -172,6 +172,81 @@ def cmd_train(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------- derive
+def cmd_derive(args) -> int:
+    from eco_ray.derive.run import DeriveConfig, run_derive
+
+    overrides = list(args.set)
+    for key, value in (("parent", args.parent), ("data_root", args.data_root), ("out", args.out),
+                       ("run_dir", args.run_dir)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.split:
+        overrides.append(f"splits=[{args.split}]")
+    if args.max_images is not None:
+        overrides.append(f"max_images={args.max_images}")
+    cfg = load_config(DeriveConfig, args.config, overrides)
+    m = run_derive(cfg, tracking_uri=args.tracking_uri, address=args.address, overwrite=args.overwrite)
+    if args.json:
+        _print_json(m)
+        return 0
+    print(f"derived dataset {m['path']} ({'reused' if m['reused'] else 'new'}; key {m['key']}, "
+          f"MLflow run {m.get('mlflow_run_id')})")
+    print(f"parent {m['parent']['uri']}" + (f" (version {m['parent']['version']})" if m['parent'].get('version') else ""))
+    exits = m["exits"]
+    for split, s in m["splits"].items():
+        print(f"[{split}] {s['images']} images in {m['timings'].get(split, {}).get('seconds', '?')} s")
+        print("  static PQ per exit:     " + ", ".join(f"{k}: {s['static'][str(k)]['pq']:.3f}" for k in exits))
+        print("  things / stuff at exit {}: {:.3f} / {:.3f}".format(
+            exits[-1], s["static"][str(exits[-1])]["pq_things"], s["static"][str(exits[-1])]["pq_stuff"]))
+        nf = s["noise_floor"]
+        if "mean_abs_diff" in nf:
+            print(f"  label noise (plain vs flip, same exit): mean |dq| {nf['mean_abs_diff']:.3f}, "
+                  f"{nf['share_above_tolerance']:.0%} of (image, exit) pairs move > {nf['tolerance']}")
+        print(f"  shallowest sufficient exit (within {cfg.sufficient_tolerance} of exit {exits[-1]}): "
+              f"{s['sufficient_exit_histogram']}")
+    costs = m["costs"]["exits"]
+    print("encoder GFLOPs per exit: " + ", ".join(f"{c['exit']}: {c['encoder_gflops']:.4f}" for c in costs))
+    if "latency_ms" in costs[0]:
+        print("latency ms (batch 1):   " + ", ".join(f"{c['exit']}: {c['latency_ms']:.2f}" for c in costs))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- gate
+def cmd_gate(args) -> int:
+    from eco_ray.gate.fit import GateConfig
+    from eco_ray.gate.run import run_gate
+
+    overrides = list(args.set)
+    for key, value in (("kind", args.kind), ("cost", args.cost)):
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.beta:
+        overrides.append(f"beta={args.beta[0]}")
+    cfg = load_config(GateConfig, args.config, overrides)
+    summary = run_gate(args.derived, cfg, args.beta, tracking_uri=args.tracking_uri, run_dir=args.run_dir,
+                       out=args.out, name=args.name)
+    evaluations = summary["evaluations"]
+    if args.json:
+        _print_json(evaluations[0] if len(evaluations) == 1 else evaluations)
+        return 0
+    print(f"{cfg.kind} gate, cost {cfg.cost}: fit {summary['fit_seconds']:.2f} s, exact evaluation "
+          f"{summary['eval_seconds']:.2f} s; saved in {summary['path']} (MLflow run {summary['run_id']})")
+    head = f"{'':>22} {'PQ':>6} {'things':>7} {'stuff':>6} {'GFLOPs':>8} {'p95':>7} {'ms':>6}  exits"
+    def row(label, r):
+        return (f"{label:>22} {r['pq']:>6.3f} {r['pq_things']:>7.3f} {r['pq_stuff']:>6.3f} "
+                f"{r['encoder_gflops_mean']:>8.4f} {r['encoder_gflops_p95']:>7.4f} "
+                f"{r.get('latency_ms_mean', float('nan')):>6.2f}  {r['exit_histogram']}")
+    print(head)
+    for r in evaluations[0]["static"]:
+        print(row(f"static exit {r['exit']}", r))
+    for ev in evaluations:
+        print(row(f"gate beta={ev['beta']:g}", ev["gate"]))
+        print(row(f"oracle beta={ev['beta']:g}", ev["oracle"]))
+    print(f"trade-off plot: {summary['plot']}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -251,6 +326,54 @@ def build_parser() -> argparse.ArgumentParser:
                                           "sqlite under the run directory)")
     t.add_argument("--json", action="store_true", help="print the summary as JSON")
     t.set_defaults(func=cmd_train)
+
+    d = sub.add_parser("derive", help="Step B: per-image, per-exit statistics + gate inputs + exit costs (Ray)",
+                       description="Runs the parent once per image and view with every exit tapped, distributed "
+                                   "over Ray tasks, and writes a Parquet dataset (schema: eco_ray/derive/table.py): "
+                                   "per image and exit the additive panoptic statistics, the pooled gate input, "
+                                   "and the measured cost of every exit. The flipped view measures the label noise "
+                                   "and averages it down. The same inputs are reused, not recomputed. Settings: "
+                                   "DeriveConfig in eco_ray/derive/run.py.")
+    d.add_argument("--parent", help="models:/eco-parent@alias, models:/eco-parent/VERSION, runs:/ID/parent or a "
+                                    "directory (default models:/eco-parent/latest)")
+    d.add_argument("--data-root", help="COCO-panoptic dataset root (default runs/data)")
+    d.add_argument("--split", help="comma-separated splits (default train,val)")
+    d.add_argument("--max-images", type=int, help="at most this many images per split (default all)")
+    d.add_argument("--out", help="output directory (default runs/derived/<key>)")
+    d.add_argument("--config", help="YAML file with DeriveConfig settings")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set views=[plain] --set chunk_size=32 (repeatable)")
+    d.add_argument("--overwrite", action="store_true", help="recompute even if the output exists")
+    d.add_argument("--run-dir", help="where runs and the default MLflow store live (default runs)")
+    d.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
+    d.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite under "
+                                          "the run directory)")
+    d.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    d.set_defaults(func=cmd_derive)
+
+    g = sub.add_parser("gate", help="Step C: fit a gate on a derived dataset; exact evaluation vs. baselines",
+                       description="Labels for any beta come from the stored statistics (u_k = q_k - beta * c_k, "
+                                   "c_k relative to the deepest exit's cost, ties to the cheaper exit); the gate "
+                                   "trains on the cached gate inputs in seconds. The evaluation on the validation "
+                                   "split is exact (summed statistics) and always shows static depth at every "
+                                   "exit and the per-image oracle. Settings: GateConfig in eco_ray/gate/fit.py.")
+    g.add_argument("--derived", required=True, help="derived-dataset directory or the MLflow run id that logged it")
+    g.add_argument("--beta", type=float, nargs="+", help="trade-off(s); a budget gate is fitted once for all "
+                                                         "(default 0.05)")
+    g.add_argument("--kind", choices=["classify", "budget"], help="classify: the paper's gate, one per beta; "
+                                                                  "budget: per-exit quality regression, any beta")
+    g.add_argument("--cost", choices=["gflops", "latency", "layers"], help="cost measure of the utility "
+                                                                           "(default gflops: encoder GFLOPs)")
+    g.add_argument("--config", help="YAML file with GateConfig settings")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set lr=0.003 --set epochs=500 (repeatable)")
+    g.add_argument("--name", help="run name (default gate-<kind>-<cost>-<UTC time>)")
+    g.add_argument("--out", help="where to write the gate(s) (default runs/gates/<name>)")
+    g.add_argument("--run-dir", default="runs", help="where runs and the default MLflow store live (default runs)")
+    g.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite under "
+                                          "the run directory)")
+    g.add_argument("--json", action="store_true", help="print the evaluation as JSON")
+    g.set_defaults(func=cmd_gate)
     return p
 
 

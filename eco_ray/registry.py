@@ -66,7 +66,7 @@ def register_directory(client: MlflowClient, name: str, run_id: str, artifact_pa
 
 
 def resolve_model_dir(uri: str, tracking_uri: str) -> Path:
-    """``models:/name@alias``, ``models:/name/version``, ``runs:/id/path``, or a local directory -> a
+    """``models:/name@alias``, ``models:/name/version`` (or ``/latest``), ``runs:/id/path``, or a local directory -> a
     local directory holding the model files (downloaded from the artifact store when remote)."""
     if Path(uri).is_dir():
         return Path(uri)
@@ -79,7 +79,7 @@ def resolve_model_dir(uri: str, tracking_uri: str) -> Path:
                 version = client.get_model_version_by_alias(name, alias)
             else:
                 name, number = rest.rsplit("/", 1)
-                version = client.get_model_version(name, number)
+                version = _model_version(client, name, number)
         except (MlflowException, ValueError) as e:
             raise RegistryError(f"cannot resolve {uri}: {str(e).splitlines()[0]}") from None
         source = version.source
@@ -91,6 +91,37 @@ def resolve_model_dir(uri: str, tracking_uri: str) -> Path:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri))
     except (MlflowException, OSError) as e:
         raise RegistryError(f"cannot download {uri} ({source}): {str(e).splitlines()[0]}") from None
+
+
+def _model_version(client: MlflowClient, name: str, number: str):
+    """A version by number, or ``latest``: the highest version number."""
+    if number != "latest":
+        return client.get_model_version(name, number)
+    versions = client.search_model_versions(f"name = '{name}'")
+    if not versions:
+        raise ValueError(f"registered model {name!r} has no versions (or does not exist)")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def describe_model_uri(uri: str, tracking_uri: str) -> dict:
+    """What a model URI points at: ``{"uri", "name", "version", "run_id"}`` for registry URIs (the
+    version an alias points at *now*), ``{"uri", "run_id"}`` for runs:/, ``{"uri"}`` for a directory."""
+    if uri.startswith("models:/"):
+        client = MlflowClient(tracking_uri)
+        rest = uri[len("models:/"):]
+        try:
+            if "@" in rest:
+                name, alias = rest.split("@", 1)
+                v = client.get_model_version_by_alias(name, alias)
+            else:
+                name, number = rest.rsplit("/", 1)
+                v = _model_version(client, name, number)
+        except (MlflowException, ValueError) as e:
+            raise RegistryError(f"cannot resolve {uri}: {str(e).splitlines()[0]}") from None
+        return {"uri": uri, "name": v.name, "version": str(v.version), "run_id": v.run_id}
+    if uri.startswith("runs:/"):
+        return {"uri": uri, "run_id": uri[len("runs:/"):].split("/", 1)[0]}
+    return {"uri": str(Path(uri).resolve())}
 
 
 def flat_params(obj, prefix: str = "") -> dict[str, str]:

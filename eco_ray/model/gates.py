@@ -2,7 +2,8 @@
 
 - ``ExitClassifierGate`` is the paper's gate: one linear layer -> logits over the exits, trained with
   cross-entropy on the exit labels of one beta.
-- ``BudgetGate`` predicts the quality q_k of every exit (regression). At inference any trade-off picks
+- ``BudgetGate`` predicts the quality q_k of every exit (regression; relative to the deepest exit, which
+  removes the per-image difficulty the decision does not depend on). At inference any trade-off picks
   argmax_k q_hat_k - beta * cost_k without retraining, so beta or a compute budget can change per request.
 
 Both decide per image on a batch. Exits are ordered shallow to deep; ties go to the shallower exit.
@@ -18,16 +19,34 @@ from torch import Tensor, nn
 GATE_KINDS = ("classify", "budget")
 
 
+class _Standardize(nn.Module):
+    """Per-feature (x - mean) / std, fitted on the training features and saved with the gate's weights,
+    so that a gate takes the parent's raw pooled features at serving time."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("std", torch.ones(dim))
+
+    def fit(self, features: Tensor) -> None:
+        self.mean.copy_(features.mean(0))
+        self.std.copy_(features.std(0).clamp_min(1e-6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
 class ExitClassifierGate(nn.Module):
     kind = "classify"
 
     def __init__(self, in_dim: int, exits: Sequence[int]):
         super().__init__()
         self.in_dim, self.exits = int(in_dim), [int(k) for k in exits]
+        self.norm = _Standardize(self.in_dim)
         self.linear = nn.Linear(self.in_dim, len(self.exits))
 
     def forward(self, gate_features: Tensor) -> Tensor:
-        return self.linear(gate_features)  # (B, num_exits) logits
+        return self.linear(self.norm(gate_features))  # (B, num_exits) logits
 
     @torch.no_grad()
     def decide(self, gate_features: Tensor) -> Tensor:
@@ -46,11 +65,14 @@ class BudgetGate(nn.Module):
         super().__init__()
         self.in_dim, self.exits, self.hidden = int(in_dim), [int(k) for k in exits], int(hidden)
         n = len(self.exits)
+        self.norm = _Standardize(self.in_dim)
         self.net = nn.Linear(self.in_dim, n) if hidden <= 0 else \
             nn.Sequential(nn.Linear(self.in_dim, hidden), nn.ReLU(), nn.Linear(hidden, n))
 
     def forward(self, gate_features: Tensor) -> Tensor:
-        return self.net(gate_features)  # (B, num_exits) predicted quality per exit
+        # (B, num_exits): predicted per-image quality of each exit relative to the deepest exit's; the
+        # decision argmax_k q_k - beta * c_k does not change when a per-image constant is subtracted
+        return self.net(self.norm(gate_features))
 
     @torch.no_grad()
     def decide(self, gate_features: Tensor, beta: float | Tensor, costs: Sequence[float] | Tensor) -> Tensor:

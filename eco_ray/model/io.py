@@ -44,6 +44,29 @@ def load_parent(directory: str | Path) -> tuple[EarlyExitMask2Former, dict]:
     return model.eval(), meta
 
 
+def read_parent_blob(directory: str | Path) -> dict:
+    """A parent as plain bytes + config, to ship through Ray's object store to workers on other nodes
+    (which need no shared file system or MLflow access for the model)."""
+    meta = _read_config(directory, "parent")
+    path = Path(directory) / WEIGHTS
+    if not path.is_file():
+        raise ModelFileError(f"weights not found: {path}")
+    return {"meta": meta, "weights": path.read_bytes()}
+
+
+def parent_from_blob(blob: dict) -> EarlyExitMask2Former:
+    """The inverse of :func:`read_parent_blob` (safetensors bytes: nothing is unpickled)."""
+    import tempfile
+
+    meta = blob["meta"]
+    m2f = Mask2FormerForUniversalSegmentation(Mask2FormerConfig.from_dict(meta["hf_config"]))
+    model = EarlyExitMask2Former(ModelConfig(**meta["model"]), m2f)
+    with tempfile.TemporaryDirectory() as d:  # safetensors' load_model restores tensors save_model de-duplicated
+        Path(d, WEIGHTS).write_bytes(blob["weights"])
+        _load_weights(model, d)
+    return model.eval()
+
+
 def build_parent(config: ModelConfig) -> EarlyExitMask2Former:
     """A new parent: from ``config.pretrained`` (a local transformers directory) when set, else random init."""
     return parent_from_pretrained(config.pretrained, config) if config.pretrained else EarlyExitMask2Former(config)

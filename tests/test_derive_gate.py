@@ -1,0 +1,216 @@
+"""Steps B and C: the derived table on a real local Ray, gates fitted on it, exact evaluation checked
+against running the gated model end to end, reuse of a derived dataset, the CLI."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from eco_ray.cli import main
+from eco_ray.config import ConfigError, load_config
+from eco_ray.data import CocoPanopticDataset
+from eco_ray.data.collate import pixel_values
+from eco_ray.data.transforms import build_transform
+from eco_ray.derive.run import DeriveConfig, run_derive
+from eco_ray.derive.table import DerivedDataset, noise_floor, relative_costs
+from eco_ray.evaluate import evaluate_exits
+from eco_ray.gate.fit import GateConfig, fit_gate, gate_choice
+from eco_ray.gate.run import fit_and_evaluate, run_gate
+from eco_ray.metrics.panoptic import PanopticStats, aggregate, image_stats
+from eco_ray.model.config import load_model_config
+from eco_ray.model.early_exit import EarlyExitMask2Former
+from eco_ray.model.io import load_gate, load_parent, save_parent
+from eco_ray.model.postprocess import to_panoptic
+from eco_ray.tradeoff import exit_labels
+
+pytestmark = pytest.mark.slow
+
+# A random tiny parent scores low, so a low query threshold keeps predictions non-empty: the checks
+# below compare statistics, which must agree whatever the model's quality.
+THRESHOLD = 0.05
+
+
+@pytest.fixture(scope="module")
+def env(synth_root, tmp_path_factory):
+    import ray
+
+    base = tmp_path_factory.mktemp("derive")
+    torch.manual_seed(0)
+    ds = CocoPanopticDataset.from_root(synth_root, "train")
+    cfg = load_model_config("tiny", [f"num_labels={len(ds.categories)}"])
+    parent_dir = save_parent(EarlyExitMask2Former(cfg), base / "parent", extra={"categories": ds.categories.to_coco()})
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    derive_cfg = load_config(DeriveConfig, overrides=[
+        f"parent={parent_dir}", f"data_root={synth_root}", f"run_dir={base}", "chunk_size=10", "batch_size=4",
+        f"threshold={THRESHOLD}", "latency_repeats=2"])
+    tracking = f"sqlite:///{base}/mlflow.db"
+    t0 = time.perf_counter()
+    manifest = run_derive(derive_cfg, tracking_uri=tracking)
+    first_seconds = time.perf_counter() - t0
+    yield {"base": base, "parent_dir": parent_dir, "cfg": derive_cfg, "tracking": tracking, "manifest": manifest,
+           "first_seconds": first_seconds, "root": synth_root}
+    ray.shutdown()
+
+
+def test_derived_table_matches_a_direct_evaluation(env):
+    m = env["manifest"]
+    assert not m["reused"]
+    ds = DerivedDataset.open(m["path"])
+    assert ds.exits == [2, 3, 4, 5, 6] and ds.split_names == ["train", "val"]
+    val_data = CocoPanopticDataset.from_root(env["root"], "val")
+    val = ds.split("val")
+    assert val.stats.tp.shape == (16, 2, 5, len(val_data.categories))  # (images, views, exits, categories)
+    assert val.image_ids.tolist() == val_data.image_ids
+    assert val.gate_features.shape == (16, m["gate_input_dim"])
+    assert set(val.kinds.tolist()) <= {"clean", "camouflage", "relational"}
+    # chunks evaluated by Ray tasks give exactly what one in-process pass gives
+    model, _ = load_parent(env["parent_dir"])
+    for view, flip in ((0, False), (1, True)):
+        direct = evaluate_exits(model, val_data, batch_size=4, flip=flip, threshold=THRESHOLD)
+        np.testing.assert_array_equal(direct.stats.tp, val.stats.tp[:, view])
+        np.testing.assert_allclose(direct.stats.iou_sum, val.stats.iou_sum[:, view])
+        if view == 0:
+            np.testing.assert_allclose(direct.gate_features, val.gate_features, rtol=1e-6)
+    assert (val.stats.tp + val.stats.fp).sum() > 0, "the parent predicted nothing: the comparison would be vacuous"
+    # the manifest records what the table came from and what every exit costs
+    assert m["parent"]["weights_sha256"] and set(m["data"]["annotations_sha256"]) == {"train", "val"}
+    gflops = [e["encoder_gflops"] for e in m["costs"]["exits"]]
+    assert gflops == sorted(gflops) and gflops[0] > 0 and all(e["latency_ms"] > 0 for e in m["costs"]["exits"])
+    nf = m["splits"]["val"]["noise_floor"]
+    assert nf["views"] == 2 and 0 <= nf["share_above_tolerance"] <= 1
+    assert sum(m["splits"]["val"]["sufficient_exit_histogram"].values()) == 16
+    # and it is in MLflow, tagged with its key
+    run = MlflowClient(env["tracking"]).get_run(m["mlflow_run_id"])
+    assert run.data.tags["derived_key"] == m["key"] and run.data.tags["eco_ray.stage"] == "derive"
+    names = {a.path for a in MlflowClient(env["tracking"]).list_artifacts(m["mlflow_run_id"], "derived")}
+    assert {"derived/manifest.json", "derived/train.parquet", "derived/val.parquet"} <= names
+
+
+def test_rerunning_on_the_same_inputs_reuses_the_table(env):
+    client = MlflowClient(env["tracking"])
+    runs_before = len(client.search_runs([r.experiment_id for r in client.search_experiments()]))
+    t0 = time.perf_counter()
+    again = run_derive(env["cfg"], tracking_uri=env["tracking"])
+    assert again["reused"] and again["key"] == env["manifest"]["key"] and again["path"] == env["manifest"]["path"]
+    assert time.perf_counter() - t0 < env["first_seconds"]
+    assert len(client.search_runs([r.experiment_id for r in client.search_experiments()])) == runs_before
+    # other settings into the same directory: refused, nothing overwritten
+    other = load_config(DeriveConfig, layers=[{**env["cfg"].__dict__, "views": ["plain"], "out": again["path"]}])
+    with pytest.raises(ConfigError, match="other inputs"):
+        run_derive(other, tracking_uri=env["tracking"])
+    assert DerivedDataset.open(again["path"]).manifest["key"] == env["manifest"]["key"]
+
+
+def test_noise_floor_of_identical_views_is_zero(env):
+    val = DerivedDataset.open(env["manifest"]["path"]).split("val")
+    same = val.subset(np.ones(len(val), bool))
+    same.stats = PanopticStats(**{k: np.repeat(v[:, :1], 2, axis=1) for k, v in val.stats.as_dict().items()})
+    nf = noise_floor(same)
+    assert nf["mean_abs_diff"] == 0 and nf["share_above_tolerance"] == 0
+
+
+def test_table_evaluation_equals_the_gated_model_run_end_to_end(env):
+    ds = DerivedDataset.open(env["manifest"]["path"])
+    cfg = GateConfig(kind="budget", epochs=50)
+    rel = relative_costs(ds.costs("gflops"))
+    train = ds.split("train")
+    gate = fit_gate(train.gate_features, train.quality, rel, ds.exits, cfg)
+    model, _ = load_parent(env["parent_dir"])
+    val_data = CocoPanopticDataset.from_root(env["root"], "val")
+    transform = build_transform(model.config.image_size, train=False)
+    rng = np.random.default_rng(0)
+    samples = [transform(val_data[i], rng) for i in range(len(val_data))]
+    x = pixel_values([s.image for s in samples])
+    mixed = 0
+    for beta in (0.0, 0.3, 5.0, None):
+        # end to end: the gate decides per image on the parent's own gate input, rows leave the encoder there
+        # (beta None: a fixed assignment that cycles through the exits, so rows surely leave at every depth)
+        with torch.no_grad():
+            features = model.encoder_inputs(model.backbone_features(x)).gate_features
+            if beta is None:
+                depth = torch.as_tensor([ds.exits[i % len(ds.exits)] for i in range(len(samples))])
+            else:
+                depth = gate.decide(features, beta, torch.as_tensor(rel, dtype=torch.float32))
+            out = model.forward_per_image(x, depth)
+        mixed += len(set(depth.tolist())) > 1
+        preds = to_panoptic(out, val_data.categories, (model.config.image_size,) * 2, threshold=THRESHOLD)
+        e2e = aggregate(PanopticStats.stack([image_stats(s.id_map, s.segments, *p, val_data.categories)
+                                             for s, p in zip(samples, preds)]), val_data.categories)
+        # from the table: the same decisions, on the stored statistics
+        val = ds.split("val")
+        if beta is None:
+            choice = np.asarray([ds.exits.index(k) for k in depth.tolist()])
+        else:
+            choice = gate_choice(gate, val.gate_features, rel, beta)
+            assert [ds.exits[c] for c in choice] == depth.tolist()
+        table = aggregate(val.eval_stats[np.arange(len(val)), choice], ds.categories)
+        assert abs(table.pq - e2e.pq) < 1e-6 and abs(table.pq_things - e2e.pq_things) < 1e-6
+        assert abs(table.miou - e2e.miou) < 1e-6
+    assert mixed >= 1
+
+
+def test_gates_learn_labels_that_the_features_carry():
+    rng = np.random.default_rng(0)
+    n, exits = 600, [2, 3, 4, 5, 6]
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    # image "difficulty" is feature 0: hard images gain quality with depth, easy ones do not
+    hard = x[:, 0] > 0
+    quality = np.where(hard[:, None], np.linspace(0.3, 0.9, 5)[None], 0.8) + rng.normal(0, 0.01, (n, 5))
+    rel = np.asarray(exits, float) / 6
+    labels = exit_labels(quality, rel, 0.1)
+    assert 0.2 < (labels == 4).mean() < 0.8  # both classes present
+    clf = fit_gate(x, quality, rel, exits, GateConfig(kind="classify", beta=0.1, epochs=300, lr=0.05))
+    assert (gate_choice(clf, x, rel, 0.1) == labels).mean() > 0.9
+    budget = fit_gate(x, quality, rel, exits, GateConfig(kind="budget", epochs=300, lr=0.05, hidden=16))
+    for beta in (0.1, 3.0):  # one fit, two trade-offs
+        oracle = exit_labels(quality, rel, beta)
+        assert (gate_choice(budget, x, rel, beta) == oracle).mean() > 0.9
+
+
+def test_fit_and_evaluate_reports_the_baselines(env):
+    ds = DerivedDataset.open(env["manifest"]["path"])
+    res = fit_and_evaluate(ds, GateConfig(kind="budget", epochs=30), betas=[0.0, 0.2, 10.0])
+    assert len(res["gates"]) == 1 and len(res["points"]) == 3  # a budget gate is fitted once
+    static = res["static"]
+    assert [p["exit"] for p in static] == ds.exits
+    val = ds.split("val")
+    for e, p in enumerate(static):
+        assert p["pq"] == pytest.approx(aggregate(val.eval_stats[:, e], ds.categories).pq)
+        assert p["encoder_gflops_mean"] == pytest.approx(ds.costs("gflops")[e])
+    # beta 10 makes any depth not worth its cost: the oracle takes the shallowest exit for every image
+    assert res["points"][-1]["oracle"]["exit_histogram"] == {2: 16, 3: 0, 4: 0, 5: 0, 6: 0}
+    # with beta 0 the oracle is at least as good as every static exit on per-image quality
+    clf = fit_and_evaluate(ds, GateConfig(kind="classify", epochs=30), betas=[0.05, 0.5])
+    assert len(clf["gates"]) == 2
+
+
+def test_gate_cli_json_and_mlflow(env, capsys):
+    code = main(["gate", "--derived", env["manifest"]["path"], "--beta", "0.1", "--kind", "classify", "--json",
+                 "--run-dir", str(env["base"]), "--tracking-uri", env["tracking"], "--name", "cli-gate",
+                 "--set", "epochs=20"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["beta"] == 0.1 and set(out) >= {"gate", "static", "oracle"}
+    assert {"pq", "encoder_gflops_mean", "exit_histogram"} <= set(out["gate"])
+    assert [s["exit"] for s in out["static"]] == [2, 3, 4, 5, 6] and "encoder_gflops_mean" in out["oracle"]
+    client = MlflowClient(env["tracking"])
+    run = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                             "attributes.run_name = 'cli-gate'")[0]
+    assert run.data.tags["parent_uri"] == env["manifest"]["parent"]["uri"]
+    assert run.data.metrics["val_pq"] == pytest.approx(out["gate"]["pq"])
+    gate, meta = load_gate(env["base"] / "gates" / "cli-gate")
+    assert meta["beta"] == 0.1 and meta["derived_key"] == env["manifest"]["key"]
+    assert {"gate/tradeoff.png", "gate/model.safetensors", "gate/eco_config.json", "gate/evaluation.json"} <= {
+        a.path for a in client.list_artifacts(run.info.run_id, "gate")}
+
+
+def test_gate_bad_input_is_a_clear_error(env, tmp_path, capsys):
+    assert main(["gate", "--derived", str(tmp_path / "missing"), "--tracking-uri", env["tracking"]]) == 2
+    assert "neither a derived-dataset directory" in capsys.readouterr().err
+    assert main(["gate", "--derived", env["manifest"]["path"], "--beta", "-1", "--tracking-uri", env["tracking"]]) == 2
+    assert "beta" in capsys.readouterr().err
+    assert main(["gate", "--derived", env["manifest"]["path"], "--set", "epochs=0"]) == 2
+    assert "epochs" in capsys.readouterr().err
