@@ -247,6 +247,85 @@ def cmd_gate(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ sweep
+def cmd_sweep(args) -> int:
+    from eco_ray.sweep.run import SweepConfig, run_sweep
+
+    if args.resume and (args.config or args.set or args.name or args.derived):
+        raise ConfigError("--resume continues a sweep with its saved settings; do not combine it with --config, "
+                          "--set, --name or --derived")
+    cfg = None
+    if not args.resume:
+        overrides = list(args.set)
+        for key, value in (("derived", args.derived), ("space", args.space), ("trials", args.trials),
+                           ("concurrency", args.concurrency), ("sampler", args.sampler),
+                           ("objective_cost", args.objective), ("max_gflops", args.max_gflops),
+                           ("max_latency_ms", args.max_latency_ms), ("storage", args.storage), ("seed", args.seed),
+                           ("run_dir", args.run_dir)):
+            if value is not None:
+                overrides.append(f"{key}={value}")
+        cfg = load_config(SweepConfig, args.config, overrides)
+    summary = run_sweep(cfg, name=args.name, resume=args.resume, tracking_uri=args.tracking_uri,
+                        address=args.address, run_dir=args.run_dir)
+    if args.json:
+        _print_json({k: v for k, v in summary.items() if k != "trials"})
+        return 0
+    rate = summary["trials_per_minute"]
+    print(f"sweep {summary['name']}: {summary['complete']} complete ({summary['feasible']} within budget), "
+          f"{summary['failed']} failed; {summary['trials_run_now']} run now in {summary['seconds']:.0f} s"
+          + (f" ({rate:.0f} trials/min)" if rate else ""))
+    key = summary["objective_cost"]
+    print(f"Pareto front (PQ up, {key} down), {len(summary['front'])} points:")
+    for p in summary["front"]:
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p["params"].items())
+        print(f"  trial {p['number']:>4}: PQ {p['pq']:.4f}  {key} {p[key]:.4f}  [{params}]")
+    print("static depth: " + ", ".join(f"exit {p['exit']}: PQ {p['pq']:.4f} @ {p[key]:.4f}"
+                                      for p in summary["static"] if key in p))
+    print(f"MLflow parent run {summary['run_id']}; plot runs/sweeps/{summary['name']}/pareto.png")
+    return 0
+
+
+def cmd_select(args) -> int:
+    from eco_ray.sweep.select import select
+
+    budgets = [(k, v) for k, v in (("max_gflops", args.max_gflops), ("max_latency_ms", args.max_latency_ms),
+                                   ("min_pq", args.min_pq)) if v is not None]
+    if len(budgets) != 1:
+        raise ConfigError("give exactly one of --max-gflops, --max-latency-ms, --min-pq")
+    r = select(args.sweep, *budgets[0], run_dir=args.run_dir, tracking_uri=args.tracking_uri,
+               registered_model=args.registered_model, alias=args.alias)
+    if args.json:
+        _print_json(r)
+        return 0
+    c = r["chosen"]
+    print(f"selected trial {c['optuna_trial']} of sweep {r['sweep']} ({r['candidates']} candidates): {r['why']}")
+    print(f"  PQ {c['pq']:.4f} (things {c.get('pq_things', float('nan')):.4f}, stuff {c.get('pq_stuff', float('nan')):.4f}),"
+          f" {c['encoder_gflops_mean']:.4f} mean encoder GFLOPs, {c.get('latency_ms_mean', float('nan')):.2f} ms")
+    print(f"  params: {c['params']}")
+    print(f"registered {r['registered_model']} version {r['version']}; alias {r['alias']!r} -> version {r['version']} "
+          f"({r['model_uri']})")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from eco_ray.registry import default_tracking_uri
+    from eco_ray.sweep.select import list_models
+
+    rows = list_models(args.tracking_uri or default_tracking_uri(args.run_dir))
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print("no registered eco-parent or eco-gate models yet (eco-ray train registers parents, eco-ray select gates)")
+        return 0
+    for r in rows:
+        aliases = ("@" + ",@".join(r["aliases"])) if r["aliases"] else ""
+        metrics = ", ".join(f"{k}={v}" for k, v in r["metrics"].items())
+        tags = ", ".join(f"{k}={v}" for k, v in r["tags"].items())
+        print(f"{r['name']:>10} v{r['version']:<3} {aliases:<14} {metrics}" + (f"  [{tags}]" if tags else ""))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -374,6 +453,58 @@ def build_parser() -> argparse.ArgumentParser:
                                           "the run directory)")
     g.add_argument("--json", action="store_true", help="print the evaluation as JSON")
     g.set_defaults(func=cmd_gate)
+
+    w = sub.add_parser("sweep", help="Ray Tune + Optuna sweep of the trade-off (PQ up, GFLOPs down)",
+                       description="Multi-objective sweep over a search space (search_spaces/*.yaml): each trial "
+                                   "fits a gate on the derived table and evaluates it exactly (seconds). The Optuna "
+                                   "study is named eco-ray-<sweep> and stored in runs/sweeps/<sweep>/optuna.db (or "
+                                   "--storage, e.g. postgresql://...). Every trial is one MLflow child run of the "
+                                   "sweep's run, which gets the Pareto front and its plot. Settings: SweepConfig in "
+                                   "eco_ray/sweep/run.py.")
+    w.add_argument("--derived", help="derived-dataset directory (eco-ray derive)")
+    w.add_argument("--space", help="search space YAML (default search_spaces/default.yaml)")
+    w.add_argument("--trials", type=int, help="finished trials the sweep ends with (default 40)")
+    w.add_argument("--concurrency", type=int, help="trials at a time (default 2)")
+    w.add_argument("--sampler", choices=["tpe", "nsga2", "random"], help="Optuna sampler (default tpe), seeded")
+    w.add_argument("--seed", type=int, help="sampler seed (default 0)")
+    w.add_argument("--objective", choices=["gflops", "latency"], help="cost objective (default gflops)")
+    w.add_argument("--max-gflops", type=float, help="budget on mean encoder GFLOPs: an Optuna constraint")
+    w.add_argument("--max-latency-ms", type=float, help="budget on mean latency (ms): an Optuna constraint")
+    w.add_argument("--storage", help="Optuna storage URL (default sqlite in the sweep directory)")
+    w.add_argument("--name", help="sweep name (default sweep-<UTC time>); a new sweep never reuses a name")
+    w.add_argument("--resume", metavar="NAME", help="continue the stopped sweep NAME (runs only missing trials)")
+    w.add_argument("--config", help="YAML file with SweepConfig settings")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    w.add_argument("--run-dir", help="where runs live (default runs)")
+    w.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
+    w.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite under "
+                                          "the run directory)")
+    w.add_argument("--json", action="store_true", help="print the summary as JSON")
+    w.set_defaults(func=cmd_sweep)
+
+    sel = sub.add_parser("select", help="pick the best gate of a sweep under a budget; register it, move an alias",
+                         description="Among the sweep's finished trials in MLflow: the highest PQ within "
+                                     "--max-gflops / --max-latency-ms, or the cheapest reaching --min-pq. The gate "
+                                     "is registered (default eco-gate) and the alias (default production) moved to "
+                                     "it in one registry call. A budget no trial meets is an error that shows the "
+                                     "cheapest available point.")
+    sel.add_argument("--sweep", required=True, help="sweep name")
+    sel.add_argument("--max-gflops", type=float, help="mean encoder GFLOPs per image at most")
+    sel.add_argument("--max-latency-ms", type=float, help="mean latency per image (ms, batch 1) at most")
+    sel.add_argument("--min-pq", type=float, help="validation PQ at least (then the cheapest)")
+    sel.add_argument("--registered-model", default="eco-gate", help="registry name (default eco-gate)")
+    sel.add_argument("--alias", default="production", help="alias to move (default production)")
+    sel.add_argument("--run-dir", default="runs", help="where runs live (default runs)")
+    sel.add_argument("--tracking-uri", help="MLflow tracking URI (default: the sweep's)")
+    sel.add_argument("--json", action="store_true", help="print the selection as JSON")
+    sel.set_defaults(func=cmd_select)
+
+    mo = sub.add_parser("models", help="list registered parents and gates with aliases and key metrics")
+    mo.add_argument("--run-dir", default="runs", help="where runs live (default runs)")
+    mo.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite under "
+                                           "the run directory)")
+    mo.add_argument("--json", action="store_true")
+    mo.set_defaults(func=cmd_models)
     return p
 
 

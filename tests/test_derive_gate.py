@@ -28,31 +28,12 @@ from eco_ray.tradeoff import exit_labels
 
 pytestmark = pytest.mark.slow
 
-# A random tiny parent scores low, so a low query threshold keeps predictions non-empty: the checks
-# below compare statistics, which must agree whatever the model's quality.
-THRESHOLD = 0.05
+from conftest import DERIVE_THRESHOLD as THRESHOLD
 
 
 @pytest.fixture(scope="module")
-def env(synth_root, tmp_path_factory):
-    import ray
-
-    base = tmp_path_factory.mktemp("derive")
-    torch.manual_seed(0)
-    ds = CocoPanopticDataset.from_root(synth_root, "train")
-    cfg = load_model_config("tiny", [f"num_labels={len(ds.categories)}"])
-    parent_dir = save_parent(EarlyExitMask2Former(cfg), base / "parent", extra={"categories": ds.categories.to_coco()})
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    derive_cfg = load_config(DeriveConfig, overrides=[
-        f"parent={parent_dir}", f"data_root={synth_root}", f"run_dir={base}", "chunk_size=10", "batch_size=4",
-        f"threshold={THRESHOLD}", "latency_repeats=2"])
-    tracking = f"sqlite:///{base}/mlflow.db"
-    t0 = time.perf_counter()
-    manifest = run_derive(derive_cfg, tracking_uri=tracking)
-    first_seconds = time.perf_counter() - t0
-    yield {"base": base, "parent_dir": parent_dir, "cfg": derive_cfg, "tracking": tracking, "manifest": manifest,
-           "first_seconds": first_seconds, "root": synth_root}
-    ray.shutdown()
+def env(tiny_derived):
+    return tiny_derived
 
 
 def test_derived_table_matches_a_direct_evaluation(env):
