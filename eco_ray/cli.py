@@ -326,6 +326,17 @@ def cmd_models(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ serve
+def cmd_serve(args) -> int:
+    from eco_ray.registry import default_tracking_uri
+    from eco_ray.serve.run import start
+
+    start(args.config, parent_uri=args.parent, gate_uri=args.gate,
+          tracking_uri=args.tracking_uri or default_tracking_uri(args.run_dir), host=args.host, port=args.port,
+          address=args.address)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -505,6 +516,21 @@ def build_parser() -> argparse.ArgumentParser:
                                            "the run directory)")
     mo.add_argument("--json", action="store_true")
     mo.set_defaults(func=cmd_models)
+
+    sv = sub.add_parser("serve", help="serve the selected gate + parent over HTTP with Ray Serve (local)",
+                        description="Starts the Serve application of deploy/serve_config.yaml (autoscaling, limits, "
+                                    "batching) on a local Ray against the embedded MLflow store and prints the URL. "
+                                    "POST /v1/segment with an image; GET /v1/models, /healthz. Ctrl-C stops.")
+    sv.add_argument("--config", help="Serve config YAML (default deploy/serve_config.yaml)")
+    sv.add_argument("--parent", help="parent URI (default: the config's, models:/eco-parent/latest)")
+    sv.add_argument("--gate", help="gate URI (default: the config's, models:/eco-gate@production)")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--run-dir", default="runs", help="where runs live (default runs)")
+    sv.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
+    sv.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite under "
+                                           "the run directory)")
+    sv.set_defaults(func=cmd_serve)
     return p
 
 

@@ -1,0 +1,71 @@
+"""``eco-ray serve``: start the Serve app from deploy/serve_config.yaml on a local Ray, against the
+embedded MLflow store, and print the URL."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from eco_ray.config import ConfigError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml"
+
+
+def load_serve_config(path: str | Path | None = None) -> dict:
+    path = Path(path) if path else DEFAULT_CONFIG
+    if not path.is_file():
+        raise ConfigError(f"Serve config {path} not found")
+    try:
+        doc = yaml.safe_load(path.read_text())
+        app = doc["applications"][0]
+        deployments = {d["name"]: d for d in app["deployments"]}
+    except (yaml.YAMLError, KeyError, IndexError, TypeError) as e:
+        raise ConfigError(f"{path}: not a Serve config with one application and its deployments ({e})") from None
+    for name in ("Ingress", "Segmenter"):
+        if name not in deployments:
+            raise ConfigError(f"{path}: no deployment named {name!r}")
+    return doc
+
+
+def build_app(doc: dict, overrides: dict | None = None):
+    """The application with each deployment's options (autoscaling, user_config, ...) from the config."""
+    from eco_ray.serve.app import Ingress, Segmenter
+
+    doc = copy.deepcopy(doc)
+    deployments = {d["name"]: d for d in doc["applications"][0]["deployments"]}
+    seg_opts = {k: v for k, v in deployments["Segmenter"].items() if k != "name"}
+    seg_opts["user_config"] = {**seg_opts.get("user_config", {}), **{k: v for k, v in (overrides or {}).items()
+                                                                     if v is not None}}
+    ing_opts = {k: v for k, v in deployments["Ingress"].items() if k != "name"}
+    return Ingress.options(**ing_opts).bind(Segmenter.options(**seg_opts).bind()), seg_opts["user_config"]
+
+
+def start(config: str | None, *, parent_uri: str | None, gate_uri: str | None, tracking_uri: str, host: str,
+          port: int, address: str | None = None, blocking: bool = True) -> str:
+    import ray
+    from ray import serve
+
+    doc = load_serve_config(config)
+    app, user_config = build_app(doc, {"parent_uri": parent_uri, "gate_uri": gate_uri, "tracking_uri": tracking_uri})
+    # fail before Ray starts when the models cannot be resolved
+    from eco_ray.registry import resolve_model_dir
+
+    for key in ("parent_uri", "gate_uri"):
+        resolve_model_dir(user_config[key], tracking_uri)
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=doc["applications"][0].get("name", "eco-ray"), route_prefix="/", blocking=False)
+    url = f"http://{host}:{port}"
+    if blocking:
+        print(f"eco-ray serving on {url}  (POST {url}/v1/segment, GET {url}/v1/models); Ctrl-C stops", flush=True)
+        try:
+            import time
+
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            serve.shutdown()
+    return url
