@@ -2,7 +2,9 @@
 (4xx, the service keeps answering), a gate swap under continuous requests, autoscaling 1 -> 2+ -> 1."""
 
 import base64
+import copy
 import io
+import os
 import threading
 import time
 
@@ -39,7 +41,10 @@ def served(tiny_derived, tmp_path_factory):
         r = run_gate(tiny_derived["manifest"]["path"], GateConfig(kind="budget", beta=beta, epochs=30), [beta],
                      tracking_uri=tiny_derived["tracking"], run_dir=str(base), out=str(base / name), name=name)
         gates[name] = r["path"]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # fast autoscaling metrics, so that the autoscaling test sees 1 -> 2+ -> 1 within seconds (platform notes)
+    os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT})
     doc = load_serve_config()
     ingress = next(d for d in doc["applications"][0]["deployments"] if d["name"] == "Ingress")
@@ -150,3 +155,46 @@ def test_gate_swap_under_continuous_requests_loses_none(served):
         t.join()
     assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
     assert {g.rsplit("/", 1)[-1] for g in gates_seen} == {"g1", "g2"}
+
+
+def segmenter_replicas() -> int:
+    from ray import serve
+
+    states = serve.status().applications["eco-ray"].deployments["Segmenter"].replica_states
+    return int(states.get("RUNNING", 0))
+
+
+def test_segmenter_autoscales_up_under_load_and_back(served):
+    from ray import serve
+
+    doc = copy.deepcopy(served["doc"])
+    seg = next(d for d in doc["applications"][0]["deployments"] if d["name"] == "Segmenter")
+    seg.pop("num_replicas", None)
+    seg["ray_actor_options"] = {"num_cpus": 0.5}
+    seg["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1,
+                                 "upscale_delay_s": 1, "downscale_delay_s": 3, "look_back_period_s": 2}
+    app, _ = build_app(doc, served["overrides"])
+    serve.run(app, name="eco-ray", route_prefix="/")
+    assert segmenter_replicas() == 1
+    img, stop, statuses = png_bytes(served["image"]), threading.Event(), []
+
+    def client():
+        while not stop.is_set():
+            statuses.append(post(img).status_code)
+
+    threads = [threading.Thread(target=client) for _ in range(12)]
+    for t in threads:
+        t.start()
+    peak, deadline = 1, time.time() + 60
+    while time.time() < deadline and peak < 2:
+        time.sleep(0.5)
+        peak = max(peak, segmenter_replicas())
+    stop.set()
+    for t in threads:
+        t.join()
+    assert peak >= 2, "no upscale under 12 concurrent clients"
+    deadline = time.time() + 60
+    while time.time() < deadline and segmenter_replicas() > 1:
+        time.sleep(0.5)
+    assert segmenter_replicas() == 1, "no downscale after the load stopped"
+    assert statuses and all(s == 200 for s in statuses)
