@@ -281,7 +281,7 @@ def cmd_sweep(args) -> int:
         print(f"  trial {p['number']:>4}: PQ {p['pq']:.4f}  {key} {p[key]:.4f}  [{params}]")
     print("static depth: " + ", ".join(f"exit {p['exit']}: PQ {p['pq']:.4f} @ {p[key]:.4f}"
                                       for p in summary["static"] if key in p))
-    print(f"MLflow parent run {summary['run_id']}; plot runs/sweeps/{summary['name']}/pareto.png")
+    print(f"MLflow parent run {summary['run_id']}; plot {summary['plot']}")
     return 0
 
 

@@ -18,11 +18,9 @@ from eco_ray.derive.run import DeriveConfig, run_derive
 from eco_ray.derive.table import DerivedDataset, noise_floor, relative_costs
 from eco_ray.evaluate import evaluate_exits
 from eco_ray.gate.fit import GateConfig, fit_gate, gate_choice
-from eco_ray.gate.run import fit_and_evaluate, run_gate
+from eco_ray.gate.run import fit_and_evaluate
 from eco_ray.metrics.panoptic import PanopticStats, aggregate, image_stats
-from eco_ray.model.config import load_model_config
-from eco_ray.model.early_exit import EarlyExitMask2Former
-from eco_ray.model.io import load_gate, load_parent, save_parent
+from eco_ray.model.io import load_gate, load_parent
 from eco_ray.model.postprocess import to_panoptic
 from eco_ray.tradeoff import exit_labels
 

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from transformers import Mask2FormerForUniversalSegmentation
 
 from eco_ray.config import ConfigError
 from eco_ray.data import CocoPanopticDataset, collate_panoptic

@@ -12,7 +12,6 @@ dataset, its noise floor and plots to MLflow.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import tempfile
 import sys

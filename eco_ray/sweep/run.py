@@ -338,6 +338,7 @@ def run_sweep(cfg: SweepConfig | None = None, *, name: str | None = None, resume
     _log_missing(study, logger, cfg, sdir)
     summary = summarize(study, cfg, ds, sdir, name)
     summary.update({"run_id": info["run_id"], "tracking_uri": tracking_uri, "seconds": round(seconds, 2),
+                    "path": str(sdir), "plot": str(sdir / "pareto.png"),
                     "trials_run_now": max(remaining, 0), "interrupted_trials_closed": interrupted,
                     "trials_per_minute": (max(remaining, 0) / seconds * 60) if remaining > 0 and seconds > 0 else None})
     _log_front(client, info["run_id"], summary, sdir)
