@@ -198,3 +198,21 @@ def test_segmenter_autoscales_up_under_load_and_back(served):
         time.sleep(0.5)
     assert segmenter_replicas() == 1, "no downscale after the load stopped"
     assert statuses and all(s == 200 for s in statuses)
+
+
+def test_api_key_when_configured(served):
+    from ray import serve
+
+    doc = copy.deepcopy(served["doc"])
+    ingress = next(d for d in doc["applications"][0]["deployments"] if d["name"] == "Ingress")
+    ingress["user_config"]["api_key"] = "s3cret"
+    app, _ = build_app(doc, served["overrides"])
+    serve.run(app, name="eco-ray", route_prefix="/")
+    img = png_bytes(served["image"])
+    assert post(img).status_code == 401
+    r = httpx.post(f"{URL}/v1/segment", content=img, headers={"content-type": "image/png", "x-api-key": "wrong"})
+    assert r.status_code == 401 and r.json()["error"]
+    r = httpx.post(f"{URL}/v1/segment", content=img, headers={"content-type": "image/png", "x-api-key": "s3cret"},
+                   timeout=60)
+    assert r.status_code == 200
+    assert httpx.get(f"{URL}/healthz", timeout=30).status_code == 200  # liveness stays open

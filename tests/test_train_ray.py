@@ -92,15 +92,27 @@ def test_training_registers_a_parent_that_loads_and_predicts(ray_cluster, synth_
 
 
 def _train_worker_pids() -> list[int]:
-    """PIDs of the live Ray Train worker processes (Ray titles them ray::RayTrainWorker...)."""
+    """PIDs of the live Ray Train worker processes of THIS test's Ray cluster (Ray titles them
+    ray::RayTrainWorker...; the cluster's raylet, and so its workers, descend from this process, which
+    keeps another training on the same machine out)."""
     pids = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+            if proc.name.isdigit() and b"RayTrainWorker" in (proc / "cmdline").read_bytes() \
+                    and _descends_from(int(proc.name), os.getpid()):
                 pids.append(int(proc.name))
         except OSError:
             continue
     return pids
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state is the parent's pid
+    return False
 
 
 def _latest_checkpoint_step(storage: Path) -> int:
