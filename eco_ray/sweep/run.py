@@ -17,6 +17,7 @@ Robustness, by design:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -331,7 +332,8 @@ def run_sweep(cfg: SweepConfig | None = None, *, name: str | None = None, resume
                                       failure_config=tune.FailureConfig(max_failures=0)))
         print(f"[sweep] {name}: {remaining} trials to run, {cfg.concurrency} at a time, sampler {cfg.sampler}",
               file=sys.stderr, flush=True)
-        tuner.fit()
+        with contextlib.redirect_stdout(sys.stderr):  # Tune prints tables to stdout; keep stdout for --json
+            tuner.fit()
     seconds = time.perf_counter() - t0
     study = _study(cfg, name, ["maximize", "minimize"])
     _close_interrupted(study)
