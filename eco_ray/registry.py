@@ -70,19 +70,8 @@ def resolve_model_dir(uri: str, tracking_uri: str) -> Path:
     local directory holding the model files (downloaded from the artifact store when remote)."""
     if Path(uri).is_dir():
         return Path(uri)
-    client = MlflowClient(tracking_uri)
     if uri.startswith("models:/"):
-        rest = uri[len("models:/"):]
-        try:
-            if "@" in rest:
-                name, alias = rest.split("@", 1)
-                version = client.get_model_version_by_alias(name, alias)
-            else:
-                name, number = rest.rsplit("/", 1)
-                version = _model_version(client, name, number)
-        except (MlflowException, ValueError) as e:
-            raise RegistryError(f"cannot resolve {uri}: {str(e).splitlines()[0]}") from None
-        source = version.source
+        source = registry_version(uri, tracking_uri).source
     elif uri.startswith("runs:/"):
         source = uri
     else:
@@ -93,31 +82,31 @@ def resolve_model_dir(uri: str, tracking_uri: str) -> Path:
         raise RegistryError(f"cannot download {uri} ({source}): {str(e).splitlines()[0]}") from None
 
 
-def _model_version(client: MlflowClient, name: str, number: str):
-    """A version by number, or ``latest``: the highest version number."""
-    if number != "latest":
-        return client.get_model_version(name, number)
-    versions = client.search_model_versions(f"name = '{name}'")
-    if not versions:
-        raise ValueError(f"registered model {name!r} has no versions (or does not exist)")
-    return max(versions, key=lambda v: int(v.version))
+def registry_version(uri: str, tracking_uri: str):
+    """The ModelVersion a ``models:/name@alias``, ``models:/name/N`` or ``models:/name/latest`` URI points at
+    now (``latest``: the highest version number)."""
+    client = MlflowClient(tracking_uri)
+    rest = uri[len("models:/"):]
+    try:
+        if "@" in rest:
+            name, alias = rest.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, number = rest.rsplit("/", 1)
+        if number != "latest":
+            return client.get_model_version(name, number)
+        versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise ValueError(f"registered model {name!r} has no versions (or does not exist)")
+        return max(versions, key=lambda v: int(v.version))
+    except (MlflowException, ValueError) as e:
+        raise RegistryError(f"cannot resolve {uri}: {str(e).splitlines()[0]}") from None
 
 
 def describe_model_uri(uri: str, tracking_uri: str) -> dict:
     """What a model URI points at: ``{"uri", "name", "version", "run_id"}`` for registry URIs (the
     version an alias points at *now*), ``{"uri", "run_id"}`` for runs:/, ``{"uri"}`` for a directory."""
     if uri.startswith("models:/"):
-        client = MlflowClient(tracking_uri)
-        rest = uri[len("models:/"):]
-        try:
-            if "@" in rest:
-                name, alias = rest.split("@", 1)
-                v = client.get_model_version_by_alias(name, alias)
-            else:
-                name, number = rest.rsplit("/", 1)
-                v = _model_version(client, name, number)
-        except (MlflowException, ValueError) as e:
-            raise RegistryError(f"cannot resolve {uri}: {str(e).splitlines()[0]}") from None
+        v = registry_version(uri, tracking_uri)
         return {"uri": uri, "name": v.name, "version": str(v.version), "run_id": v.run_id}
     if uri.startswith("runs:/"):
         return {"uri": uri, "run_id": uri[len("runs:/"):].split("/", 1)[0]}
