@@ -108,12 +108,12 @@ def test_table_evaluation_equals_the_gated_model_run_end_to_end(env):
         # end to end: the gate decides per image on the parent's own gate input, rows leave the encoder there
         # (beta None: a fixed assignment that cycles through the exits, so rows surely leave at every depth)
         with torch.no_grad():
-            features = model.encoder_inputs(model.backbone_features(x)).gate_features
             if beta is None:
                 depth = torch.as_tensor([ds.exits[i % len(ds.exits)] for i in range(len(samples))])
-            else:
-                depth = gate.decide(features, beta, torch.as_tensor(rel, dtype=torch.float32))
-            out = model.forward_per_image(x, depth)
+                out = model.forward_per_image(x, depth)
+            else:  # serving's path: the gate decides on the parent's own gate input within one pass
+                out = model.forward_gated(x, lambda f: gate.decide(f, beta, torch.as_tensor(rel, dtype=torch.float32)))
+                depth = out.exit_per_image
         mixed += len(set(depth.tolist())) > 1
         preds = to_panoptic(out, val_data.categories, (model.config.image_size,) * 2, threshold=THRESHOLD)
         e2e = aggregate(PanopticStats.stack([image_stats(s.id_map, s.segments, *p, val_data.categories)

@@ -172,15 +172,23 @@ class EarlyExitMask2Former(nn.Module):
         return out
 
     def forward_per_image(self, pixel_values: Tensor, exit_per_image: Tensor | Sequence[int]) -> ExitOutput:
-        exit_per_image = torch.as_tensor(exit_per_image, dtype=torch.long, device=pixel_values.device)
+        return self.forward_gated(pixel_values, lambda _: exit_per_image)
+
+    def forward_gated(self, pixel_values: Tensor, decide) -> ExitOutput:
+        """``decide(gate_features) -> exit per image``, then each image leaves the encoder at its exit; the
+        backbone and the input projection run once for both (serving's hot path)."""
+        features = self.backbone_features(pixel_values)
+        inputs = self.encoder_inputs(features)
+        exit_per_image = torch.as_tensor(decide(inputs.gate_features), dtype=torch.long, device=pixel_values.device)
         if exit_per_image.shape != (pixel_values.shape[0],):
             raise ValueError(f"exit_per_image must have one entry per image ({pixel_values.shape[0]}), "
                              f"got shape {tuple(exit_per_image.shape)}")
         self._check_exits(exit_per_image.tolist())
-        features = self.backbone_features(pixel_values)
-        inputs = self.encoder_inputs(features)
-        batch = pixel_values.shape[0]
-        active = torch.arange(batch, device=pixel_values.device)  # rows still in the encoder
+        return self._per_image(features, inputs, exit_per_image)
+
+    def _per_image(self, features: list[Tensor], inputs: _EncoderInputs, exit_per_image: Tensor) -> ExitOutput:
+        batch = exit_per_image.shape[0]
+        active = torch.arange(batch, device=exit_per_image.device)  # rows still in the encoder
         hidden, sub = inputs.embeds, inputs
         cls_out: list[Tensor] | None = None
         mask_out: list[Tensor] | None = None

@@ -152,9 +152,8 @@ class Engine:
         t0 = time.perf_counter()
         size = self.parent.config.image_size
         x = pixel_values([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
-        feats = self.parent.encoder_inputs(self.parent.backbone_features(x)).gate_features
-        exits = self.choose_exits(feats, budgets)
-        out = self.parent.forward_per_image(x, exits)
+        out = self.parent.forward_gated(x, lambda feats: self.choose_exits(feats, budgets))
+        exits = out.exit_per_image.tolist()
         preds = to_panoptic(out, self.categories, (size, size), self.threshold, self.mask_threshold)
         batch_ms = (time.perf_counter() - t0) * 1e3
         gflops_of = dict(zip(self.exits, self.gflops))
