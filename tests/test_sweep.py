@@ -69,6 +69,43 @@ def test_space_file_is_checked_and_sampled(tmp_path):
             load_space(bad)
 
 
+def test_an_interrupted_sweep_resumes_to_exactly_n_trials(tiny_derived, tmp_path):
+    # first in the module, before the module's own Ray cluster exists: the sweep subprocess then starts
+    # its Ray on an otherwise idle machine (under load a second local cluster has timed out at startup)
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    cmd = [sys.executable, "-m", "eco_ray.cli", "sweep", "--derived", tiny_derived["manifest"]["path"],
+           "--space", str(ROOT / "search_spaces" / "default.yaml"), "--trials", "14", "--concurrency", "2",
+           "--name", "r1", "--run-dir", str(tmp_path), "--tracking-uri", tracking]
+    log = open(tmp_path / "sweep.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    trials_dir = tmp_path / "sweeps" / "r1" / "trials"
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(trials_dir.glob("*/result.json"))) < 4:
+        time.sleep(0.5)
+    assert proc.poll() is None, "the sweep ended before it could be interrupted: " + \
+        (tmp_path / "sweep.log").read_text()[-3000:]
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+    proc.wait()
+    log.close()
+    done_before = len(list(trials_dir.glob("*/result.json")))
+    assert 4 <= done_before < 14
+    code = main(["sweep", "--resume", "r1", "--run-dir", str(tmp_path), "--json"])
+    assert code == 0
+    study = optuna.load_study(study_name="eco-ray-r1",
+                              storage=json.loads((tmp_path / "sweeps" / "r1" / "sweep.json").read_text())["storage"])
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 14
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    info = json.loads((tmp_path / "sweeps" / "r1" / "sweep.json").read_text())
+    numbers = [int(r.data.tags["optuna_trial"]) for r in children(tracking, info["run_id"])
+               if r.info.status == "FINISHED"]
+    assert len(numbers) == len(set(numbers)) == 14  # every finished trial exactly once in MLflow
+    assert set(numbers) == {t.number for t in complete}
+    import ray
+
+    ray.shutdown()
+
+
 def test_sweep_logs_every_trial_once_and_finds_a_true_pareto_front(tiny_derived, tmp_path, ray_local):
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     s = run_sweep(sweep_cfg(tiny_derived, tmp_path, "trials=8", "concurrency=2", "max_gflops=1e9"),
@@ -146,38 +183,6 @@ def test_crashing_trials_are_failed_not_left_running(tiny_derived, tmp_path, ray
     study = optuna.load_study(study_name="eco-ray-f1", storage=s["storage"])
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.FAIL] * 2
     assert sorted(r.info.status for r in children(tracking, s["run_id"])) == ["FAILED", "FAILED"]
-
-
-def test_an_interrupted_sweep_resumes_to_exactly_n_trials(tiny_derived, tmp_path):
-    tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    cmd = [sys.executable, "-m", "eco_ray.cli", "sweep", "--derived", tiny_derived["manifest"]["path"],
-           "--space", str(ROOT / "search_spaces" / "default.yaml"), "--trials", "14", "--concurrency", "2",
-           "--name", "r1", "--run-dir", str(tmp_path), "--tracking-uri", tracking]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    trials_dir = tmp_path / "sweeps" / "r1" / "trials"
-    deadline = time.time() + 240
-    while time.time() < deadline and len(list(trials_dir.glob("*/result.json"))) < 4:
-        time.sleep(0.5)
-    assert proc.poll() is None, "the sweep finished before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
-    proc.wait()
-    done_before = len(list(trials_dir.glob("*/result.json")))
-    assert 4 <= done_before < 14
-    code = main(["sweep", "--resume", "r1", "--run-dir", str(tmp_path), "--json"])
-    assert code == 0
-    study = optuna.load_study(study_name="eco-ray-r1",
-                              storage=json.loads((tmp_path / "sweeps" / "r1" / "sweep.json").read_text())["storage"])
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert len(complete) == 14
-    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
-    info = json.loads((tmp_path / "sweeps" / "r1" / "sweep.json").read_text())
-    numbers = [int(r.data.tags["optuna_trial"]) for r in children(tracking, info["run_id"])
-               if r.info.status == "FINISHED"]
-    assert len(numbers) == len(set(numbers)) == 14  # every finished trial exactly once in MLflow
-    assert set(numbers) == {t.number for t in complete}
-    import ray
-
-    ray.shutdown()
 
 
 def test_choose_rules():
