@@ -89,7 +89,12 @@ def test_an_interrupted_sweep_resumes_to_exactly_n_trials(tiny_derived, tmp_path
     log.close()
     done_before = len(list(trials_dir.glob("*/result.json")))
     assert 4 <= done_before < 14
-    code = main(["sweep", "--resume", "r1", "--run-dir", str(tmp_path), "--json"])
+    import ray
+
+    try:
+        code = main(["sweep", "--resume", "r1", "--run-dir", str(tmp_path), "--json"])
+    finally:
+        ray.shutdown()  # the later tests start their own cluster
     assert code == 0
     study = optuna.load_study(study_name="eco-ray-r1",
                               storage=json.loads((tmp_path / "sweeps" / "r1" / "sweep.json").read_text())["storage"])
@@ -101,9 +106,6 @@ def test_an_interrupted_sweep_resumes_to_exactly_n_trials(tiny_derived, tmp_path
                if r.info.status == "FINISHED"]
     assert len(numbers) == len(set(numbers)) == 14  # every finished trial exactly once in MLflow
     assert set(numbers) == {t.number for t in complete}
-    import ray
-
-    ray.shutdown()
 
 
 def test_sweep_logs_every_trial_once_and_finds_a_true_pareto_front(tiny_derived, tmp_path, ray_local):

@@ -205,7 +205,14 @@ class _MlflowLogger:
 
         self.client, self.parent, self.experiment_id = MlflowClient(tracking_uri), parent_run_id, experiment_id
         self.sweep, self.sdir = sweep, sdir
-        self.logged = {int(r.data.tags["optuna_trial"]) for r in self._children() if "optuna_trial" in r.data.tags}
+        self.logged = set()
+        for r in self._children():
+            if "optuna_trial" not in r.data.tags:
+                continue
+            if r.info.status == "RUNNING":  # an interrupted driver died while logging it: log it again
+                self.client.set_terminated(r.info.run_id, status="KILLED")
+                continue
+            self.logged.add(int(r.data.tags["optuna_trial"]))
 
     def _children(self):
         return self.client.search_runs([self.experiment_id], f"tags.mlflow.parentRunId = '{self.parent}'",
