@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import sys
@@ -13,16 +14,13 @@ from pathlib import Path
 from eco_ray.config import ConfigError, load_config
 
 
-STAMP = "eco_ray_synth.json"  # written last: its presence means the dataset is complete
-
-
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=float))
 
 
 # ------------------------------------------------------------------------------------------------- data
 def cmd_data_synth(args) -> int:
-    from eco_ray.data.synth import SynthConfig, write_dataset
+    from eco_ray.data.synth import SynthConfig, ensure_dataset
 
     overrides = list(args.set)
     if args.size is not None:
@@ -30,29 +28,19 @@ def cmd_data_synth(args) -> int:
     if args.seed is not None:
         overrides.append(f"seed={args.seed}")
     cfg = load_config(SynthConfig, args.config, overrides)
-    out = Path(args.out)
-    request = {"config": asdict(cfg), "splits": {"train": args.train, "val": args.val}}
-    stamp = out / STAMP
-    if (out / "annotations").exists() and not args.overwrite:
-        if stamp.is_file() and json.loads(stamp.read_text()).get("request") == request:
-            print(f"{out} already holds this dataset (same settings): reusing it")
-            return 0
-        raise ConfigError(f"{out} already holds a different dataset; pass --overwrite to replace it")
-    if args.overwrite:
-        for sub in ("train", "val", "annotations"):
-            shutil.rmtree(out / sub, ignore_errors=True)
-        stamp.unlink(missing_ok=True)
 
     def progress(split, done, total):
         print(f"  {split}: {done}/{total} images", file=sys.stderr, flush=True)
 
-    summary = write_dataset(out, cfg, {"train": args.train, "val": args.val}, workers=args.workers, progress=progress)
-    summary["disk_bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
-    stamp.write_text(json.dumps({"request": request, "summary": summary}, indent=2))
+    summary, reused = ensure_dataset(args.out, cfg, {"train": args.train, "val": args.val}, overwrite=args.overwrite,
+                                     workers=args.workers, progress=progress)
+    if reused:
+        print(f"{args.out} already holds this dataset (same settings): reusing it")
+        return 0
     if args.json:
         _print_json(summary)
     else:
-        print(f"wrote {out} in {summary['seconds']} s ({summary['disk_bytes'] / 1e6:.1f} MB)")
+        print(f"wrote {args.out} in {summary['seconds']} s ({summary['disk_bytes'] / 1e6:.1f} MB)")
         for split, s in summary["splits"].items():
             print(f"  {split}: {s['images']} images; kinds {s['kinds']}; objects per image {s['objects_per_image']}")
     return 0
@@ -337,6 +325,35 @@ def cmd_serve(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------- pipeline
+def cmd_pipeline(args) -> int:
+    from eco_ray.config import to_yaml
+    from eco_ray.pipeline import Pipeline, format_summary, load_pipeline_config
+
+    cfg = load_pipeline_config(args.config, args.set)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    pipeline = Pipeline(cfg, tracking_uri=args.tracking_uri, address=args.address, from_stage=args.from_stage,
+                        keep_serving=args.keep_serving)
+    with contextlib.redirect_stdout(sys.stderr):  # Ray forwards worker logs to stdout; keep it for the summary
+        summary = pipeline.run()
+    if args.json:
+        _print_json(summary)
+    else:
+        print(format_summary(summary))
+    if args.keep_serving:
+        print(f"serving on {summary['serving']['url']} (POST /v1/segment, GET /v1/models); Ctrl-C stops", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            from ray import serve
+
+            serve.shutdown()
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -516,6 +533,29 @@ def build_parser() -> argparse.ArgumentParser:
                                            "the run directory)")
     mo.add_argument("--json", action="store_true")
     mo.set_defaults(func=cmd_models)
+
+    pl = sub.add_parser(
+        "pipeline", help="the main job: data -> train -> derive -> sweep -> select -> serve, stages reused",
+        description="Run every stage on this machine (a local Ray, MLflow on SQLite under --run-dir, Serve on "
+                    "localhost): generate the dataset, train the parent (Step A), derive the per-exit table (Step B), "
+                    "sweep gates with Ray Tune + Optuna (Step C), select the best gate under the budget and move its "
+                    "alias, start the Serve app and send it real requests, then print PQ and encoder GFLOPs of the "
+                    "static model vs. the selected ECO model. A stage whose inputs did not change since the last run "
+                    "is reused (state in <run_dir>/pipeline/<name>/state.json); a stopped training or sweep "
+                    "continues where it stopped.")
+    pl.add_argument("--config", help="YAML with PipelineConfig settings (eco_ray/pipeline.py); "
+                                     "see --print-config for every key and its default")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a setting, e.g. --set train.steps=2000 --set budget=max_gflops --set limit=0.05")
+    pl.add_argument("--from", dest="from_stage", choices=["data", "train", "derive", "sweep", "select", "serve"],
+                    help="rerun this stage and every later one even if their inputs did not change")
+    pl.add_argument("--keep-serving", action="store_true", help="keep the Serve app up after the summary")
+    pl.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    pl.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
+    pl.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite under "
+                                           "the run directory)")
+    pl.add_argument("--json", action="store_true", help="print the summary as JSON")
+    pl.set_defaults(func=cmd_pipeline)
 
     sv = sub.add_parser("serve", help="serve the selected gate + parent over HTTP with Ray Serve (local)",
                         description="Starts the Serve application of deploy/serve_config.yaml (autoscaling, limits, "

@@ -70,7 +70,8 @@ class SynthConfig:
     min_objects: int = 1
     max_objects: int = 8
     max_radius_fraction: float = 0.25  # object radius at clutter 0, as a fraction of the image size
-    min_radius_fraction: float = 0.09  # object radius at clutter 1
+    min_radius_fraction: float = 0.11  # object radius at clutter 1 (0.09 until 2026-11-25: circles and
+    # squares of 7 px radius were confused both ways)
     max_overlap: float = 0.45  # at clutter 1: most of a new object that may lie on earlier ones
     min_visible: float = 0.5  # every object keeps at least this fraction of its own pixels visible
     key_min_distance: float = 0.35  # relational: key marker to nearest gem, as a fraction of the size
@@ -199,7 +200,7 @@ def _draw_image(cfg: SynthConfig, rng: np.random.Generator):
     # things
     n_obj = int(round(cfg.min_objects + clutter * (cfg.max_objects - cfg.min_objects)))
     radius_hi = s * (cfg.max_radius_fraction - clutter * (cfg.max_radius_fraction - cfg.min_radius_fraction))
-    radius_lo = max(3.0, 0.6 * radius_hi)
+    radius_lo = max(3.0, 0.75 * radius_hi)
     max_overlap = cfg.max_overlap * clutter
     key = None
     if kind == "relational":
@@ -269,13 +270,10 @@ def _thing_fill(cfg: SynthConfig, canvas: _Canvas, kind: str, rng, under: np.nda
         params["a"], params["b"] = params["a"] + shift, params["b"] + shift
         params["phase"] = params["phase"] + math.pi / 2
         return _stuff_texture(canvas, stuff_names[k], rng, params)[0]
-    # clean: a colour far from what lies beneath, half of the time striped
+    # clean: one flat colour far from what lies beneath. (Half of them were striped until 2026-11-25: the
+    # parent then confused striped shapes with the stripes stuff and missed 40-65% of the things.)
     colour = _contrasting_colour(rng, under, 180.0)
-    fill = np.broadcast_to(colour, (canvas.size, canvas.size, 3)).copy()
-    if rng.uniform() < 0.5:
-        u, _ = canvas.rotated(cx, cy, rng.uniform(0, math.pi))
-        fill[np.sin(u / 2.0) > 0.3] = 0.6 * colour
-    return fill
+    return np.broadcast_to(colour, (canvas.size, canvas.size, 3)).copy()
 
 
 # ----------------------------------------------------------------------------------------------- dataset
@@ -316,6 +314,35 @@ def write_dataset(out: str | Path, cfg: SynthConfig, splits: dict[str, int], wor
         summary["splits"][split] = describe(images)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
+
+
+STAMP = "eco_ray_synth.json"  # written last: its presence means the dataset is complete
+
+
+def ensure_dataset(out: str | Path, cfg: SynthConfig, splits: dict[str, int], *, overwrite: bool = False,
+                   workers: int | None = None, progress=None) -> tuple[dict, bool]:
+    """Write the dataset unless ``out`` already holds one made with the same settings; -> (summary, reused).
+
+    A directory holding a different dataset is never overwritten silently."""
+    from eco_ray.config import ConfigError
+
+    out = Path(out)
+    request = {"config": asdict(cfg), "splits": dict(splits)}
+    stamp = out / STAMP
+    if (out / "annotations").exists() and not overwrite:
+        if stamp.is_file() and json.loads(stamp.read_text()).get("request") == request:
+            return json.loads(stamp.read_text())["summary"], True
+        raise ConfigError(f"{out} already holds a different dataset; pass --overwrite to replace it")
+    if overwrite:
+        import shutil
+
+        for sub in ("annotations", *splits):
+            shutil.rmtree(out / sub, ignore_errors=True)
+        stamp.unlink(missing_ok=True)
+    summary = write_dataset(out, cfg, splits, workers=workers, progress=progress)
+    summary["disk_bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    stamp.write_text(json.dumps({"request": request, "summary": summary}, indent=2))
+    return summary, False
 
 
 def describe(images: list[dict]) -> dict:
