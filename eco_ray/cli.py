@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from eco_ray.config import ConfigError, load_config
@@ -343,14 +341,25 @@ def cmd_pipeline(args) -> int:
     else:
         print(format_summary(summary))
     if args.keep_serving:
-        print(f"serving on {summary['serving']['url']} (POST /v1/segment, GET /v1/models); Ctrl-C stops", flush=True)
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            from ray import serve
+        from eco_ray.serve.run import serve_until_interrupted
 
-            serve.shutdown()
+        serve_until_interrupted(summary["serving"]["url"])
+    return 0
+
+
+def cmd_kuberay_render(args) -> int:
+    from eco_ray.kuberay import RAYSERVICE, render_rayservice
+
+    out = Path(args.rayservice or RAYSERVICE)
+    text = render_rayservice(args.serve_config, out)
+    if args.check:
+        if out.read_text() != text:
+            print(f"{out} is out of date with the Serve config: run `eco-ray kuberay render`", file=sys.stderr)
+            return 1
+        print(f"{out} matches the Serve config")
+        return 0
+    out.write_text(text)
+    print(f"rendered serveConfigV2 of {out} from {args.serve_config or 'deploy/serve_config.yaml'}")
     return 0
 
 
@@ -556,6 +565,16 @@ def build_parser() -> argparse.ArgumentParser:
                                            "the run directory)")
     pl.add_argument("--json", action="store_true", help="print the summary as JSON")
     pl.set_defaults(func=cmd_pipeline)
+
+    kr = sub.add_parser("kuberay", help="KubeRay manifests (deploy/kuberay)")
+    krsub = kr.add_subparsers(dest="kuberay_command", required=True)
+    rr = krsub.add_parser("render", help="write the RayService's serveConfigV2 from the Serve config",
+                          description="Render spec.serveConfigV2 of deploy/kuberay/rayservice.yaml from "
+                                      "deploy/serve_config.yaml (http_options.host becomes 0.0.0.0).")
+    rr.add_argument("--serve-config", help="Serve config YAML (default deploy/serve_config.yaml)")
+    rr.add_argument("--rayservice", help="RayService manifest to update (default deploy/kuberay/rayservice.yaml)")
+    rr.add_argument("--check", action="store_true", help="only check that the manifest is up to date (exit 1 if not)")
+    rr.set_defaults(func=cmd_kuberay_render)
 
     sv = sub.add_parser("serve", help="serve the selected gate + parent over HTTP with Ray Serve (local)",
                         description="Starts the Serve application of deploy/serve_config.yaml (autoscaling, limits, "

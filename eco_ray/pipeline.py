@@ -47,7 +47,7 @@ class PipelineConfig:
     limit: float = 0.7
     registered_gate: str = "eco-gate"
     alias: str = "production"
-    # serve: start the app, send `requests` validation images, stop (or keep serving)
+    # serve: start the app, send `requests` validation images, stop (or keep serving); 0 skips the check
     serve_config: str | None = None  # default deploy/serve_config.yaml
     host: str = "127.0.0.1"
     port: int = 8000
@@ -262,7 +262,7 @@ class Pipeline:
 
         ds = CocoPanopticDataset.from_root(self.data_root, "val")
         replies = []
-        for i in range(min(self.cfg.requests, len(ds))):
+        for i in range(min(max(self.cfg.requests, 1), len(ds))):
             body = (ds.paths.images / ds.image_meta(i)["file_name"]).read_bytes()
             replies.append(_post(f"{url}/v1/segment?mask_format=rle", body))
         full = _post(f"{url}/v1/segment?exit={train_exits(train)[-1]}&mask_format=rle",
@@ -279,6 +279,13 @@ class Pipeline:
             ray.shutdown()
         return out
 
+
+def _shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
     # -------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
         t0 = time.perf_counter()
@@ -287,8 +294,13 @@ class Pipeline:
         derived = self.derive(train)
         sweep = self.sweep(derived)
         selected = self.select(derived, sweep)
-        self.log("[pipeline] serve: starting the Serve app and sending requests")
-        served = self.serve(train, selected)
+        if self.cfg.requests > 0 or self.keep_serving:
+            self.log("[pipeline] serve: starting the Serve app and sending requests")
+            served = self.serve(train, selected)
+        else:
+            self.log("[pipeline] serve: skipped (requests=0)")
+            served = None
+            _shutdown_ray()
         summary = summarize(self, data, train, derived, sweep, selected, served, time.perf_counter() - t0)
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         return summary
@@ -378,9 +390,9 @@ def format_summary(s: dict) -> str:
         f"parent: {s['parent']['model_uri']} ({s['parent']['steps']} steps, {s['parent']['train_seconds'] / 60:.1f} min)",
         f"MLflow: {s['mlflow']['tracking_uri']}   UI: {s['mlflow']['ui']}",
         f"sweep {s['sweep']['name']}: Pareto front of {s['sweep']['front']} points, plot {s['sweep']['plot']}",
-        f"serving: {s['serving']['url']} answered {s['serving']['requests']} requests; exits used "
-        f"{s['serving']['exits_used']}, mean {s['serving']['encoder_gflops_mean']:.4f} encoder GFLOPs, "
-        f"{s['serving']['latency_ms_mean']:.0f} ms",
+        (f"serving: {s['serving']['url']} answered {s['serving']['requests']} requests; exits used "
+         f"{s['serving']['exits_used']}, mean {s['serving']['encoder_gflops_mean']:.4f} encoder GFLOPs, "
+         f"{s['serving']['latency_ms_mean']:.0f} ms") if s["serving"] else "serving: not checked (requests=0)",
         f"state: {s['state']}",
     ]
     return "\n".join(lines)

@@ -164,6 +164,13 @@ def test_fit_and_evaluate_reports_the_baselines(env):
     # with beta 0 the oracle is at least as good as every static exit on per-image quality
     clf = fit_and_evaluate(ds, GateConfig(kind="classify", epochs=30), betas=[0.05, 0.5])
     assert len(clf["gates"]) == 2
+    # the dataset-PQ contribution as label source: same baselines, a gate of the same shape
+    dpq = fit_and_evaluate(ds, GateConfig(kind="classify", epochs=30, quality="dpq"), betas=[0.05])
+    assert dpq["static"] == clf["static"] and len(dpq["gates"]) == 1
+    train = ds.split("train")
+    assert train.quality_of("dpq").shape == train.quality.shape
+    assert train.quality_of("dpq")[:, -1].mean() == pytest.approx(
+        np.mean([aggregate(train.stats[:, v, -1], ds.categories).pq for v in range(len(train.views))]))
 
 
 def test_gate_cli_json_and_mlflow(env, capsys):
@@ -193,3 +200,5 @@ def test_gate_bad_input_is_a_clear_error(env, tmp_path, capsys):
     assert "beta" in capsys.readouterr().err
     assert main(["gate", "--derived", env["manifest"]["path"], "--set", "epochs=0"]) == 2
     assert "epochs" in capsys.readouterr().err
+    assert main(["gate", "--derived", env["manifest"]["path"], "--set", "quality=iou"]) == 2
+    assert "quality" in capsys.readouterr().err

@@ -220,3 +220,49 @@ def test_void_prediction_follows_coco_not_torchmetrics():
     pred[0, 0:4] = 5  # ... and 4 as class a: IoU 4 / (4 + 10 - 4) = 0.4 -> no match
     st = image_stats(gt, [seg(9, 3), seg(1, 1)], pred, [seg(8, 3), seg(5, 1)], CATS)
     assert st.tp[A] == 0 and st.fn[A] == 1 and st.fp[A] == 1
+
+
+def _random_exit_stats(rng, n=60, exits=5, cats=4):
+    tp = rng.integers(0, 3, (n, exits, cats))
+    z = np.zeros_like(tp)
+    return PanopticStats(iou_sum=tp * rng.uniform(0.5, 1.0, tp.shape), tp=tp, fp=rng.integers(0, 2, tp.shape),
+                         fn=rng.integers(0, 2, tp.shape), sem_inter=z, sem_union=z)
+
+
+def test_pq_contributions_average_to_the_dataset_pq_at_the_reference_exit():
+    from eco_ray.metrics.panoptic import pq_contributions
+
+    stats = _random_exit_stats(np.random.default_rng(1))
+    q = pq_contributions(stats)
+    assert q.shape == (60, 5)
+    assert q[:, -1].mean() == pytest.approx(aggregate(stats[:, -1], CATS).pq, abs=1e-12)
+    # other static exits: the first-order approximation of their dataset PQ
+    for e in range(4):
+        assert q[:, e].mean() == pytest.approx(aggregate(stats[:, e], CATS).pq, abs=0.01)
+
+
+def test_pq_contributions_rank_a_single_image_change_like_the_dataset_pq():
+    """Moving one image to the exit with the largest contribution raises the dataset PQ the most."""
+    from eco_ray.metrics.panoptic import pq_contributions
+
+    rng = np.random.default_rng(2)
+    stats = _random_exit_stats(rng, n=200)
+    q = pq_contributions(stats)
+    for i in rng.choice(200, 10, replace=False):
+        gains = []
+        for e in range(5):
+            choice = np.full(200, 4)
+            choice[i] = e
+            gains.append(aggregate(stats[np.arange(200), choice], CATS).pq)
+        assert int(np.argmax(gains)) == int(np.argmax(q[i])) or max(gains) - gains[int(np.argmax(q[i]))] < 1e-4
+
+
+def test_pq_contributions_keep_other_leading_axes_apart():
+    from eco_ray.metrics.panoptic import pq_contributions
+
+    rng = np.random.default_rng(3)
+    a, b = _random_exit_stats(rng), _random_exit_stats(rng)
+    both = PanopticStats(**{k: np.stack([getattr(a, k), getattr(b, k)], axis=1) for k in a.as_dict()})  # (N, V, E, C)
+    q = pq_contributions(both)
+    np.testing.assert_allclose(q[:, 0], pq_contributions(a))
+    np.testing.assert_allclose(q[:, 1], pq_contributions(b))

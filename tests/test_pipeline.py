@@ -52,8 +52,9 @@ def test_pipeline_runs_end_to_end_then_reuses_every_stage(tmp_path):
     assert s["serving"]["full_depth_check"]["exit"] == exits[-1]
     assert _registered_versions(run_dir, "eco-parent") == ["1"] and _registered_versions(run_dir, "eco-gate") == ["1"]
 
-    again = _pipeline(run_dir)
+    again = _pipeline(run_dir, "--set", "requests=0")  # no serving check: nothing left to run
     assert again.returncode == 0, again.stderr[-4000:]
+    assert "[pipeline] serve: skipped" in again.stderr
     for stage in ("data", "train", "derive", "sweep", "select"):
         assert f"[pipeline] {stage}: reused" in again.stderr
     s2 = json.loads(again.stdout)
@@ -61,7 +62,7 @@ def test_pipeline_runs_end_to_end_then_reuses_every_stage(tmp_path):
     assert _registered_versions(run_dir, "eco-parent") == ["1"] and _registered_versions(run_dir, "eco-gate") == ["1"]
     assert len(list((run_dir / "train").iterdir())) == 1
 
-    forced = _pipeline(run_dir, "--from", "select")
+    forced = _pipeline(run_dir, "--from", "select", "--set", "requests=0")
     assert forced.returncode == 0, forced.stderr[-4000:]
     assert "[pipeline] sweep: reused" in forced.stderr and "[pipeline] select: running" in forced.stderr
     assert _registered_versions(run_dir, "eco-gate") == ["1", "2"]

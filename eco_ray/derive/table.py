@@ -34,12 +34,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from eco_ray.errors import EcoRayError
-from eco_ray.metrics.panoptic import CategorySet, PanopticStats, per_image_pq
+from eco_ray.metrics.panoptic import CategorySet, PanopticStats, per_image_pq, pq_contributions
 from eco_ray.metrics.table import stats_from_arrow, stats_to_arrow
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 VIEWS = ("plain", "flip")
+QUALITY_MEASURES = ("pq", "dpq")
 COST_MEASURES = ("gflops", "latency", "layers")
 
 
@@ -73,8 +74,18 @@ class DerivedSplit:
 
     @property
     def quality(self) -> np.ndarray:
-        """(N, E) per-image PQ averaged over the views: the label source."""
+        """(N, E) per-image PQ averaged over the views: the paper's label source."""
         return self.quality_per_view.mean(axis=1)
+
+    def quality_of(self, measure: str = "pq") -> np.ndarray:
+        """(N, E) label source: ``pq`` per-image PQ, or ``dpq`` each image's linearised contribution to the
+        dataset PQ (eco_ray.metrics.panoptic.pq_contributions, per view around the deepest exit); both
+        averaged over the views."""
+        if measure == "pq":
+            return self.quality
+        if measure == "dpq":
+            return pq_contributions(self.stats).mean(axis=1)
+        raise ValueError(f"quality must be one of {QUALITY_MEASURES}, got {measure!r}")
 
     def subset(self, mask: np.ndarray) -> DerivedSplit:
         return DerivedSplit(self.split, self.image_ids[mask], self.exits, self.views, self.stats[mask],

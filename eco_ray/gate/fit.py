@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from eco_ray.derive.table import QUALITY_MEASURES
 from eco_ray.model.gates import GATE_KINDS, BudgetGate, ExitClassifierGate
 from eco_ray.tradeoff import exit_labels
 
@@ -27,6 +28,7 @@ class GateConfig:
     kind: str = "classify"  # classify (one beta) | budget (any beta)
     beta: float = 0.05  # trade-off, in units of the deepest exit's cost (classify: trained for it)
     cost: str = "gflops"  # gflops (encoder GFLOPs) | latency (ms, batch 1, this machine) | layers
+    quality: str = "pq"  # label source: pq (per-image PQ, the paper) | dpq (contribution to the dataset PQ)
     lr: float = 0.01
     weight_decay: float = 1e-4
     epochs: int = 300  # full-batch optimiser steps
@@ -37,6 +39,8 @@ class GateConfig:
     def validate(self) -> None:
         if self.kind not in GATE_KINDS:
             raise ValueError(f"kind must be one of {GATE_KINDS}, got {self.kind!r}")
+        if self.quality not in QUALITY_MEASURES:
+            raise ValueError(f"quality must be one of {QUALITY_MEASURES}, got {self.quality!r}")
         if self.cost not in COSTS:
             raise ValueError(f"cost must be one of {COSTS}, got {self.cost!r}")
         if not np.isfinite(self.beta) or self.beta < 0:

@@ -48,7 +48,7 @@ def fit_and_evaluate(ds: DerivedDataset, cfg: GateConfig, betas: list[float] | N
     gates, fit_seconds = {}, 0.0
     for beta in betas if cfg.kind == "classify" else betas[:1]:
         t = time.perf_counter()
-        gates[beta] = fit_gate(train.gate_features, train.quality, rel, ds.exits, replace(cfg, beta=beta))
+        gates[beta] = fit_gate(train.gate_features, train.quality_of(cfg.quality), rel, ds.exits, replace(cfg, beta=beta))
         fit_seconds += time.perf_counter() - t
     t = time.perf_counter()
     points = []

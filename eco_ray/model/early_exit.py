@@ -187,28 +187,24 @@ class EarlyExitMask2Former(nn.Module):
         return self._per_image(features, inputs, exit_per_image)
 
     def _per_image(self, features: list[Tensor], inputs: _EncoderInputs, exit_per_image: Tensor) -> ExitOutput:
-        batch = exit_per_image.shape[0]
-        active = torch.arange(batch, device=exit_per_image.device)  # rows still in the encoder
+        """Rows leave the encoder at their own depth (the batch shrinks as they do); the encoder state each
+        row left with is kept, and the heads (FPN + decoder, which do not depend on depth) then run ONCE on the
+        whole batch: a mixed batch costs one decoder call, like a full-depth batch, not one per exit."""
+        active = torch.arange(exit_per_image.shape[0], device=exit_per_image.device)  # rows still in the encoder
         hidden, sub = inputs.embeds, inputs
-        cls_out: list[Tensor] | None = None
-        mask_out: list[Tensor] | None = None
+        final = torch.empty_like(inputs.embeds)
         for depth in range(1, int(exit_per_image.max()) + 1):
             hidden = self.encoder_layer(depth - 1, hidden, sub)
             leaving = exit_per_image[active] == depth
             if not leaving.any():
                 continue
-            rows = active[leaving]
-            cls, masks = self.heads([f[rows] for f in features], hidden[leaving], sub.spatial_shapes)
-            if cls_out is None:
-                cls_out = [c.new_empty((batch, *c.shape[1:])) for c in cls]
-                mask_out = [m.new_empty((batch, *m.shape[1:])) for m in masks]
-            for buf, part in zip(cls_out + mask_out, cls + masks):
-                buf[rows] = part
+            final[active[leaving]] = hidden[leaving]
             keep = ~leaving
             active, hidden, sub = active[keep], hidden[keep], sub.rows(keep)
             if active.numel() == 0:
                 break
-        return ExitOutput(cls_out, mask_out, inputs.gate_features, exit_per_image)
+        cls, masks = self.heads(features, final, inputs.spatial_shapes)
+        return ExitOutput(cls, masks, inputs.gate_features, exit_per_image)
 
     # ---------------------------------------------------------------------------------------------- loss
     def loss(self, output: ExitOutput, mask_labels: list[Tensor], class_labels: list[Tensor]) -> Tensor:

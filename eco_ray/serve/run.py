@@ -60,12 +60,19 @@ def start(config: str | None, *, parent_uri: str | None, gate_uri: str | None, t
     serve.run(app, name=doc["applications"][0].get("name", "eco-ray"), route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
     if blocking:
-        print(f"eco-ray serving on {url}  (POST {url}/v1/segment, GET {url}/v1/models); Ctrl-C stops", flush=True)
-        try:
-            import time
-
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            serve.shutdown()
+        serve_until_interrupted(url)
     return url
+
+
+def serve_until_interrupted(url: str) -> None:
+    """Keep the (already running) app up until Ctrl-C, then shut Serve down."""
+    import time
+
+    from ray import serve
+
+    print(f"eco-ray serving on {url}  (POST {url}/v1/segment, GET {url}/v1/models); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()

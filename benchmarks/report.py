@@ -1,0 +1,273 @@
+"""The benchmark report: every benchmark of the project, run now on this machine, in one Markdown + JSON report.
+
+    python benchmarks/report.py [--pipeline default] [--run-dir runs] [--out benchmarks/results] [--quick]
+
+It reads what `eco-ray pipeline` produced (the parent, the derived table, the selected gate: see
+<run_dir>/pipeline/<name>/state.json) and runs, one after the other on this machine:
+  1. the per-exit cost table (GFLOPs counted, latency measured) - from the derived table's manifest;
+  2. the trade-off on the validation split, exact from the derived statistics: static depth at every exit,
+     the classification gate and the budget-conditioned gate at the same betas, the oracle, and the
+     selected ECO model;
+  3. the derive ratio and the beta-change ratio (benchmarks/derive_gate.py);
+  4. sweep throughput, TPE (benchmarks/sweep.py);
+  5. serving throughput and latency, gated vs. full depth, same replicas (benchmarks/serve_load.py).
+Writes <out>/report.json, <out>/report.md and the plots beside them. Every figure comes from this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BETAS = (0.02, 0.1, 0.3)
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = None
+    try:
+        mem = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    return {"host": platform.node(), "cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem,
+            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def run_json(args: list[str], timeout: float) -> dict:
+    """A benchmark script's --json output (its progress goes to our stderr)."""
+    t0 = time.perf_counter()
+    r = subprocess.run([sys.executable, *args, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{r.stderr[-3000:]}")
+    out = json.loads(r.stdout)
+    print(f"[report] {args[0]}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+    return out
+
+
+def tradeoff(derived: str, selected: dict) -> tuple[list[dict], dict]:
+    from eco_ray.derive.table import DerivedDataset
+    from eco_ray.gate.fit import GateConfig
+    from eco_ray.gate.run import fit_and_evaluate
+
+    ds = DerivedDataset.open(derived)
+    keys = ("pq", "pq_things", "pq_stuff", "miou", "encoder_gflops_mean", "encoder_gflops_p95", "latency_ms_mean",
+            "exit_histogram")
+    pick = lambda r: {k: r[k] for k in keys if k in r}  # noqa: E731
+    classify = fit_and_evaluate(ds, GateConfig(kind="classify"), list(BETAS))
+    budget = fit_and_evaluate(ds, GateConfig(kind="budget"), list(BETAS))
+    points = [{"method": "static", "exit": r["exit"], **pick(r)} for r in classify["static"]]
+    for method, result in (("gate", classify), ("budget_gate", budget)):
+        points += [{"method": method, "beta": p["beta"], **pick(p["gate"])} for p in result["points"]]
+    points += [{"method": "oracle", "beta": p["beta"], **pick(p["oracle"])} for p in classify["points"]]
+    chosen = selected["chosen"]
+    eco = {"method": "selected", "model_uri": selected["model_uri"], "params": chosen.get("params"),
+           **{k: chosen[k] for k in ("pq", "pq_things", "pq_stuff", "encoder_gflops_mean", "latency_ms_mean")
+              if k in chosen}}
+    timings = {"classify_fit_s": classify["fit_seconds"], "budget_fit_s": budget["fit_seconds"]}
+    return points + [eco], timings
+
+
+def plot_tradeoff(points: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    style = {"static": ("o-", "0.3"), "oracle": ("--", "tab:green"), "gate": ("s:", "tab:blue"),
+             "budget_gate": ("^:", "tab:orange"), "selected": ("*", "tab:red")}
+    for method, (fmt, colour) in style.items():
+        pts = sorted((p for p in points if p["method"] == method), key=lambda p: p["encoder_gflops_mean"])
+        if not pts:
+            continue
+        ax.plot([p["encoder_gflops_mean"] for p in pts], [p["pq"] for p in pts], fmt, color=colour,
+                ms=12 if method == "selected" else 6, label={"static": "static depth", "gate": "classify gate",
+                                                               "budget_gate": "budget gate", "oracle": "oracle",
+                                                               "selected": "selected ECO model"}[method])
+        for p in pts:
+            label = f"exit {p['exit']}" if "exit" in p else (f"β={p['beta']:g}" if "beta" in p else "")
+            ax.annotate(label, (p["encoder_gflops_mean"], p["pq"]), textcoords="offset points", xytext=(3, -10),
+                        fontsize=6, color=colour)
+    ax.set_xlabel("mean encoder GFLOPs per image (validation)")
+    ax.set_ylabel("PQ (validation, dataset level)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def plot_serving(serving: dict, path: Path, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = list(serving)
+    fig, axes = plt.subplots(1, 3, figsize=(8, 3))
+    for ax, key, label in zip(axes, ("rps", "p50_ms", "p99_ms"), ("requests/s", "p50 latency (ms)", "p99 latency (ms)")):
+        ax.bar(modes, [serving[m][key] for m in modes], color=["tab:blue", "0.5", "tab:cyan"][:len(modes)])
+        ax.set_title(label, fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    lines = [
+        "# eco-ray benchmark report", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']} "
+        f"({m['torch_threads']} threads), GPU: {m['gpu'] or 'none'}; host {m['host']}; {m['date_utc']}.",
+        f"Config: pipeline `{r['config']['pipeline']}`, parent {r['config']['parent']}, derived table "
+        f"`{r['config']['derived_key']}` ({r['config']['train_images']} train / {r['config']['val_images']} val images), "
+        f"selected gate {r['config']['selected_gate']}. Every figure below was measured in this one run on this "
+        "machine, except where it says it was read from the pipeline's run.", "",
+        "## Per-exit cost (batch 1; GFLOPs counted as fvcore would: linear/conv/matmul)", "",
+        "| exit | encoder GFLOPs | total GFLOPs | latency ms |", "|---|---|---|---|",
+    ]
+    for c in r["exit_costs"]["exits"]:
+        lines.append(f"| {c['exit']} | {c['encoder_gflops']:.4f} | {c.get('total_gflops', float('nan')):.4f} | "
+                     f"{c.get('latency_ms', float('nan')):.2f} |")
+    lines += ["", "## Trade-off on the validation split (exact, from the derived statistics)", "",
+              "| method | exit / beta | PQ | things | stuff | mean enc. GFLOPs | exits |", "|---|---|---|---|---|---|---|"]
+    for p in r["tradeoff"]:
+        at = p.get("exit", p.get("beta", ""))
+        lines.append(f"| {p['method']} | {at} | {p['pq']:.4f} | {p.get('pq_things', float('nan')):.4f} | "
+                     f"{p.get('pq_stuff', float('nan')):.4f} | {p['encoder_gflops_mean']:.4f} | "
+                     f"{p.get('exit_histogram', '')} |")
+    s = r["selected_vs_static"]
+    lines += ["", f"![trade-off]({r['plots']['tradeoff']})", "",
+              f"**Selected ECO model vs. the static (full-depth) model:** encoder GFLOPs saved "
+              f"{s['encoder_gflops_saved']:.1%}, PQ lost {s['pq_lost']:+.4f} "
+              f"(static exit {s['static_exit']}: PQ {s['static_pq']:.4f} at {s['static_gflops']:.4f} GFLOPs; selected: "
+              f"PQ {s['eco_pq']:.4f} at {s['eco_gflops']:.4f}). The static exit with no more compute than the "
+              f"selected model (exit {s['static_same_compute']['exit']}) has PQ {s['static_same_compute']['pq']:.4f}: "
+              f"the gate {'beats' if s['eco_pq'] > s['static_same_compute']['pq'] else 'does not beat'} static depth "
+              "at equal compute.", "",
+              f"Shallowest sufficient exit per validation image (within "
+              f"{r['sufficient_tolerance']} per-image PQ of the deepest exit): {r['sufficient_exit_histogram']}; "
+              f"label noise (plain vs. flipped image, same exit): {r['noise_floor']}.", "",
+              "## Step B and C costs", "",
+              f"- derive ratio (all exits from one multi-exit pass vs. one forward per exit, per image): "
+              f"**{r['derive_ratio']:.3f}** ({r['derive']['one_pass_ms_per_image']:.1f} vs "
+              f"{r['derive']['separate_ms_per_image']:.1f} ms/image)",
+              f"- beta-change ratio (one parent pass over the training split / a gate fit + exact evaluation): "
+              f"**{r['beta_change_ratio']:.0f}x**",
+              f"- sweep throughput (TPE, concurrency {r['sweep']['concurrency']}): "
+              f"**{r['sweep_trials_per_minute']:.1f} trials/min**", "",
+              "## Serving (Ray Serve on loopback, same replicas, gated vs. forced full depth)", "",
+              "| mode | req/s | p50 ms | p99 ms | mean enc. GFLOPs |", "|---|---|---|---|---|"]
+    for mode, v in r["serving"].items():
+        lines.append(f"| {mode} | {v['rps']:.1f} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | "
+                     f"{v.get('encoder_gflops_mean', float('nan')):.4f} |")
+    sv = r["serving_setup"]
+    lines += ["", f"{sv['replicas']} Segmenter replica(s), {sv['clients']} concurrent clients, {sv['seconds_per_mode']} s "
+              f"per mode on {sv['images']} validation images; throughput ratio gated / full depth "
+              f"{sv['rps_ratio_gated_vs_full']:.3f}.", "", f"![serving]({r['plots']['serving']})", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--pipeline", default="default", help="pipeline name whose outputs to benchmark (default default)")
+    p.add_argument("--run-dir", default="runs")
+    p.add_argument("--out", default="benchmarks/results", help="where report.json/.md and plots go")
+    p.add_argument("--serve-seconds", type=float, default=20, help="load per serving mode (default 20 s)")
+    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--sweep-trials", type=int, default=40)
+    args = p.parse_args()
+
+    state_path = Path(args.run_dir) / "pipeline" / args.pipeline / "state.json"
+    if not state_path.is_file():
+        sys.exit(f"no pipeline state at {state_path}: run `eco-ray pipeline` first")
+    state = {k: v["output"] for k, v in json.loads(state_path.read_text()).items()}
+    for stage in ("train", "derive", "select"):
+        if stage not in state:
+            sys.exit(f"the pipeline has not finished its {stage} stage ({state_path})")
+    derived, train, selected = state["derive"], state["train"], state["select"]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    from eco_ray.derive.table import DerivedDataset
+    from eco_ray.registry import default_tracking_uri
+
+    tracking = default_tracking_uri(args.run_dir)
+    manifest = DerivedDataset.open(derived["path"]).manifest
+    t0 = time.perf_counter()
+    points, fit_timings = tradeoff(derived["path"], selected)
+    dg = run_json(["benchmarks/derive_gate.py", "--derived", derived["path"], "--tracking-uri", tracking], 1800)
+    sw = run_json(["benchmarks/sweep.py", "--derived", derived["path"], "--samplers", "tpe", "--trials",
+                   str(args.sweep_trials)], 1800)
+    sl = run_json(["benchmarks/serve_load.py", "--parent", train["model_uri"], "--gate", selected["model_uri"],
+                   "--data-root", manifest["data"]["root"], "--tracking-uri", tracking, "--seconds",
+                   str(args.serve_seconds), "--clients", str(args.clients)], 1800)
+
+    static = [p for p in points if p["method"] == "static"]
+    full, eco = static[-1], points[-1]
+    same = [p for p in static if p["encoder_gflops_mean"] <= eco["encoder_gflops_mean"] + 1e-12]
+    val = manifest["splits"]["val"]
+    report = {
+        "machine": machine(),
+        "config": {"pipeline": args.pipeline, "parent": train["model_uri"], "parent_steps": train["steps"],
+                   "parent_train_seconds": train["seconds"], "derived_key": manifest["key"],
+                   "derived_config": manifest["config"], "views": manifest["views"],
+                   "train_images": manifest["splits"].get("train", {}).get("images"), "val_images": val["images"],
+                   "selected_gate": selected["model_uri"], "selection": {k: selected[k] for k in ("budget", "why")},
+                   "betas": list(BETAS)},
+        "exit_costs": manifest["costs"],
+        "tradeoff": points,
+        "selected_vs_static": {
+            "static_exit": full["exit"], "static_pq": full["pq"], "static_gflops": full["encoder_gflops_mean"],
+            "eco_pq": eco["pq"], "eco_gflops": eco["encoder_gflops_mean"],
+            "encoder_gflops_saved": 1 - eco["encoder_gflops_mean"] / full["encoder_gflops_mean"],
+            "pq_lost": full["pq"] - eco["pq"],
+            "static_same_compute": {k: same[-1][k] for k in ("exit", "pq", "encoder_gflops_mean")} if same else None},
+        "sufficient_exit_histogram": val["sufficient_exit_histogram"],
+        "sufficient_tolerance": manifest["config"]["sufficient_tolerance"],
+        "noise_floor": val["noise_floor"],
+        "derive": dg["derive"], "derive_ratio": dg["derive"]["time_ratio"],
+        "beta_change": dg["beta_change"], "beta_change_ratio": dg["beta_change"]["ratio"],
+        "gate_fit_seconds": fit_timings,
+        "sweep": {"trials": sw["samplers"]["tpe"]["trials"], "concurrency": sw["concurrency"],
+                  "hypervolume": sw["samplers"]["tpe"]["hypervolume"], "static_hypervolume": sw["static_hypervolume"]},
+        "sweep_trials_per_minute": sw["samplers"]["tpe"]["trials_per_minute"],
+        "serving": {"gated": sl["results"]["gated"], "full_depth": sl["results"]["full_depth"],
+                    "gated_again": sl["results"]["gated_again"]},
+        "serving_setup": {k: sl[k] for k in ("replicas", "clients", "seconds_per_mode", "images", "parent", "gate",
+                                             "rps_ratio_gated_vs_full")},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    title = f"{report['machine']['cpu']} x{report['machine']['cores']}; parent {train['model_uri']}"
+    report["plots"] = {"tradeoff": plot_tradeoff(points, out / "report_tradeoff.png", title).name,
+                       "serving": plot_serving(report["serving"], out / "report_serving.png", title).name}
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    (out / "report.md").write_text(markdown(report))
+    print(f"wrote {out / 'report.md'} and {out / 'report.json'} in {report['seconds']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The KubeRay manifests: structure, agreement with the local configs, and the cluster pipeline config."""
+
+import importlib
+import re
+from pathlib import Path
+
+import yaml
+
+from eco_ray.kuberay import RAYSERVICE, cluster_serve_config, render_rayservice
+from eco_ray.serve.run import load_serve_config
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+IMAGE_ROOT = "/home/ray/eco-ray/"  # where deploy/Dockerfile puts the repository
+
+
+def _ray_base_version() -> str:
+    m = re.search(r"^FROM rayproject/ray:(\d+\.\d+\.\d+)-py311", (DEPLOY / "Dockerfile").read_text(), re.M)
+    assert m, "deploy/Dockerfile must build on a rayproject/ray:<version>-py311 image"
+    return m.group(1)
+
+
+def _pod_specs(cluster: dict) -> list[dict]:
+    return [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+
+
+def _check_cluster(cluster: dict) -> None:
+    assert cluster["rayVersion"] == _ray_base_version()
+    for spec in _pod_specs(cluster):
+        for c in spec["containers"]:
+            assert c["image"].endswith("/eco-ray:latest") and c["resources"]["limits"]["cpu"]
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert env["MLFLOW_TRACKING_URI"]["value"].startswith("http://")
+    for g in cluster["workerGroupSpecs"]:
+        assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+
+
+def test_rayservice_serve_config_is_the_local_one_rendered():
+    manifest = yaml.safe_load(RAYSERVICE.read_text())
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayService"
+    embedded = yaml.safe_load(manifest["spec"]["serveConfigV2"])
+    local = load_serve_config()
+    assert embedded == cluster_serve_config(local)
+    assert embedded["http_options"]["host"] == "0.0.0.0" and local["http_options"]["host"] == "127.0.0.1"
+    assert RAYSERVICE.read_text() == render_rayservice(), "run `eco-ray kuberay render`"
+    app = embedded["applications"][0]
+    module, attr = app["import_path"].split(":")
+    assert callable(getattr(importlib.import_module(module), attr))
+    _check_cluster(manifest["spec"]["rayClusterConfig"])
+
+
+def test_render_detects_a_drifted_serve_config(tmp_path):
+    doc = load_serve_config()
+    doc["applications"][0]["deployments"][1]["autoscaling_config"]["max_replicas"] = 9
+    changed = tmp_path / "serve.yaml"
+    changed.write_text(yaml.safe_dump(doc))
+    assert render_rayservice(changed) != RAYSERVICE.read_text()
+    rendered = yaml.safe_load(yaml.safe_load(render_rayservice(changed))["spec"]["serveConfigV2"])
+    assert rendered["applications"][0]["deployments"][1]["autoscaling_config"]["max_replicas"] == 9
+
+
+def test_rayjob_runs_the_pipeline_with_the_cluster_config(monkeypatch):
+    from eco_ray.pipeline import Pipeline, load_pipeline_config
+
+    job = yaml.safe_load((DEPLOY / "kuberay" / "rayjob-pipeline.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    cluster = job["spec"]["rayClusterSpec"]
+    _check_cluster(cluster)
+    args = job["spec"]["entrypoint"].split()
+    assert args[:3] == ["eco-ray", "pipeline", "--config"] and args[3].startswith(IMAGE_ROOT)
+    config = DEPLOY.parent / args[3][len(IMAGE_ROOT):]
+    assert config.is_file()
+    # the env the config reads is set in every pod, from a Secret
+    for spec in _pod_specs(cluster):
+        names = {e["name"] for e in spec["containers"][0]["env"]}
+        assert {"MLFLOW_TRACKING_URI", "OPTUNA_STORAGE"} <= names
+    monkeypatch.setenv("OPTUNA_STORAGE", "postgresql+psycopg2://optuna@db:5432/optuna")
+    cfg = load_pipeline_config(config)
+    p = Pipeline(cfg, tracking_uri="http://mlflow:5000")  # builds and validates every stage's config
+    assert p.sweep_cfg.storage.startswith("postgresql") and p.train_cfg.num_workers > 1
+    space = Path(p.sweep_cfg.space)
+    assert str(space).startswith(IMAGE_ROOT) and (DEPLOY.parent / str(space)[len(IMAGE_ROOT):]).is_file()
+    # run_dir lies on the volume every pod mounts
+    mounts = {m["mountPath"] for spec in _pod_specs(cluster) for m in spec["containers"][0]["volumeMounts"]}
+    assert any(cfg.run_dir.startswith(m) for m in mounts)
