@@ -57,7 +57,9 @@ def run_json(args: list[str], timeout: float) -> dict:
     r = subprocess.run([sys.executable, *args, "--json"], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} failed:\n{r.stderr[-3000:]}")
-    out = json.loads(r.stdout)
+    lines = r.stdout.splitlines()
+    start = max(i for i, line in enumerate(lines) if line == "{")  # libraries may print before the JSON
+    out = json.loads("\n".join(lines[start:]))
     print(f"[report] {args[0]}: {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return out
 
@@ -65,6 +67,8 @@ def run_json(args: list[str], timeout: float) -> dict:
 def tradeoff(derived: str, selected: dict) -> tuple[list[dict], dict]:
     from eco_ray.derive.table import DerivedDataset
     from eco_ray.gate.fit import GateConfig
+    from eco_ray.derive.table import relative_costs
+    from eco_ray.gate.report import cross_view_oracle_point, static_at
     from eco_ray.gate.run import fit_and_evaluate
 
     ds = DerivedDataset.open(derived)
@@ -73,15 +77,22 @@ def tradeoff(derived: str, selected: dict) -> tuple[list[dict], dict]:
     pick = lambda r: {k: r[k] for k in keys if k in r}  # noqa: E731
     classify = fit_and_evaluate(ds, GateConfig(kind="classify"), list(BETAS))
     budget = fit_and_evaluate(ds, GateConfig(kind="budget"), list(BETAS))
-    points = [{"method": "static", "exit": r["exit"], **pick(r)} for r in classify["static"]]
+    points: list[dict] = [{"method": "static", "exit": r["exit"], **pick(r)} for r in classify["static"]]
     for method, result in (("gate", classify), ("budget_gate", budget)):
         points += [{"method": method, "beta": p["beta"], **pick(p["gate"])} for p in result["points"]]
     points += [{"method": "oracle", "beta": p["beta"], **pick(p["oracle"])} for p in classify["points"]]
+    val, rel = ds.split("val"), relative_costs(ds.costs("gflops"))
+    if len(val.views) > 1:  # the oracle without the label noise it profits from (eco_ray/gate/report.py)
+        points += [{"method": "oracle_cross_view", "beta": b, **pick(cross_view_oracle_point(
+            val, ds.categories, ds.cost_columns(), rel, b))} for b in BETAS]
+    for p in points:  # the equal-compute baseline of every point: the static curve at its mean GFLOPs
+        p["pq_gain_vs_static_at_same_gflops"] = p["pq"] - static_at(classify["static"], p["encoder_gflops_mean"])
     chosen = selected["chosen"]
-    eco = {"method": "selected", "model_uri": selected["model_uri"], "params": chosen.get("params"),
+    eco: dict = {"method": "selected", "model_uri": selected["model_uri"], "params": chosen.get("params"),
            **{k: chosen[k] for k in ("pq", "pq_things", "pq_stuff", "encoder_gflops_mean", "latency_ms_mean")
               if k in chosen}}
     timings = {"classify_fit_s": classify["fit_seconds"], "budget_fit_s": budget["fit_seconds"]}
+    eco["pq_gain_vs_static_at_same_gflops"] = eco["pq"] - static_at(classify["static"], eco["encoder_gflops_mean"])
     return points + [eco], timings
 
 
@@ -93,7 +104,8 @@ def plot_tradeoff(points: list[dict], path: Path, title: str) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     style = {"static": ("o-", "0.3"), "oracle": ("--", "tab:green"), "gate": ("s:", "tab:blue"),
-             "budget_gate": ("^:", "tab:orange"), "selected": ("*", "tab:red")}
+             "budget_gate": ("^:", "tab:orange"), "oracle_cross_view": ("x--", "tab:olive"),
+             "selected": ("*", "tab:red")}
     for method, (fmt, colour) in style.items():
         pts = sorted((p for p in points if p["method"] == method), key=lambda p: p["encoder_gflops_mean"])
         if not pts:
@@ -101,6 +113,7 @@ def plot_tradeoff(points: list[dict], path: Path, title: str) -> Path:
         ax.plot([p["encoder_gflops_mean"] for p in pts], [p["pq"] for p in pts], fmt, color=colour,
                 ms=12 if method == "selected" else 6, label={"static": "static depth", "gate": "classify gate",
                                                                "budget_gate": "budget gate", "oracle": "oracle",
+                                                               "oracle_cross_view": "oracle, picked on the flipped view",
                                                                "selected": "selected ECO model"}[method])
         for p in pts:
             label = f"exit {p['exit']}" if "exit" in p else (f"β={p['beta']:g}" if "beta" in p else "")
@@ -153,12 +166,13 @@ def markdown(r: dict) -> str:
         lines.append(f"| {c['exit']} | {c['encoder_gflops']:.4f} | {c.get('total_gflops', float('nan')):.4f} | "
                      f"{c.get('latency_ms', float('nan')):.2f} |")
     lines += ["", "## Trade-off on the validation split (exact, from the derived statistics)", "",
-              "| method | exit / beta | PQ | things | stuff | mean enc. GFLOPs | exits |", "|---|---|---|---|---|---|---|"]
+              "| method | exit / beta | PQ | things | stuff | mean enc. GFLOPs | PQ vs static at that compute | exits |",
+              "|---|---|---|---|---|---|---|---|"]
     for p in r["tradeoff"]:
         at = p.get("exit", p.get("beta", ""))
         lines.append(f"| {p['method']} | {at} | {p['pq']:.4f} | {p.get('pq_things', float('nan')):.4f} | "
                      f"{p.get('pq_stuff', float('nan')):.4f} | {p['encoder_gflops_mean']:.4f} | "
-                     f"{p.get('exit_histogram', '')} |")
+                     f"{p['pq_gain_vs_static_at_same_gflops']:+.4f} | {p.get('exit_histogram', '')} |")
     s = r["selected_vs_static"]
     lines += ["", f"![trade-off]({r['plots']['tradeoff']})", "",
               f"**Selected ECO model vs. the static (full-depth) model:** encoder GFLOPs saved "
@@ -170,7 +184,11 @@ def markdown(r: dict) -> str:
               "at equal compute.", "",
               f"Shallowest sufficient exit per validation image (within "
               f"{r['sufficient_tolerance']} per-image PQ of the deepest exit): {r['sufficient_exit_histogram']}; "
-              f"label noise (plain vs. flipped image, same exit): {r['noise_floor']}.", "",
+              f"label noise (plain vs. flipped image, same exit): mean |dq| {r['noise_floor']['mean_abs_diff']:.3f}, "
+              f"{r['noise_floor']['share_above_tolerance']:.0%} of (image, exit) pairs move more than "
+              f"{r['noise_floor']['tolerance']}. `oracle_cross_view` picks each image's exit on the flipped image and "
+              "scores it on the plain one: its lead over static depth is what the images' real differences in needed "
+              "depth are worth; the usual oracle's larger lead is mostly the label noise it sees.", "",
               "## Step B and C costs", "",
               f"- derive ratio (all exits from one multi-exit pass vs. one forward per exit, per image): "
               f"**{r['derive_ratio']:.3f}** ({r['derive']['one_pass_ms_per_image']:.1f} vs "
@@ -187,7 +205,14 @@ def markdown(r: dict) -> str:
     sv = r["serving_setup"]
     lines += ["", f"{sv['replicas']} Segmenter replica(s), {sv['clients']} concurrent clients, {sv['seconds_per_mode']} s "
               f"per mode on {sv['images']} validation images; throughput ratio gated / full depth "
-              f"{sv['rps_ratio_gated_vs_full']:.3f}.", "", f"![serving]({r['plots']['serving']})", ""]
+              f"{sv['rps_ratio_gated_vs_full']:.3f}.", "", f"![serving]({r['plots']['serving']})", "",
+              f"Where a replica's time goes (in process, batch {r['serving_profile']['batch']}, "
+              f"{r['serving_profile']['threads']} thread, median ms per batch; "
+              "benchmarks/diagnostics/serve_profile.py):", "", "| part | gated | full depth |", "|---|---|---|"]
+    prof = r["serving_profile"]["median_ms_per_batch"]
+    for k in prof["full_depth"]:
+        lines.append(f"| {k} | {prof['gated'].get(k, 0):.1f} | {prof['full_depth'][k]:.1f} |")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -225,6 +250,8 @@ def main() -> None:
     sl = run_json(["benchmarks/serve_load.py", "--parent", train["model_uri"], "--gate", selected["model_uri"],
                    "--data-root", manifest["data"]["root"], "--tracking-uri", tracking, "--seconds",
                    str(args.serve_seconds), "--clients", str(args.clients)], 1800)
+    sp = run_json(["benchmarks/diagnostics/serve_profile.py", "--parent", train["model_uri"], "--gate",
+                   selected["model_uri"], "--data-root", manifest["data"]["root"], "--tracking-uri", tracking], 1800)
 
     static = [p for p in points if p["method"] == "static"]
     full, eco = static[-1], points[-1]
@@ -257,6 +284,7 @@ def main() -> None:
         "sweep_trials_per_minute": sw["samplers"]["tpe"]["trials_per_minute"],
         "serving": {"gated": sl["results"]["gated"], "full_depth": sl["results"]["full_depth"],
                     "gated_again": sl["results"]["gated_again"]},
+        "serving_profile": sp,
         "serving_setup": {k: sl[k] for k in ("replicas", "clients", "seconds_per_mode", "images", "parent", "gate",
                                              "rps_ratio_gated_vs_full")},
         "seconds": round(time.perf_counter() - t0, 1),

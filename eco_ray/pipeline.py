@@ -376,7 +376,7 @@ def format_summary(s: dict) -> str:
         f"{'validation split':<34}{'PQ':>7}{'things':>8}{'stuff':>7}{'enc. GFLOPs':>13}",
         f"{'static, full depth (exit ' + str(st['exit']) + ')':<34}{st['pq']:>7.3f}{st['pq_things']:>8.3f}"
         f"{st['pq_stuff']:>7.3f}{st['encoder_gflops_mean']:>13.4f}",
-        f"{'ECO selected (' + s['selection']['model_uri'] + ')':<34}{eco['pq']:>7.3f}{eco['pq_things'] or 0:>8.3f}"
+        f"{'ECO selected (' + s['selection']['model_uri'].removeprefix('models:/') + ')':<34}{eco['pq']:>7.3f}{eco['pq_things'] or 0:>8.3f}"
         f"{eco['pq_stuff'] or 0:>7.3f}{eco['encoder_gflops_mean']:>13.4f}",
     ]
     sc = s.get("static_at_or_below_eco_compute")

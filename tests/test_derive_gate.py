@@ -83,6 +83,36 @@ def test_rerunning_on_the_same_inputs_reuses_the_table(env):
     assert DerivedDataset.open(again["path"]).manifest["key"] == env["manifest"]["key"]
 
 
+def test_levels_gate_input_is_derived_recorded_and_served(env, tmp_path):
+    """gate_input=levels: a table with 3x wider gate features, a different key, and a gate whose engine
+    computes the same input (Step B, Step C and serving agree on what the gate sees)."""
+    import ray
+
+    from eco_ray.gate.run import run_gate
+    from eco_ray.serve.engine import Budget, load_engine
+
+    cfg = load_config(DeriveConfig, layers=[{**env["cfg"].__dict__, "gate_input": "levels", "max_images": 8,
+                                             "views": ["plain"], "measure_latency": False, "out": None}])
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        m = run_derive(cfg, tracking_uri=env["tracking"])
+    finally:
+        if started:
+            ray.shutdown()
+    base_dim = env["manifest"]["gate_input_dim"]
+    assert m["gate_input"] == "levels" and m["gate_input_dim"] == 3 * base_dim and m["key"] != env["manifest"]["key"]
+    g = run_gate(m["path"], GateConfig(epochs=5), [0.1], tracking_uri=env["tracking"], run_dir=str(env["base"]),
+                 out=str(tmp_path / "gate"), name="levels-gate")
+    engine, meta = load_engine(str(env["parent_dir"]), g["path"], env["tracking"])
+    assert meta["gate_input"] == "levels" and engine.parent.config.gate_input == "levels"
+    ds = CocoPanopticDataset.from_root(env["root"], "val")
+    image = ds[0].image
+    out = engine.segment([image], [Budget()], ["rle"])
+    assert out[0]["exit"] in engine.exits
+
+
 def test_noise_floor_of_identical_views_is_zero(env):
     val = DerivedDataset.open(env["manifest"]["path"]).split("val")
     same = val.subset(np.ones(len(val), bool))
@@ -171,6 +201,26 @@ def test_fit_and_evaluate_reports_the_baselines(env):
     assert train.quality_of("dpq").shape == train.quality.shape
     assert train.quality_of("dpq")[:, -1].mean() == pytest.approx(
         np.mean([aggregate(train.stats[:, v, -1], ds.categories).pq for v in range(len(train.views))]))
+
+
+def test_cross_view_oracle_and_the_equal_compute_baseline(env):
+    from dataclasses import replace
+
+    from eco_ray.gate.report import cross_view_oracle_point, oracle_point, static_at, static_baseline
+
+    ds = DerivedDataset.open(env["manifest"]["path"])
+    val, cols = ds.split("val"), ds.cost_columns()
+    rel = relative_costs(ds.costs("gflops"))
+    static = static_baseline(val, ds.categories, cols)
+    for p in static:  # on the curve's own points, the interpolation is the point
+        assert static_at(static, p["encoder_gflops_mean"]) == pytest.approx(p["pq"])
+    # two identical views: picking on the other view is picking on the same one
+    same = replace(val, stats=PanopticStats(**{k: np.repeat(v[:, :1], 2, axis=1) for k, v in val.stats.as_dict().items()}))
+    for beta in (0.0, 0.1, 1.0):
+        assert cross_view_oracle_point(same, ds.categories, cols, rel, beta)["pq"] == pytest.approx(
+            oracle_point(same, ds.categories, cols, rel, beta)["pq"])
+    with pytest.raises(ValueError, match="needs a view"):
+        cross_view_oracle_point(replace(val, views=["plain"]), ds.categories, cols, rel, 0.1)
 
 
 def test_gate_cli_json_and_mlflow(env, capsys):

@@ -74,6 +74,17 @@ def test_gate_features_are_per_image_and_depth_independent(model, batch):
     torch.testing.assert_close(alone[0], feats[2].gate_features[1], atol=1e-6, rtol=1e-5)
 
 
+def test_levels_gate_input_pools_every_level_before_the_encoder(model, batch):
+    plain = model(batch, exit=2).gate_features
+    model.config.gate_input = "levels"
+    try:
+        levels = model(batch, exit=2).gate_features
+    finally:
+        model.config.gate_input = "stride32"
+    assert levels.shape == (3, 3 * plain.shape[1])
+    torch.testing.assert_close(levels[:, :plain.shape[1]], plain)  # the stride-32 part comes first
+
+
 def test_bad_exits_are_rejected(model, batch):
     with pytest.raises(ValueError, match="not exits"):
         model(batch, exit=1)

@@ -24,6 +24,7 @@ import numpy as np
 from eco_ray.config import ConfigError
 from eco_ray.derive.table import (MANIFEST, VIEWS, DerivedDataset, DerivedSplit, noise_floor, write_manifest,
                                   write_split)
+from eco_ray.model.config import GATE_INPUTS
 
 
 @dataclass
@@ -40,6 +41,7 @@ class DeriveConfig:
     mask_threshold: float = 0.5
     measure_latency: bool = True  # time every exit on this machine (else GFLOPs only)
     latency_repeats: int = 20
+    gate_input: str | None = None  # stride32 | levels; default: the parent's (ModelConfig.gate_input)
     sufficient_tolerance: float = 0.02  # per-image PQ within this of the deepest exit counts as sufficient
     out: str | None = None  # default <run_dir>/derived/<key>
     run_dir: str = "runs"
@@ -57,6 +59,8 @@ class DeriveConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_images < 0 or self.cpus_per_task <= 0:
             raise ValueError("max_images must be >= 0 and cpus_per_task > 0")
+        if self.gate_input is not None and self.gate_input not in GATE_INPUTS:
+            raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {self.gate_input!r}")
         if not (0 <= self.threshold <= 1 and 0 <= self.mask_threshold <= 1):
             raise ValueError("threshold and mask_threshold must lie in [0, 1]")
 
@@ -70,7 +74,7 @@ def _sha(path: Path) -> str:
 
 
 def _derive_chunk(blob_ref, root: str, split: str, indices: list[int], views: list[str], batch_size: int,
-                  threshold: float, mask_threshold: float) -> dict:
+                  threshold: float, mask_threshold: float, gate_input: str | None = None) -> dict:
     """One Ray task: every exit of every view of ``indices``; plain arrays back to the driver."""
     import torch
 
@@ -80,6 +84,7 @@ def _derive_chunk(blob_ref, root: str, split: str, indices: list[int], views: li
 
     torch.set_num_threads(1)
     model = _cached_parent(blob_ref)
+    model.config.gate_input = gate_input or model.config.gate_input
     ds = CocoPanopticDataset.from_root(root, split)
     per_view = [evaluate_exits(model, ds, indices=indices, batch_size=batch_size, flip=(v == "flip"),
                                threshold=threshold, mask_threshold=mask_threshold) for v in views]
@@ -136,6 +141,7 @@ def run_derive(cfg: DeriveConfig, *, tracking_uri: str | None = None, address: s
     blob = read_parent_blob(parent_dir)
     parent_info["weights_sha256"] = hashlib.sha256(blob["weights"]).hexdigest()
     categories = CategorySet(datasets[cfg.splits[0]].categories.to_coco())
+    gate_input = cfg.gate_input or blob["meta"]["model"].get("gate_input", "stride32")
     model_categories = blob["meta"].get("categories")
     if model_categories and list(CategorySet(model_categories).ids) != list(categories.ids):
         raise ConfigError(f"the parent was trained on categories {list(CategorySet(model_categories).ids)}, but "
@@ -144,7 +150,8 @@ def run_derive(cfg: DeriveConfig, *, tracking_uri: str | None = None, address: s
                  "annotations_sha256": {s: _sha(ds.paths.annotations_json) for s, ds in datasets.items()}}
     key = content_hash({"parent": parent_info["weights_sha256"], "data": data_info["annotations_sha256"],
                         "splits": cfg.splits, "views": cfg.views, "max_images": cfg.max_images,
-                        "threshold": cfg.threshold, "mask_threshold": cfg.mask_threshold})
+                        "threshold": cfg.threshold, "mask_threshold": cfg.mask_threshold,
+                        **({"gate_input": cfg.gate_input} if cfg.gate_input else {})})
     out = Path(cfg.out or Path(cfg.run_dir) / "derived" / key)
     if (out / MANIFEST).is_file():
         existing = DerivedDataset.open(out).manifest
@@ -170,7 +177,7 @@ def run_derive(cfg: DeriveConfig, *, tracking_uri: str | None = None, address: s
         chunks = [list(range(i, min(i + cfg.chunk_size, n))) for i in range(0, n, cfg.chunk_size)]
         t0 = time.perf_counter()
         pending = {task.remote(blob_ref, root, split, c, cfg.views, cfg.batch_size, cfg.threshold,
-                               cfg.mask_threshold): len(c) for c in chunks}
+                               cfg.mask_threshold, gate_input): len(c) for c in chunks}
         parts, done = [], 0
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -190,7 +197,7 @@ def run_derive(cfg: DeriveConfig, *, tracking_uri: str | None = None, address: s
     manifest = {
         "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parent": parent_info,
         "data": data_info, "config": asdict(cfg), "exits": model.exits, "views": cfg.views,
-        "categories": categories.to_coco(), "gate_input_dim": int(next(iter(splits.values())).gate_features.shape[1]),
+        "categories": categories.to_coco(), "gate_input": gate_input, "gate_input_dim": int(next(iter(splits.values())).gate_features.shape[1]),
         "costs": costs, "splits": {s: _split_summary(d, categories, cfg.sufficient_tolerance) for s, d in splits.items()},
         "timings": {**timings, "total_seconds": round(derive_seconds, 2), "cpus": ray.cluster_resources().get("CPU")},
     }

@@ -187,9 +187,12 @@ class DerivedDataset:
         return exit_costs(self.manifest["costs"], measure)
 
     def cost_columns(self) -> dict[str, np.ndarray]:
-        """The costs every evaluation reports (mean and p95): encoder GFLOPs, latency, layers."""
-        return {"encoder_gflops": self.costs("gflops"), "latency_ms": self.costs("latency"),
-                "layers": self.costs("layers")}
+        """The costs every evaluation reports (mean and p95): encoder GFLOPs, latency (when it was measured),
+        layers."""
+        cols = {"encoder_gflops": self.costs("gflops"), "layers": self.costs("layers")}
+        if "latency_ms" in self.manifest["costs"]["exits"][0]:
+            cols["latency_ms"] = self.costs("latency")
+        return cols
 
 
 def exit_costs(cost_table: dict, measure: str) -> np.ndarray:

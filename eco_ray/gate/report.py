@@ -28,6 +28,25 @@ def oracle_point(val: DerivedSplit, categories: CategorySet, cost_cols: dict, re
     return {"beta": float(beta), **evaluate_assignment(val.eval_stats, choice, categories, cost_cols, val.exits)}
 
 
+def cross_view_oracle_point(val: DerivedSplit, categories: CategorySet, cost_cols: dict, rel_costs: np.ndarray,
+                            beta: float, pick_view: int = 1) -> dict:
+    """The oracle with the label noise taken out: each image's exit is picked from ANOTHER view's per-image
+    PQ (the flipped image: same content, independent noise) and scored on the plain view. What it gains
+    over static depth is what the images' real differences in needed depth are worth - the most a gate can
+    hope for; the usual oracle also profits from the noise it sees."""
+    if len(val.views) <= pick_view:
+        raise ValueError(f"the cross-view oracle needs a view {pick_view}; the table has {val.views}")
+    choice = oracle_assignment(per_image_pq(val.stats[:, pick_view]), rel_costs, beta)
+    return {"beta": float(beta), "picked_on": val.views[pick_view],
+            **evaluate_assignment(val.eval_stats, choice, categories, cost_cols, val.exits)}
+
+
+def static_at(static: list[dict], cost: float, cost_key: str = "encoder_gflops_mean") -> float:
+    """PQ of the static-depth curve at ``cost`` (linear between exits): the equal-compute baseline."""
+    pts = sorted(static, key=lambda p: p[cost_key])
+    return float(np.interp(cost, [p[cost_key] for p in pts], [p["pq"] for p in pts]))
+
+
 def oracle_curve(val: DerivedSplit, categories: CategorySet, cost_cols: dict, rel_costs: np.ndarray,
                  betas=ORACLE_BETAS) -> list[dict]:
     return [oracle_point(val, categories, cost_cols, rel_costs, b) for b in betas]

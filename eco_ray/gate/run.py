@@ -89,7 +89,8 @@ def run_gate(derived: str, cfg: GateConfig, betas: list[float] | None = None, *,
     common = {"derived_key": manifest["key"], "parent": manifest["parent"], "cost": cfg.cost,
               "costs": {m: ds.costs(m).tolist() for m in ("gflops", "latency", "layers")
                         if m != "latency" or "latency_ms" in manifest["costs"]["exits"][0]},
-              "categories": manifest["categories"], "config": asdict(cfg)}
+              "categories": manifest["categories"], "config": asdict(cfg),
+              "gate_input": manifest.get("gate_input", "stride32")}
     gate_dirs = {}
     for beta, gate in result["gates"].items():
         sub = out_dir if len(result["gates"]) == 1 else out_dir / f"beta-{beta:g}"

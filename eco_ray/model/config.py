@@ -11,6 +11,7 @@ from transformers import Mask2FormerConfig, ResNetConfig, SwinConfig
 from eco_ray.config import ConfigError, load_config
 
 BACKBONES = ("resnet", "swin")
+GATE_INPUTS = ("stride32", "levels")
 
 
 @dataclass
@@ -39,8 +40,13 @@ class ModelConfig:
     num_labels: int = 9  # categories of the dataset (set from the dataset when training)
     exits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6])  # encoder depths where the model may exit
     pretrained: str | None = None  # a local transformers Mask2Former directory to start from
+    # what the gate sees, all computed before any encoder layer (free): stride32 = the paper's pooled stride-32
+    # projected tokens (hidden_dim values); levels = the pooled stride-32, 16 and 8 projections (3 x hidden_dim)
+    gate_input: str = "stride32"
 
     def validate(self) -> None:
+        if self.gate_input not in GATE_INPUTS:
+            raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {self.gate_input!r}")
         if self.backbone not in BACKBONES:
             raise ValueError(f"backbone must be one of {BACKBONES}, got {self.backbone!r}")
         if self.hidden_dim % 32:

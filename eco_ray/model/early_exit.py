@@ -113,7 +113,9 @@ class EarlyExitMask2Former(nn.Module):
         level_start_index = torch.cat((shapes.new_zeros((1,)), shapes.prod(1).cumsum(0)[:-1]))
         valid_ratios = torch.stack([pd.get_valid_ratio(m, dtype=flat.dtype) for m in masks], 1)
         reference_points = pd.encoder.get_reference_points(spatial_shapes, valid_ratios, device=flat.device)
-        gate_features = embeds[0].mean(dim=(2, 3))  # stride-32 tokens, no position embedding
+        # pooled projected tokens, no position embedding: stride 32 only (the paper) or every level
+        gate_features = embeds[0].mean(dim=(2, 3)) if self.config.gate_input == "stride32" else \
+            torch.cat([e.mean(dim=(2, 3)) for e in embeds], 1)
         return _EncoderInputs(flat, pos_flat, mask_flat, reference_points, valid_ratios, spatial_shapes,
                               level_start_index, gate_features)
 

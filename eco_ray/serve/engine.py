@@ -211,6 +211,12 @@ def load_engine(parent_uri: str, gate_uri: str, tracking_uri: str, default_beta:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if list(gate.exits) != list(parent.exits):
         raise ValueError(f"gate exits {gate.exits} do not match the parent's {parent.exits}")
+    # the gate was fitted on the gate input its derived table recorded: the parent computes that one
+    parent.config.gate_input = gmeta.get("gate_input", "stride32")
+    expected = parent.config.hidden_dim * (3 if parent.config.gate_input == "levels" else 1)
+    if gate.in_dim != expected:
+        raise ValueError(f"the gate takes {gate.in_dim} input features, but the parent's {parent.config.gate_input!r} "
+                         f"gate input has {expected}")
     categories = CategorySet(pmeta["categories"])
     gflops = gmeta["costs"]["gflops"]
     versions = {"parent": describe_model_uri(parent_uri, tracking_uri), "gate": describe_model_uri(gate_uri, tracking_uri),

@@ -120,6 +120,7 @@ def run_trial(config: dict, derived: str, sweep_dir: str, train_split: str, eval
         "costs": {m: ds.costs(m).tolist() for m in ("gflops", "latency", "layers")
                   if m != "latency" or "latency_ms" in ds.manifest["costs"]["exits"][0]},
         "categories": ds.manifest["categories"], "config": asdict(cfg),
+        "gate_input": ds.manifest.get("gate_input", "stride32"),
         "operating_points": [{"beta": cfg.beta, **{k: metrics[k] for k in REPORTED}, "exit_histogram":
                               point["exit_histogram"]}]})
     (gate_dir / "result.json").write_text(json.dumps({"optuna_trial": number, "params": params,

@@ -1,0 +1,24 @@
+"""Usage: python benchmarks/diagnostics/cross_view_oracle.py runs/derived/<key>
+
+How much of the oracle's lead over static depth is real: the usual oracle picks each validation image's exit
+from the per-image PQ of the plain image and scores it on the same plain image, so it also profits from label
+noise; the cross-view oracle picks from the flipped image (same content, independent noise) and scores on the
+plain one (eco_ray.gate.report.cross_view_oracle_point). Both beside static depth at the same mean compute.
+"""
+import sys
+
+
+from eco_ray.derive.table import DerivedDataset, relative_costs
+from eco_ray.gate.report import cross_view_oracle_point, oracle_point, static_at, static_baseline
+
+ds = DerivedDataset.open(sys.argv[1])
+va = ds.split("val")
+rel, cols = relative_costs(ds.costs("gflops")), ds.cost_columns()
+static = static_baseline(va, ds.categories, cols)
+print("static:", ", ".join(f"exit {p['exit']} {p['pq']:.4f}@{p['encoder_gflops_mean']:.4f}" for p in static))
+for beta in (0.02, 0.05, 0.1, 0.3):
+    for label, p in (("same view (usual oracle)", oracle_point(va, ds.categories, cols, rel, beta)),
+                     ("other view (noise removed)", cross_view_oracle_point(va, ds.categories, cols, rel, beta))):
+        base = static_at(static, p["encoder_gflops_mean"])
+        print(f"beta {beta:<4} {label:<28} PQ {p['pq']:.4f} @ {p['encoder_gflops_mean']:.4f} GFLOPs; static at that "
+              f"compute {base:.4f}; gain {p['pq'] - base:+.4f}")
