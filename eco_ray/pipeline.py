@@ -280,12 +280,6 @@ class Pipeline:
         return out
 
 
-def _shutdown_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-
     # -------------------------------------------------------------------------------------------- run
     def run(self) -> dict:
         t0 = time.perf_counter()
@@ -396,3 +390,10 @@ def format_summary(s: dict) -> str:
         f"state: {s['state']}",
     ]
     return "\n".join(lines)
+
+
+def _shutdown_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
