@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from eco_ray.config import ConfigError, load_config
+from eco_ray.pipeline import STAGES as PIPELINE_STAGES
 
 
 def _print_json(obj) -> None:
@@ -556,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "see --print-config for every key and its default")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a setting, e.g. --set train.steps=2000 --set budget=max_gflops --set limit=0.05")
-    pl.add_argument("--from", dest="from_stage", choices=["data", "train", "derive", "sweep", "select", "serve"],
+    pl.add_argument("--from", dest="from_stage", choices=PIPELINE_STAGES,
                     help="rerun this stage and every later one even if their inputs did not change")
     pl.add_argument("--keep-serving", action="store_true", help="keep the Serve app up after the summary")
     pl.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")

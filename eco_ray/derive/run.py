@@ -74,7 +74,7 @@ def _sha(path: Path) -> str:
 
 
 def _derive_chunk(blob_ref, root: str, split: str, indices: list[int], views: list[str], batch_size: int,
-                  threshold: float, mask_threshold: float, gate_input: str | None = None) -> dict:
+                  threshold: float, mask_threshold: float, gate_input: str) -> dict:
     """One Ray task: every exit of every view of ``indices``; plain arrays back to the driver."""
     import torch
 
@@ -84,7 +84,7 @@ def _derive_chunk(blob_ref, root: str, split: str, indices: list[int], views: li
 
     torch.set_num_threads(1)
     model = _cached_parent(blob_ref)
-    model.config.gate_input = gate_input or model.config.gate_input
+    model.config.gate_input = gate_input  # the effective one, resolved by run_derive (workers cache the model)
     ds = CocoPanopticDataset.from_root(root, split)
     per_view = [evaluate_exits(model, ds, indices=indices, batch_size=batch_size, flip=(v == "flip"),
                                threshold=threshold, mask_threshold=mask_threshold) for v in views]
