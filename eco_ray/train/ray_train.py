@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -95,7 +96,7 @@ def _worker_loop(config: dict) -> None:
             optimizer_state = torch.load(os.path.join(d, CHECKPOINT_OPTIMIZER), weights_only=True)
             start_step = json.loads(Path(d, CHECKPOINT_STATE).read_text())["step"]
         if rank == 0:
-            print(f"[train] resuming from the checkpoint at step {start_step}", flush=True)
+            _say(f"[train] resuming from the checkpoint at step {start_step}")
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": True})
     core = model.module if hasattr(model, "module") else model
@@ -125,8 +126,8 @@ def _worker_loop(config: dict) -> None:
             if elapsed - last_print >= 5 or done == cfg.steps:
                 rate = (done - start_step) / elapsed
                 eta = (cfg.steps - done) / max(rate, 1e-9)
-                print(f"[train] step {done}/{cfg.steps}  loss {metrics['loss']:.3f}  {rate:.2f} steps/s  "
-                      f"ETA {int(eta // 60)}m{int(eta % 60):02d}s", flush=True)
+                _say(f"[train] step {done}/{cfg.steps}  loss {metrics['loss']:.3f}  {rate:.2f} steps/s  "
+                     f"ETA {int(eta // 60)}m{int(eta % 60):02d}s")
                 last_print = elapsed
         is_eval = done % cfg.eval_every == 0 or done == cfg.steps
         if done % cfg.checkpoint_every == 0 or is_eval:
@@ -135,8 +136,8 @@ def _worker_loop(config: dict) -> None:
                 val = validate(core, val_ds, cfg.eval_images)
                 report.update(val)
                 pending += [Metric(k, v, int(time.time() * 1000), done) for k, v in val.items()]
-                print("[train] validation at step %d: PQ per exit %s" % (done, ", ".join(
-                    f"{k}: {val[f'val_pq_exit{k}']:.3f}" for k in core.exits)), flush=True)
+                _say("[train] validation at step %d: PQ per exit %s" % (done, ", ".join(
+                    f"{k}: {val[f'val_pq_exit{k}']:.3f}" for k in core.exits)))
             if rank == 0 and pending:
                 for i in range(0, len(pending), 900):  # the MLflow batch limit is 1000 metrics
                     client.log_batch(config["run_id"], metrics=pending[i:i + 900])
@@ -149,6 +150,12 @@ def _worker_loop(config: dict) -> None:
                     Path(d, CHECKPOINT_STATE).write_text(json.dumps({"step": done, "run_id": config["run_id"]}))
                     ckpt = ray.train.Checkpoint.from_directory(d)
                 ray.train.report(report, checkpoint=ckpt)
+
+
+def _say(line: str) -> None:
+    """A progress line from a Train worker, printed once: Ray Train's patched print() tees a line printed to a
+    redirected sys.stdout AND logs it, so the driver showed every line twice; an explicit file is printed as is."""
+    print(line, file=sys.__stdout__, flush=True)
 
 
 def _checkpoint_step(checkpoint) -> int:
