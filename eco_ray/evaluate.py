@@ -17,7 +17,7 @@ from eco_ray.data.collate import pixel_values
 from eco_ray.data.transforms import HorizontalFlip, build_transform
 from eco_ray.metrics.panoptic import PanopticStats, image_stats
 from eco_ray.model.early_exit import EarlyExitMask2Former
-from eco_ray.model.postprocess import to_panoptic
+from eco_ray.model.postprocess import OVERLAP_THRESHOLD, to_panoptic
 
 
 @dataclass
@@ -32,7 +32,7 @@ class ExitEvaluation:
 @torch.no_grad()
 def evaluate_exits(model: EarlyExitMask2Former, dataset: CocoPanopticDataset, exits: Sequence[int] | None = None,
                    indices: Sequence[int] | None = None, batch_size: int = 16, flip: bool = False,
-                   threshold: float = 0.5, mask_threshold: float = 0.5,
+                   threshold: float = 0.5, mask_threshold: float = 0.5, overlap_threshold: float = OVERLAP_THRESHOLD,
                    progress: Callable[[int, int], None] | None = None) -> ExitEvaluation:
     """Statistics of ``indices`` (default: all) at each exit. ``flip`` scores the horizontally mirrored
     images instead (used to measure label noise and to average it away)."""
@@ -48,7 +48,8 @@ def evaluate_exits(model: EarlyExitMask2Former, dataset: CocoPanopticDataset, ex
         if flip:
             samples = [HorizontalFlip(p=1.0)(s, rng) for s in samples]
         out = model.forward_exits(pixel_values([s.image for s in samples]), exits)
-        per_exit = [to_panoptic(out[k], dataset.categories, (size, size), threshold, mask_threshold) for k in exits]
+        per_exit = [to_panoptic(out[k], dataset.categories, (size, size), threshold, mask_threshold,
+                                 overlap_threshold) for k in exits]
         for j, s in enumerate(samples):
             all_stats.append(PanopticStats.stack([
                 image_stats(s.id_map, s.segments, *per_exit[e][j], dataset.categories) for e in range(len(exits))]))

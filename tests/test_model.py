@@ -243,3 +243,24 @@ def test_postprocess_follows_mask2former_semantics(synth_root):
     assert [(s["category_id"], round(s["score"], 3)) for s in segments] == [(cats.ids[0], 0.5), (cats.ids[6], 0.9)]
     thing, stuff = segments[0]["id"], segments[1]["id"]
     assert (id_map[left] == thing).all() and (id_map[right | bottom] == stuff).all()
+
+
+def test_overlap_threshold_decides_a_partly_covered_query(synth_root):
+    """A query keeps a segment only if it wins at least ``overlap_threshold`` of its own mask: one that wins
+    half of it is dropped at Mask2Former's 0.8 and kept, with the half it won, at 0.4."""
+    from eco_ray.model.early_exit import ExitOutput
+    from eco_ray.model.postprocess import OVERLAP_THRESHOLD
+
+    cats = CocoPanopticDataset.from_root(synth_root, "val").categories
+    n, size = len(cats), 8
+    left = np.mgrid[0:size, 0:size][1] < 4
+    queries = [(0, 0.9, left), (1, 0.6, np.ones_like(left))]  # the second loses the left half to the first
+    logits = torch.tensor([[_logits_for(lab, s, n) for lab, s, _ in queries]])
+    masks = torch.tensor(np.stack([np.where(m, 2.2, -4.0) for _, _, m in queries])[None], dtype=torch.float32)
+    out = ExitOutput([logits], [masks], torch.zeros(1, 4), torch.tensor([6]))
+    assert OVERLAP_THRESHOLD == 0.8
+    (_, strict), = to_panoptic(out, cats, (size, size))
+    (id_map, loose), = to_panoptic(out, cats, (size, size), overlap_threshold=0.4)
+    assert [s["category_id"] for s in strict] == [cats.ids[0]]
+    assert [s["category_id"] for s in loose] == [cats.ids[0], cats.ids[1]]
+    assert (id_map[~left] == loose[1]["id"]).all()

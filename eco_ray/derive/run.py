@@ -25,6 +25,7 @@ from eco_ray.config import ConfigError
 from eco_ray.derive.table import (MANIFEST, VIEWS, DerivedDataset, DerivedSplit, noise_floor, write_manifest,
                                   write_split)
 from eco_ray.model.config import GATE_INPUTS
+from eco_ray.model.postprocess import OVERLAP_THRESHOLD
 
 
 @dataclass
@@ -39,6 +40,7 @@ class DeriveConfig:
     cpus_per_task: float = 1.0
     threshold: float = 0.5  # panoptic post-processing: query score threshold
     mask_threshold: float = 0.5
+    overlap_threshold: float = OVERLAP_THRESHOLD  # a query keeps a segment only if it wins this share of its mask
     measure_latency: bool = True  # time every exit on this machine (else GFLOPs only)
     latency_repeats: int = 20
     gate_input: str | None = None  # stride32 | levels; default: the parent's (ModelConfig.gate_input)
@@ -61,8 +63,8 @@ class DeriveConfig:
             raise ValueError("max_images must be >= 0 and cpus_per_task > 0")
         if self.gate_input is not None and self.gate_input not in GATE_INPUTS:
             raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {self.gate_input!r}")
-        if not (0 <= self.threshold <= 1 and 0 <= self.mask_threshold <= 1):
-            raise ValueError("threshold and mask_threshold must lie in [0, 1]")
+        if not all(0 <= t <= 1 for t in (self.threshold, self.mask_threshold, self.overlap_threshold)):
+            raise ValueError("threshold, mask_threshold and overlap_threshold must lie in [0, 1]")
 
 
 def _sha(path: Path) -> str:
@@ -74,7 +76,7 @@ def _sha(path: Path) -> str:
 
 
 def _derive_chunk(blob_ref, root: str, split: str, indices: list[int], views: list[str], batch_size: int,
-                  threshold: float, mask_threshold: float, gate_input: str) -> dict:
+                  threshold: float, mask_threshold: float, overlap_threshold: float, gate_input: str) -> dict:
     """One Ray task: every exit of every view of ``indices``; plain arrays back to the driver."""
     import torch
 
@@ -87,7 +89,8 @@ def _derive_chunk(blob_ref, root: str, split: str, indices: list[int], views: li
     model.config.gate_input = gate_input  # the effective one, resolved by run_derive (workers cache the model)
     ds = CocoPanopticDataset.from_root(root, split)
     per_view = [evaluate_exits(model, ds, indices=indices, batch_size=batch_size, flip=(v == "flip"),
-                               threshold=threshold, mask_threshold=mask_threshold) for v in views]
+                               threshold=threshold, mask_threshold=mask_threshold, overlap_threshold=overlap_threshold)
+                 for v in views]
     stats = PanopticStats(**{k: np.stack([getattr(ev.stats, k) for ev in per_view], axis=1)
                              for k in per_view[0].stats.as_dict()})
     plain = per_view[0]
@@ -151,6 +154,7 @@ def run_derive(cfg: DeriveConfig, *, tracking_uri: str | None = None, address: s
     key = content_hash({"parent": parent_info["weights_sha256"], "data": data_info["annotations_sha256"],
                         "splits": cfg.splits, "views": cfg.views, "max_images": cfg.max_images,
                         "threshold": cfg.threshold, "mask_threshold": cfg.mask_threshold,
+                        "overlap_threshold": cfg.overlap_threshold,
                         **({"gate_input": cfg.gate_input} if cfg.gate_input else {})})
     out = Path(cfg.out or Path(cfg.run_dir) / "derived" / key)
     if (out / MANIFEST).is_file():
@@ -177,7 +181,7 @@ def run_derive(cfg: DeriveConfig, *, tracking_uri: str | None = None, address: s
         chunks = [list(range(i, min(i + cfg.chunk_size, n))) for i in range(0, n, cfg.chunk_size)]
         t0 = time.perf_counter()
         pending = {task.remote(blob_ref, root, split, c, cfg.views, cfg.batch_size, cfg.threshold,
-                               cfg.mask_threshold, gate_input): len(c) for c in chunks}
+                               cfg.mask_threshold, cfg.overlap_threshold, gate_input): len(c) for c in chunks}
         parts, done = [], 0
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)

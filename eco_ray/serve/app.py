@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from eco_ray.model.postprocess import OVERLAP_THRESHOLD
 from eco_ray.serve.engine import MASK_FORMATS, Budget, InputError, Limits, decode_image
 
 api = FastAPI(title="eco-ray", description="Early-exit Mask2Former: per-image encoder depth under a compute budget")
@@ -52,7 +53,8 @@ class Segmenter:
             raise ValueError("the Segmenter needs user_config.tracking_uri or $MLFLOW_TRACKING_URI")
         engine, gate_meta = load_engine(config["parent_uri"], config["gate_uri"], tracking,
                                         config.get("default_beta"), float(config.get("threshold", 0.5)),
-                                        float(config.get("mask_threshold", 0.5)))
+                                        float(config.get("mask_threshold", 0.5)),
+                                        float(config.get("overlap_threshold", OVERLAP_THRESHOLD)))
         engine.versions["revision"] = config.get("revision", 0)
         # one assignment: a batch already running keeps the engine it started with
         self.engine, self.gate_meta, self.config = engine, gate_meta, dict(config)

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 from eco_ray.data.collate import pixel_values
 from eco_ray.metrics.panoptic import CategorySet
 from eco_ray.model.gates import BudgetGate
-from eco_ray.model.postprocess import to_panoptic
+from eco_ray.model.postprocess import OVERLAP_THRESHOLD, to_panoptic
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/bmp", "image/tiff")
 MASK_FORMATS = ("png", "rle")
@@ -110,6 +110,7 @@ class Engine:
     versions: dict = field(default_factory=dict)
     threshold: float = 0.5
     mask_threshold: float = 0.5
+    overlap_threshold: float = OVERLAP_THRESHOLD
 
     @property
     def exits(self) -> list[int]:
@@ -154,7 +155,8 @@ class Engine:
         x = pixel_values([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
         out = self.parent.forward_gated(x, lambda feats: self.choose_exits(feats, budgets))
         exits = out.exit_per_image.tolist()
-        preds = to_panoptic(out, self.categories, (size, size), self.threshold, self.mask_threshold)
+        preds = to_panoptic(out, self.categories, (size, size), self.threshold, self.mask_threshold,
+                            self.overlap_threshold)
         batch_ms = (time.perf_counter() - t0) * 1e3
         gflops_of = dict(zip(self.exits, self.gflops))
         results = []
@@ -201,7 +203,8 @@ def encode_panoptic(id_map: np.ndarray, segments: list[dict], shape: tuple[int, 
 
 
 def load_engine(parent_uri: str, gate_uri: str, tracking_uri: str, default_beta: float | None = None,
-                threshold: float = 0.5, mask_threshold: float = 0.5) -> tuple[Engine, dict]:
+                threshold: float = 0.5, mask_threshold: float = 0.5, overlap_threshold: float = OVERLAP_THRESHOLD
+                ) -> tuple[Engine, dict]:
     """(engine, gate config): parent and gate from MLflow URIs or directories; the gate must fit the parent."""
     from eco_ray.model.io import load_gate, load_parent
     from eco_ray.registry import describe_model_uri, resolve_model_dir
@@ -222,4 +225,5 @@ def load_engine(parent_uri: str, gate_uri: str, tracking_uri: str, default_beta:
     versions = {"parent": describe_model_uri(parent_uri, tracking_uri), "gate": describe_model_uri(gate_uri, tracking_uri),
                 "gate_kind": gate.kind, "gate_beta": gmeta.get("beta")}
     beta = gmeta.get("beta", 0.05) if default_beta is None else default_beta
-    return Engine(parent.eval(), gate.eval(), categories, gflops, float(beta), versions, threshold, mask_threshold), gmeta
+    return Engine(parent.eval(), gate.eval(), categories, gflops, float(beta), versions, threshold, mask_threshold,
+                  overlap_threshold), gmeta
