@@ -52,7 +52,7 @@ def test_synth_has_the_designed_spread():
     cfg = SynthConfig(size=64, seed=0)
     metas = [generate_image(cfg, "train", i) for i in range(150)]
     kinds = {m[3]["eco_kind"] for m in metas}
-    assert kinds == {"clean", "camouflage", "relational"}
+    assert kinds == {"clean", "outline", "relational"}  # camouflage: weight 0 by default
     counts = [m[3]["eco_num_objects"] for m in metas]
     assert min(counts) >= cfg.min_objects and max(counts) == cfg.max_objects
     gem_ids = {c["id"] for c in CATEGORIES if c["name"] in GEMS}
@@ -64,6 +64,21 @@ def test_synth_has_the_designed_spread():
             assert not thing_cats & gem_ids
         # clutter is drawn independently of kind: object count follows clutter alone
         assert meta["eco_num_objects"] <= round(1 + meta["eco_clutter"] * 7)
+
+
+def test_outline_shapes_show_the_stuff_inside_their_contour():
+    # kind is the first draw either way, so the same index gives the same stuff, shape and colour: the outline
+    # image must equal the clean one outside the shape and on its contour, and show no flat fill inside
+    one = dict(size=64, seed=1, noise=0.0, min_objects=1, max_objects=1)
+    for i in range(6):
+        clean_img, clean_ids, clean_cat, _ = generate_image(SynthConfig(kind_mix={"clean": 1}, **one), "val", i)
+        img, ids, cat, meta = generate_image(SynthConfig(kind_mix={"outline": 1}, **one), "val", i)
+        assert meta["eco_kind"] == "outline" and np.array_equal(ids, clean_ids) and cat == clean_cat
+        thing = ids == min(k for k, c in cat.items() if c <= 4)
+        assert np.array_equal(img[~thing], clean_img[~thing])
+        fill = clean_img[thing][0]
+        on_fill = (img[thing] == fill).all(-1)
+        assert 0 < on_fill.sum() < 0.7 * thing.sum()  # the contour has the colour, the inside does not
 
 
 def test_bad_config_is_rejected():

@@ -44,7 +44,7 @@ def test_derived_table_matches_a_direct_evaluation(env):
     assert val.stats.tp.shape == (16, 2, 5, len(val_data.categories))  # (images, views, exits, categories)
     assert val.image_ids.tolist() == val_data.image_ids
     assert val.gate_features.shape == (16, m["gate_input_dim"])
-    assert set(val.kinds.tolist()) <= {"clean", "camouflage", "relational"}
+    assert set(val.kinds.tolist()) <= {"clean", "outline", "relational"}
     # chunks evaluated by Ray tasks give exactly what one in-process pass gives
     model, _ = load_parent(env["parent_dir"])
     for view, flip in ((0, False), (1, True)):

@@ -39,7 +39,7 @@ for t in ths:
     print(f"th {t}: " + "  ".join(row))
 t = ths[0]; k = m.exits[-1]
 S = PanopticStats.stack(stats[t][k])
-for kind in ("clean", "camouflage", "relational"):
+for kind in sorted(set(kinds)):
     r = aggregate(S[kinds == kind], val.categories)
     print(f"  th {t} exit {k} {kind}: PQ {r.pq:.3f} things {r.pq_things:.3f} stuff {r.pq_stuff:.3f}")
 r = aggregate(S, val.categories)
