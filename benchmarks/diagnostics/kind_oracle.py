@@ -22,7 +22,8 @@ rows = []
 for alloc in itertools.product(range(len(split.exits)), repeat=len(kinds)):
     choice = np.array([alloc[kinds.index(k)] for k in split.kinds])
     p = evaluate_choice(split, ds.categories, cols, choice)
-    rows.append((p["pq"] - static_at(static, p["encoder_gflops_mean"]), p, dict(zip(kinds, (split.exits[a] for a in alloc)))))
+    assignment = dict(zip(kinds, (split.exits[a] for a in alloc)))
+    rows.append((p["pq"] - static_at(static, p["encoder_gflops_mean"]), p, assignment))
 print("static:", ", ".join(f"exit {p['exit']} {p['pq']:.4f}@{p['encoder_gflops_mean']:.4f}" for p in static))
 for kind in kinds:
     sub = split.subset(split.kinds == kind)

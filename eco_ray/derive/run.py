@@ -89,8 +89,8 @@ def _derive_chunk(blob_ref, root: str, split: str, indices: list[int], views: li
     model.config.gate_input = gate_input  # the effective one, resolved by run_derive (workers cache the model)
     ds = CocoPanopticDataset.from_root(root, split)
     per_view = [evaluate_exits(model, ds, indices=indices, batch_size=batch_size, flip=(v == "flip"),
-                               threshold=threshold, mask_threshold=mask_threshold, overlap_threshold=overlap_threshold)
-                 for v in views]
+                               threshold=threshold, mask_threshold=mask_threshold,
+                               overlap_threshold=overlap_threshold) for v in views]
     stats = PanopticStats(**{k: np.stack([getattr(ev.stats, k) for ev in per_view], axis=1)
                              for k in per_view[0].stats.as_dict()})
     plain = per_view[0]

@@ -22,8 +22,9 @@ from eco_ray.model.early_exit import ExitOutput
 
 # detectron2 Mask2Former's value. Measured on training images: a 2,000-step `small` parent kept 2.1 things per
 # image at 0.8 and 4.6 at 0.3 (of 5.0), yet PQ rose only 0.019 at 0.5-0.6 (most of the extra ones were wrong or
-# loose); on the 6,000-step parent 0.6-0.7 raised PQ by ~0.01 over 0.8, and 0.4 lost it again. Kept at 0.8 so that earlier tables stay comparable; derive and serve take it as a
-# setting, and both must use the same value for the table's PQ to hold for what is served.
+# loose); on the 6,000-step parent 0.6-0.7 raised PQ by ~0.01 over 0.8, and 0.4 lost it again. Kept at 0.8 so
+# that earlier tables stay comparable; derive and serve take it as a setting, and both must use the same value
+# for the table's PQ to hold for what is served.
 OVERLAP_THRESHOLD = 0.8
 
 
