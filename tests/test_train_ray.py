@@ -13,6 +13,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
+from eco_ray.cluster import init_ray
 from eco_ray.config import ConfigError
 from eco_ray.data import CocoPanopticDataset, collate_panoptic
 from eco_ray.model.io import load_parent
@@ -33,9 +34,23 @@ def tiny_config(synth_root, run_dir, *extra):
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    init_ray(num_cpus=4, log_to_driver=False)  # as the CLI starts it: with our worker setup hook
     yield ray
     ray.shutdown()
+
+
+def test_workers_know_their_own_cluster_and_skip_the_known_noise(ray_cluster):
+    """Ray's State API otherwise looks up the newest local cluster, which need not be ours (eco_ray/cluster.py)."""
+    import logging
+
+    @ray_cluster.remote
+    def probe():
+        cleaner = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
+        return os.environ.get("RAY_ADDRESS"), cleaner.getEffectiveLevel()
+
+    address, level = ray_cluster.get(probe.remote())
+    assert address == ray_cluster.get_runtime_context().gcs_address
+    assert level == logging.ERROR
 
 
 def test_bad_config_or_data_fails_before_ray_starts(tmp_path):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eco_ray.cluster import init_ray
 from eco_ray.config import ConfigError
 from eco_ray.derive.table import (MANIFEST, VIEWS, DerivedDataset, DerivedSplit, noise_floor, write_manifest,
                                   write_split)
@@ -169,8 +170,7 @@ def run_derive(cfg: DeriveConfig, *, tracking_uri: str | None = None, address: s
         shutil.rmtree(out)
     out.mkdir(parents=True)
 
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    init_ray(address, log_to_driver=True)
     task = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=3)(_derive_chunk)
     blob_ref = ray.put(blob)
     root = str(Path(cfg.data_root).resolve())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from eco_ray.cluster import init_ray
 from eco_ray.config import ConfigError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml"
@@ -44,7 +45,6 @@ def build_app(doc: dict, overrides: dict | None = None):
 
 def start(config: str | None, *, parent_uri: str | None, gate_uri: str | None, tracking_uri: str, host: str,
           port: int, address: str | None = None, blocking: bool = True) -> str:
-    import ray
     from ray import serve
 
     doc = load_serve_config(config)
@@ -54,8 +54,7 @@ def start(config: str | None, *, parent_uri: str | None, gate_uri: str | None, t
 
     for key in ("parent_uri", "gate_uri"):
         resolve_model_dir(user_config[key], tracking_uri)
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    init_ray(address, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=doc["applications"][0].get("name", "eco-ray"), route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"

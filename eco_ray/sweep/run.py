@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eco_ray.cluster import init_ray
 from eco_ray.config import ConfigError, load_config
 from eco_ray.gate.fit import GateConfig
 
@@ -264,7 +265,6 @@ def _callback(logger: _MlflowLogger, constraints: dict[str, float]):
 
 def run_sweep(cfg: SweepConfig | None = None, *, name: str | None = None, resume: str | None = None,
               tracking_uri: str | None = None, address: str | None = None, run_dir: str | None = None) -> dict:
-    import ray
     from mlflow import MlflowClient
     from ray import tune
 
@@ -319,8 +319,7 @@ def run_sweep(cfg: SweepConfig | None = None, *, name: str | None = None, resume
     remaining = cfg.trials - _counted(study)
     t0 = time.perf_counter()
     if remaining > 0:
-        if not ray.is_initialized():
-            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        init_ray(address, log_to_driver=False)
         searcher = _searcher_class()(
             space=functools.partial(define_by_run, space=space), metric=["pq", cost_key], mode=["max", "min"],
             sampler=_make_sampler(cfg), study_name=f"eco-ray-{name}", storage=_storage(cfg.storage),

@@ -23,6 +23,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 
+from eco_ray.cluster import init_ray
 from eco_ray.config import ConfigError
 from eco_ray.train.config import TrainConfig
 
@@ -208,7 +209,6 @@ def new_run_name() -> str:
 def run_training(cfg: TrainConfig | None = None, *, name: str | None = None, resume: str | None = None,
                  address: str | None = None, tracking_uri: str | None = None, run_dir: str | None = None) -> dict:
     """Train (or resume) a parent; returns a summary with the run name, MLflow run id, model version."""
-    import ray
     from mlflow import MlflowClient
     from mlflow.entities import Param
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -256,8 +256,7 @@ def run_training(cfg: TrainConfig | None = None, *, name: str | None = None, res
 
     storage = cfg.storage_path or str((Path(cfg.run_dir) / "ray").resolve())
     storage_run_path = f"{storage.rstrip('/')}/{name}"
-    if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
+    init_ray(address, log_to_driver=True)
     trainer = TorchTrainer(
         _worker_loop,
         train_loop_config={"train_config": asdict(cfg), "run_id": run_id, "tracking_uri": tracking_uri,
