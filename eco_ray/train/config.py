@@ -12,7 +12,7 @@ from omegaconf.errors import OmegaConfBaseException
 from eco_ray.config import ConfigError, load_config
 from eco_ray.model.config import ModelConfig, preset_names
 
-EXIT_SAMPLING = ("uniform", "deep", "all")
+EXIT_SAMPLING = ("uniform", "deep", "deepest_plus_one", "all")
 ALPHA = ("depth", "depth_sq", "uniform")
 
 
@@ -28,7 +28,9 @@ class TrainConfig:
     warmup_steps: int = 200
     grad_clip: float = 1.0
     # weighted stochastic depth: which exit(s) each step trains, and the loss weight alpha_k of exit k
-    exit_sampling: str = "uniform"  # uniform over exits | deep (probability ~ depth) | all (every exit, every step)
+    # uniform over exits | deep (probability ~ depth) | deepest_plus_one (the deepest exit and one shallower
+    # exit, uniform, every step) | all (every exit, every step)
+    exit_sampling: str = "uniform"
     alpha: str = "depth"  # depth: k / K (the official code) | depth_sq: k^2 / K^2 | uniform: 1
     eval_every: int = 1000  # steps between validations (PQ per exit on eval_images validation images)
     eval_images: int = 100

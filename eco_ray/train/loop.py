@@ -37,6 +37,11 @@ class ExitSchedule:
         if self.sampling == "all":
             return list(self.exits)
         rng = np.random.default_rng([self.seed, step])
+        if self.sampling == "deepest_plus_one":
+            # the "sandwich rule" of slimmable networks: the deepest exit gets a gradient every step, as in a
+            # plain Mask2Former, and one shallower exit (uniform) rides along on the same encoder pass
+            shallower = self.exits[:-1]
+            return ([int(rng.choice(shallower))] if shallower else []) + [self.exits[-1]]
         return [int(rng.choice(self.exits, p=self.probs))]
 
     def alpha(self, k: int) -> float:
