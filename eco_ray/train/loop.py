@@ -44,6 +44,11 @@ class ExitSchedule:
             return ([int(rng.choice(shallower))] if shallower else []) + [self.exits[-1]]
         return [int(rng.choice(self.exits, p=self.probs))]
 
+    @property
+    def every_step_reaches_the_deepest_exit(self) -> bool:
+        """Then every parameter gets a gradient every step, and DDP can skip its search for unused ones."""
+        return self.sampling in ("all", "deepest_plus_one") or self.exits == [self.depth]
+
     def alpha(self, k: int) -> float:
         if self.alpha_rule == "depth":
             return k / self.depth

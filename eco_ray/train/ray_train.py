@@ -99,12 +99,14 @@ def _worker_loop(config: dict) -> None:
         if rank == 0:
             _say(f"[train] resuming from the checkpoint at step {start_step}")
     device = ray.train.torch.get_device()
-    model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": True})
+    schedule = ExitSchedule(core.exits, cfg.exit_sampling, cfg.alpha, cfg.seed)
+    # a step that stops at a shallow exit leaves the deeper layers without a gradient, which DDP must be told
+    find_unused = not schedule.every_step_reaches_the_deepest_exit
+    model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": find_unused})
     core = model.module if hasattr(model, "module") else model
     optimizer = make_optimizer(core, cfg.lr, cfg.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
-    schedule = ExitSchedule(core.exits, cfg.exit_sampling, cfg.alpha, cfg.seed)
     batches = training_batches(train_ds, cfg.batch_size // world, cfg.model.image_size, cfg.seed, rank, world,
                                start_step)
     client = MlflowClient(config["tracking_uri"]) if rank == 0 else None
