@@ -39,7 +39,7 @@ class PipelineConfig:
     val_images: int = 300
     synth: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=lambda: {
-        "steps": 5000, "exit_sampling": "deep", "eval_every": 2500, "checkpoint_every": 600})
+        "steps": 5000, "exit_sampling": "deepest_plus_one", "eval_every": 2500, "checkpoint_every": 600})
     derive: dict[str, Any] = field(default_factory=lambda: {"max_images": 2000})
     sweep: dict[str, Any] = field(default_factory=lambda: {"trials": 40})
     # select: one budget. max_relative_gflops is a share of the full-depth encoder GFLOPs (0.7 = save 30%)
