@@ -12,6 +12,7 @@ import numpy as np
 
 from eco_ray.derive.table import DerivedDataset
 from eco_ray.gate.report import evaluate_choice, static_at, static_baseline
+from eco_ray.metrics.panoptic import aggregate
 
 ds = DerivedDataset.open(sys.argv[1])
 split = ds.split(sys.argv[2] if len(sys.argv) > 2 else "val")
@@ -27,8 +28,10 @@ for alloc in itertools.product(range(len(split.exits)), repeat=len(kinds)):
 print("static:", ", ".join(f"exit {p['exit']} {p['pq']:.4f}@{p['encoder_gflops_mean']:.4f}" for p in static))
 for kind in kinds:
     sub = split.subset(split.kinds == kind)
+    things = [aggregate(sub.eval_stats[:, e], ds.categories).pq_things for e in range(len(sub.exits))]
     print(f"  {kind:<11} ({len(sub)} images) PQ per exit:",
-          " ".join(f"{p['exit']}:{p['pq']:.3f}" for p in static_baseline(sub, ds.categories, cols)))
+          " ".join(f"{p['exit']}:{p['pq']:.3f}" for p in static_baseline(sub, ds.categories, cols)),
+          "| things:", " ".join(f"{k}:{t:.3f}" for k, t in zip(sub.exits, things)))
 print("best kind -> exit assignments (gain over static at the same compute):")
 for gain, p, assignment in sorted(rows, key=lambda r: -r[0])[:5]:
     print(f"  {gain:+.4f}  PQ {p['pq']:.4f} @ {p['encoder_gflops_mean']:.4f} GFLOPs  {assignment}")

@@ -85,6 +85,8 @@ class SynthConfig:
     max_overlap: float = 0.45  # at clutter 1: most of a new object that may lie on earlier ones
     min_visible: float = 0.5  # every object keeps at least this fraction of its own pixels visible
     key_min_distance: float = 0.35  # relational: key marker to nearest gem, as a fraction of the size
+    key_arm: float = 0.025  # relational: the plus-shaped key's unit as a fraction of the size (>= 2 px): the
+    # plus is 4 units long and 1.4 wide
     camouflage_shift: float = 40.0  # camouflage: colour offset of the object from the stuff beneath
     noise: float = 6.0  # per-pixel Gaussian noise (0-255 scale)
     outline_width: float = 2.0  # outline: contour width in pixels at size 128 (scaled with the size)
@@ -101,7 +103,7 @@ class SynthConfig:
             raise ValueError(f"need 1 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
         if not 0 < self.min_radius_fraction <= self.max_radius_fraction <= 0.5:
             raise ValueError("need 0 < min_radius_fraction <= max_radius_fraction <= 0.5")
-        for name in ("max_overlap", "min_visible", "key_min_distance"):
+        for name in ("max_overlap", "min_visible", "key_min_distance", "key_arm"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
 
@@ -257,7 +259,7 @@ def _draw_image(cfg: SynthConfig, rng: np.random.Generator):
         image[mask] = fill[mask]
 
     if key is not None:  # a small plus sign, part of the stuff beneath it (not a segment)
-        kx, ky, arm = key[0], key[1], max(2.0, s / 40)
+        kx, ky, arm = key[0], key[1], max(2.0, cfg.key_arm * s)
         plus = ((np.abs(canvas.xx - kx) <= arm * 2) & (np.abs(canvas.yy - ky) <= arm * 0.7)) | \
                ((np.abs(canvas.yy - ky) <= arm * 2) & (np.abs(canvas.xx - kx) <= arm * 0.7))
         plus &= owner == 0
