@@ -39,20 +39,6 @@ def ray_cluster():
     ray.shutdown()
 
 
-def test_workers_know_their_own_cluster_and_skip_the_known_noise(ray_cluster):
-    """Ray's State API otherwise looks up the newest local cluster, which need not be ours (eco_ray/cluster.py)."""
-    import logging
-
-    @ray_cluster.remote
-    def probe():
-        cleaner = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
-        return os.environ.get("RAY_ADDRESS"), cleaner.getEffectiveLevel()
-
-    address, level = ray_cluster.get(probe.remote())
-    assert address == ray_cluster.get_runtime_context().gcs_address
-    assert level == logging.ERROR
-
-
 def test_bad_config_or_data_fails_before_ray_starts(tmp_path):
     import ray
 
@@ -75,6 +61,20 @@ def test_a_missing_pretrained_directory_fails_before_ray_starts(synth_root, tmp_
     with pytest.raises(ConfigError, match="no-such-model"):
         run_training(cfg)
     assert not ray.is_initialized()
+
+
+def test_workers_know_their_own_cluster_and_skip_the_known_noise(ray_cluster):
+    """Ray's State API otherwise looks up the newest local cluster, which need not be ours (eco_ray/cluster.py)."""
+    import logging
+
+    @ray_cluster.remote
+    def probe():
+        cleaner = logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner")
+        return os.environ.get("RAY_ADDRESS"), cleaner.getEffectiveLevel()
+
+    address, level = ray_cluster.get(probe.remote())
+    assert address == ray_cluster.get_runtime_context().gcs_address
+    assert level == logging.ERROR
 
 
 def test_training_registers_a_parent_that_loads_and_predicts(ray_cluster, synth_root, tmp_path, monkeypatch):
