@@ -135,6 +135,16 @@ def _latest_checkpoint_step(storage: Path) -> int:
     return max(steps, default=0)
 
 
+def test_exits_short_of_the_last_encoder_layer_train_with_deepest_plus_one(ray_cluster, synth_root, tmp_path):
+    """No step reaches the encoder layers past the last exit: DDP must still look for unused parameters."""
+    from eco_ray.train.ray_train import run_training
+
+    cfg = tiny_config(synth_root, tmp_path, "steps=3", "checkpoint_every=3", "eval_every=3",
+                      "exit_sampling=deepest_plus_one", "model.exits=[2,4]")
+    summary = run_training(cfg, name="short-exits")
+    assert summary["steps"] == 3 and set(summary["val_pq_per_exit"]) == {2, 4}
+
+
 def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, synth_root, tmp_path):
     from eco_ray.train.ray_train import run_training
 

@@ -100,8 +100,9 @@ def _worker_loop(config: dict) -> None:
             _say(f"[train] resuming from the checkpoint at step {start_step}")
     device = ray.train.torch.get_device()
     schedule = ExitSchedule(core.exits, cfg.exit_sampling, cfg.alpha, cfg.seed)
-    # a step that stops at a shallow exit leaves the deeper layers without a gradient, which DDP must be told
-    find_unused = not schedule.every_step_reaches_the_deepest_exit
+    # a step that stops at a shallow exit leaves the deeper layers without a gradient, which DDP must be told;
+    # so do encoder layers past the last exit, which no step reaches
+    find_unused = not (schedule.every_step_reaches_the_deepest_exit and core.exits[-1] == cfg.model.encoder_layers)
     model = ray.train.torch.prepare_model(core, parallel_strategy_kwargs={"find_unused_parameters": find_unused})
     core = model.module if hasattr(model, "module") else model
     optimizer = make_optimizer(core, cfg.lr, cfg.weight_decay)
