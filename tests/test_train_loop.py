@@ -42,7 +42,8 @@ def test_deepest_plus_one_trains_the_deepest_exit_every_step_and_one_shallower_e
     assert all(abs(shallow[k] / 4000 - 1 / 4) < 0.03 for k in EXITS[:-1])
     assert ExitSchedule([6], "deepest_plus_one").exits_for_step(0) == [6]  # a plain model: nothing to add
     # DDP may then skip its search for unused parameters; one sampled exit per step may not
-    assert schedule.every_step_reaches_the_deepest_exit and ExitSchedule(EXITS, "all").every_step_reaches_the_deepest_exit
+    assert schedule.every_step_reaches_the_deepest_exit
+    assert ExitSchedule(EXITS, "all").every_step_reaches_the_deepest_exit
     assert not ExitSchedule(EXITS, "deep").every_step_reaches_the_deepest_exit
     assert ExitSchedule([6], "uniform").every_step_reaches_the_deepest_exit
 
