@@ -428,8 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_cost)
 
     t = sub.add_parser("train", help="Step A: train the early-exit parent on Ray Train, register it in MLflow",
-                       description="Weighted stochastic depth: each step trains one sampled exit (or all), its loss "
-                                   "weighted by alpha_k. Data-parallel over Ray Train workers; checkpoints every "
+                       description="Weighted stochastic depth: each step trains one sampled exit, the deepest "
+                                   "exit plus one sampled shallower exit (exit_sampling=deepest_plus_one, the "
+                                   "pipeline's choice) or all exits, each exit's loss weighted by alpha_k. "
+                                   "Data-parallel over Ray Train workers; checkpoints every "
                                    "checkpoint_every steps; a killed worker recovers from the last checkpoint, a "
                                    "stopped run continues with --resume NAME. Settings: eco_ray/train/config.py.")
     t.add_argument("--config", help="YAML file with training settings (TrainConfig)")
