@@ -46,7 +46,8 @@ class ExitSchedule:
 
     @property
     def every_step_reaches_the_deepest_exit(self) -> bool:
-        """Then every parameter gets a gradient every step, and DDP can skip its search for unused ones."""
+        """Every step reaches the last exit: if that exit is also the last encoder layer, every parameter gets
+        a gradient every step and DDP can skip its search for unused ones (the caller checks the layer)."""
         return self.sampling in ("all", "deepest_plus_one") or self.exits == [self.depth]
 
     def alpha(self, k: int) -> float:
