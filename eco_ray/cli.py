@@ -247,7 +247,7 @@ def cmd_sweep(args) -> int:
         for key, value in (("derived", args.derived), ("space", args.space), ("trials", args.trials),
                            ("concurrency", args.concurrency), ("sampler", args.sampler),
                            ("objective_cost", args.objective), ("max_gflops", args.max_gflops),
-                           ("max_latency_ms", args.max_latency_ms), ("storage", args.storage), ("seed", args.seed),
+                           ("max_latency_ms", args.max_latency_ms), ("storage", args.storage), ("seed", args.seed), ("holdout", args.holdout),
                            ("run_dir", args.run_dir)):
             if value is not None:
                 overrides.append(f"{key}={value}")
@@ -262,12 +262,18 @@ def cmd_sweep(args) -> int:
           f"{summary['failed']} failed; {summary['trials_run_now']} run now in {summary['seconds']:.0f} s"
           + (f" ({rate:.0f} trials/min)" if rate else ""))
     key = summary["objective_cost"]
-    print(f"Pareto front (PQ up, {key} down), {len(summary['front'])} points:")
+    sel, ev = summary["selection_split"], summary["eval_split"]
+    where = (f"{sel['images']} held-out {sel['split']} images" if sel["held_out"] > 0 else
+             f"the {sel['split']} split itself")
+    print(f"Pareto front (PQ up, {key} down) on {where}, {len(summary['front'])} points; "
+          f"then the same gate on {ev['split']} ({ev['images']} images):")
     for p in summary["front"]:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p["params"].items())
-        print(f"  trial {p['number']:>4}: PQ {p['pq']:.4f}  {key} {p[key]:.4f}  [{params}]")
-    print("static depth: " + ", ".join(f"exit {p['exit']}: PQ {p['pq']:.4f} @ {p[key]:.4f}"
-                                      for p in summary["static"] if key in p))
+        print(f"  trial {p['number']:>4}: PQ {p['pq']:.4f}  {key} {p[key]:.4f} | {ev['split']}: PQ "
+              f"{p.get('val_pq', float('nan')):.4f}  {key} {p.get('val_' + key, float('nan')):.4f}  [{params}]")
+    for label, rows in ((where, summary["static"]), (ev["split"], summary["static_val"])):
+        print(f"static depth on {label}: " + ", ".join(f"exit {p['exit']}: PQ {p['pq']:.4f} @ {p[key]:.4f}"
+                                                       for p in rows if key in p))
     print(f"MLflow parent run {summary['run_id']}; plot {summary['plot']}")
     return 0
 
@@ -288,6 +294,10 @@ def cmd_select(args) -> int:
     print(f"selected trial {c['optuna_trial']} of sweep {r['sweep']} ({r['candidates']} candidates): {r['why']}")
     print(f"  PQ {c['pq']:.4f} (things {c.get('pq_things', float('nan')):.4f}, stuff {c.get('pq_stuff', float('nan')):.4f}),"
           f" {c['encoder_gflops_mean']:.4f} mean encoder GFLOPs, {c.get('latency_ms_mean', float('nan')):.2f} ms")
+    if "val_pq" in c:
+        print(f"  on the validation split (never selected on): PQ {c['val_pq']:.4f} (things "
+              f"{c.get('val_pq_things', float('nan')):.4f}, stuff {c.get('val_pq_stuff', float('nan')):.4f}), "
+              f"{c.get('val_encoder_gflops_mean', float('nan')):.4f} mean encoder GFLOPs")
     print(f"  params: {c['params']}")
     print(f"registered {r['registered_model']} version {r['version']}; alias {r['alias']!r} -> version {r['version']} "
           f"({r['model_uri']})")
@@ -499,8 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "fits a gate on the derived table and evaluates it exactly (seconds). The Optuna "
                                    "study is named eco-ray-<sweep> and stored in runs/sweeps/<sweep>/optuna.db (or "
                                    "--storage, e.g. postgresql://...). Every trial is one MLflow child run of the "
-                                   "sweep's run, which gets the Pareto front and its plot. Settings: SweepConfig in "
-                                   "eco_ray/sweep/run.py.")
+                                   "sweep's run, which gets the Pareto front and its plot. Trials fit on the training "
+                                   "split minus a held-out share (--holdout, default 0.25) and are scored, budgeted "
+                                   "and selected on that share; the validation split only reports (val_* metrics), "
+                                   "so its PQ is not inflated by picking the best of many trials on it. Settings: "
+                                   "SweepConfig in eco_ray/sweep/run.py.")
     w.add_argument("--derived", help="derived-dataset directory (eco-ray derive)")
     w.add_argument("--space", help="search space YAML (default search_spaces/default.yaml)")
     w.add_argument("--trials", type=int, help="finished trials the sweep ends with (default 40)")
@@ -510,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--objective", choices=["gflops", "latency"], help="cost objective (default gflops)")
     w.add_argument("--max-gflops", type=float, help="budget on mean encoder GFLOPs: an Optuna constraint")
     w.add_argument("--max-latency-ms", type=float, help="budget on mean latency (ms): an Optuna constraint")
+    w.add_argument("--holdout", type=float, help="share of the training images held out of every fit to score "
+                                                 "and select trials on (default 0.25; 0 = score on the validation "
+                                                 "split itself, optimistic)")
     w.add_argument("--storage", help="Optuna storage URL (default sqlite in the sweep directory)")
     w.add_argument("--name", help="sweep name (default sweep-<UTC time>); a new sweep never reuses a name")
     w.add_argument("--resume", metavar="NAME", help="continue the stopped sweep NAME (runs only missing trials)")

@@ -203,6 +203,61 @@ def test_fit_and_evaluate_reports_the_baselines(env):
         np.mean([aggregate(train.stats[:, v, -1], ds.categories).pq for v in range(len(train.views))]))
 
 
+def _informative_dataset(env, n_train=400, n_val=120, seed=0):
+    """The fixture's manifest (exits, costs, categories) with synthetic splits whose per-image PQ depends on
+    the gate input (feature 0 > 0: gains with depth; else flat), so gate decisions vary between images."""
+    from eco_ray.derive.table import DerivedSplit
+
+    ds = DerivedDataset.open(env["manifest"]["path"])
+    rng = np.random.default_rng(seed)
+    exits, c = ds.exits, len(ds.categories)
+
+    def split(name, n, first_id):
+        x = rng.normal(size=(n, 8)).astype(np.float32)
+        q = np.where(x[:, :1] > 0, np.linspace(0.3, 0.9, len(exits))[None], 0.8) + rng.normal(0, 0.01, (n, len(exits)))
+        stats = PanopticStats.zeros((n, 2, len(exits), c))
+        stats.tp[..., 0], stats.iou_sum[..., 0] = 1, np.repeat(q[:, None], 2, axis=1)
+        stats.sem_inter[..., 0] = stats.sem_union[..., 0] = 1
+        return DerivedSplit(name, np.arange(first_id, first_id + n), exits, ["plain", "flip"], stats, x,
+                            np.array(["clean"] * n, dtype=object), np.ones(n, np.int64))
+
+    ds._splits = {"train": split("train", n_train, 1), "val": split("val", n_val, 100000)}
+    return ds
+
+
+def test_holdout_fits_on_the_rest_and_scores_the_held_out_images(env):
+    from eco_ray.gate.report import evaluate_choice, static_baseline
+
+    ds = _informative_dataset(env)
+    train, val = ds.split("train"), ds.split("val")
+    kept, held = train.hold_out(0.25)
+    assert len(kept) + len(held) == len(train) and 0.15 < len(held) / len(train) < 0.35
+    assert not set(kept.image_ids) & set(held.image_ids)
+    cfg = GateConfig(kind="budget", epochs=200, lr=0.05, hidden=16)
+    res = fit_and_evaluate(ds, cfg, betas=[0.05, 0.3], holdout=0.25)
+    assert res["train_images"] == len(kept) and res["holdout_images"] == len(held)
+    assert res["static"] == fit_and_evaluate(ds, cfg, betas=[0.05])["static"]  # the eval split is untouched
+    assert res["static_holdout"] == static_baseline(held, ds.categories, ds.cost_columns())
+    rel = relative_costs(ds.costs("gflops"))
+    # the gate was fitted on the kept images only: refitting on them reproduces both evaluations exactly,
+    # while a gate fitted on the whole training split decides differently somewhere
+    gate = fit_gate(kept.gate_features, kept.quality, rel, ds.exits, cfg)
+    whole = fit_gate(train.gate_features, train.quality, rel, ds.exits, cfg)
+    differs = 0
+    for p in res["points"]:
+        for split, evaluation in ((val, p["gate"]), (held, p["holdout"]["gate"])):
+            choice = gate_choice(gate, split.gate_features, rel, p["beta"])
+            assert len(set(choice.tolist())) > 1  # informative data: not one exit for every image
+            expected = evaluate_choice(split, ds.categories, ds.cost_columns(), choice)
+            assert evaluation["pq"] == pytest.approx(expected["pq"])
+            assert evaluation["exit_histogram"] == expected["exit_histogram"]
+            differs += int((gate_choice(whole, split.gate_features, rel, p["beta"]) != choice).any())
+        assert p["holdout"]["gate"]["pq"] > p["holdout"]["oracle"]["pq"] - 0.05  # it learned the rule
+    assert differs > 0
+    with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+        train.hold_out(1.0)
+
+
 def test_cross_view_oracle_and_the_equal_compute_baseline(env):
     from dataclasses import replace
 

@@ -154,6 +154,17 @@ def test_sweep_logs_every_trial_once_and_finds_a_true_pareto_front(tiny_derived,
 
     gate, meta = load_gate(resolve_model_dir("models:/eco-gate@production", tracking))
     assert meta["derived_key"] == tiny_derived["manifest"]["key"]
+    # trials were fitted without, and scored on, the held-out training images; the validation split only
+    # reports (val_*). (This random parent scores PQ 0 everywhere, so the values themselves are checked on
+    # informative data in test_derive_gate.py::test_holdout_fits_on_the_rest_and_scores_the_held_out_images.)
+    from eco_ray.derive.table import DerivedDataset
+
+    kept, held = DerivedDataset.open(tiny_derived["manifest"]["path"]).split("train").hold_out(0.25)
+    assert s["selection_split"] == {"split": "train", "held_out": 0.25, "images": len(held)}
+    assert s["eval_split"] == {"split": "val", "images": 16}
+    assert all("val_pq" in r.data.metrics and "val_encoder_gflops_mean" in r.data.metrics for r in runs)
+    assert meta["fitted_on"] == {"split": "train", "images": len(kept), "held_out": 0.25}
+    assert "held out of every fit" in r2["why"]
     assert main(["models", "--tracking-uri", tracking]) == 0
 
 
@@ -161,8 +172,11 @@ def test_budget_is_an_optuna_constraint(tiny_derived, tmp_path, ray_local):
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     costs = [e["encoder_gflops"] for e in tiny_derived["manifest"]["costs"]["exits"]]
     budget = (costs[0] + costs[-1]) / 2
-    s = run_sweep(sweep_cfg(tiny_derived, tmp_path, "trials=6", f"max_gflops={budget}", "sampler=random"),
-                  name="c1", tracking_uri=tracking)
+    s = run_sweep(sweep_cfg(tiny_derived, tmp_path, "trials=6", f"max_gflops={budget}", "sampler=random",
+                            "holdout=0"), name="c1", tracking_uri=tracking)
+    # holdout 0: trials are scored on the validation split itself
+    assert s["selection_split"]["split"] == "val" and s["static_val"] == s["static"]
+    assert all(t["metrics"]["pq"] == t["metrics"]["val_pq"] for t in s["trials"])
     study = optuna.load_study(study_name="eco-ray-c1", storage=s["storage"])
     by_number = {t["number"]: t for t in s["trials"]}
     for t in study.trials:

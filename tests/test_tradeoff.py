@@ -96,3 +96,21 @@ def test_hypervolume_by_hand():
     assert hypervolume_2d([0.5, 1.0], [1.0, 1.5], 0.0, 2.0) == pytest.approx(0.5 * 1.0 + 0.5 * 0.5)
     # a dominated point adds nothing
     assert hypervolume_2d([0.5, 1.0, 0.4], [1.0, 1.5, 1.2], 0.0, 2.0) == pytest.approx(0.75)
+
+
+def test_held_out_mask_depends_on_the_image_id_alone():
+    from eco_ray.derive.table import held_out_mask
+
+    ids = np.arange(1, 4001)
+    mask = held_out_mask(ids, 0.25)
+    assert 0.22 < mask.mean() < 0.28
+    # the same image is held out whatever the order of the rows or the size of the table
+    perm = np.random.default_rng(0).permutation(len(ids))
+    assert (held_out_mask(ids[perm], 0.25) == mask[perm]).all()
+    assert (held_out_mask(ids[:1000], 0.25) == mask[:1000]).all()
+    assert held_out_mask(ids, 0.25, seed=1).tolist() != mask.tolist()  # another seed, other images
+    for bad in (0.0, 1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+            held_out_mask(ids, bad)
+    with pytest.raises(ValueError, match="leaves one part empty"):
+        held_out_mask(ids[:1], 0.5)

@@ -76,6 +76,7 @@ class SynthConfig:
     # camouflage (0.3 until 2026-11-26) slowed the parent's learning of the things and, like every kind so far,
     # gave no image-level depth need; outline replaced it (with the checker fix: things PQ 0.40 after 6,000
     # steps -> 0.55 after 5,000)
+    # the whole mix, relative weights; a mix given in a file or --set replaces this one (kinds not named: none)
     kind_mix: dict[str, float] = field(default_factory=lambda: {"clean": 0.4, "outline": 0.3, "relational": 0.3})
     min_objects: int = 1
     max_objects: int = 8

@@ -87,9 +87,14 @@ class DerivedSplit:
             return pq_contributions(self.stats).mean(axis=1)
         raise ValueError(f"quality must be one of {QUALITY_MEASURES}, got {measure!r}")
 
-    def subset(self, mask: np.ndarray) -> DerivedSplit:
-        return DerivedSplit(self.split, self.image_ids[mask], self.exits, self.views, self.stats[mask],
+    def subset(self, mask: np.ndarray, name: str | None = None) -> DerivedSplit:
+        return DerivedSplit(name or self.split, self.image_ids[mask], self.exits, self.views, self.stats[mask],
                             self.gate_features[mask], self.kinds[mask], self.num_objects[mask])
+
+    def hold_out(self, fraction: float, seed: int = 0) -> tuple[DerivedSplit, DerivedSplit]:
+        """(kept, held out): ``fraction`` of the images, chosen by :func:`held_out_mask` from their ids."""
+        mask = held_out_mask(self.image_ids, fraction, seed)
+        return self.subset(~mask, f"{self.split}-fit"), self.subset(mask, f"{self.split}-holdout")
 
     def to_arrow(self) -> pa.Table:
         table = stats_to_arrow(self.image_ids, self.stats)
@@ -111,6 +116,23 @@ class DerivedSplit:
                    stats, feats.values.to_numpy(zero_copy_only=False).reshape(len(ids), d).astype(np.float32),
                    np.asarray(table.column("kind").to_pylist(), dtype=object),
                    table.column("num_objects").to_numpy().astype(np.int64))
+
+
+def held_out_mask(image_ids: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
+    """Which images to hold out: a hash of (image id, seed) below ``fraction``. Each image's fate depends on
+    its id alone, not on the order or the number of rows, so a larger derived table keeps the same held-out
+    images (plus new ones). Raises ValueError unless 0 < fraction < 1 and both parts are non-empty."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
+    with np.errstate(over="ignore"):  # splitmix64: wrapping uint64 arithmetic is the point
+        z = np.asarray(image_ids, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    mask = (z >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+    if mask.all() or not mask.any():
+        raise ValueError(f"holding out {fraction:g} of {len(mask)} images leaves one part empty")
+    return mask
 
 
 def noise_floor(split: DerivedSplit, tolerance: float = 0.02) -> dict:

@@ -35,12 +35,19 @@ def open_derived(ref: str, tracking_uri: str | None = None) -> DerivedDataset:
 
 
 def fit_and_evaluate(ds: DerivedDataset, cfg: GateConfig, betas: list[float] | None = None,
-                     train_split: str = "train", eval_split: str = "val") -> dict:
+                     train_split: str = "train", eval_split: str = "val", holdout: float = 0.0) -> dict:
     """Fit (once for a budget gate, once per beta for a classifier) and evaluate on ``eval_split`` at each
-    beta: ``{"points": [{"beta", "gate", "oracle"}], "static": [...], "gates": {beta: module}, timings}``."""
+    beta: ``{"points": [{"beta", "gate", "oracle"}], "static": [...], "gates": {beta: module}, timings}``.
+
+    With ``holdout`` > 0 the gate is fitted on the rest of ``train_split`` only, and each point also carries
+    ``"holdout": {"gate", "oracle"}``, the same evaluation on the held-out training images, with
+    ``"static_holdout"`` beside it: what a sweep selects on, so that ``eval_split`` stays unseen."""
     cfg.validate()
     betas = [cfg.beta] if not betas else [float(b) for b in betas]
     train, val = ds.split(train_split), ds.split(eval_split)
+    held = None
+    if holdout > 0:
+        train, held = train.hold_out(holdout)  # the same images for every trial of a sweep
     rel = relative_costs(ds.costs(cfg.cost))
     cost_cols = ds.cost_columns()
     categories = ds.categories
@@ -54,14 +61,22 @@ def fit_and_evaluate(ds: DerivedDataset, cfg: GateConfig, betas: list[float] | N
     points = []
     for beta in betas:
         gate = gates[beta] if cfg.kind == "classify" else gates[betas[0]]
-        choice = gate_choice(gate, val.gate_features, rel, beta)
-        points.append({"beta": beta, "gate": evaluate_choice(val, categories, cost_cols, choice),
-                       "oracle": oracle_point(val, categories, cost_cols, rel, beta)})
+        point = {"beta": beta}
+        for key, split in (("gate", val), ("holdout", held)):
+            if split is None:
+                continue
+            evaluation = {"gate": evaluate_choice(split, categories, cost_cols, gate_choice(gate, split.gate_features,
+                                                                                            rel, beta)),
+                          "oracle": oracle_point(split, categories, cost_cols, rel, beta)}
+            point.update(evaluation if key == "gate" else {"holdout": evaluation})
+        points.append(point)
     static = static_baseline(val, categories, cost_cols)
+    extra = {"static_holdout": static_baseline(held, categories, cost_cols), "holdout_images": len(held)} \
+        if held is not None else {}
     eval_seconds = time.perf_counter() - t
     return {"kind": cfg.kind, "cost": cfg.cost, "relative_costs": rel.tolist(), "points": points, "static": static,
             "gates": gates, "fit_seconds": fit_seconds, "eval_seconds": eval_seconds,
-            "seconds": time.perf_counter() - t0, "train_images": len(train), "eval_images": len(val)}
+            "seconds": time.perf_counter() - t0, "train_images": len(train), "eval_images": len(val), **extra}
 
 
 def evaluation_json(result: dict, point: dict) -> dict:

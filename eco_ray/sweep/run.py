@@ -54,6 +54,10 @@ class SweepConfig:
     cpus_per_trial: float = 1.0
     train_split: str = "train"
     eval_split: str = "val"
+    # share of the training split's images held out of every trial's gate fit: the objectives, the budget
+    # and `eco-ray select` use them, so the eval split is never selected on and its PQ stays an unbiased
+    # estimate; 0 = select on the eval split itself (optimistic: the best of many trials on the same images)
+    holdout: float = 0.25
     run_dir: str = "runs"
     experiment: str = "eco-ray"
 
@@ -64,6 +68,8 @@ class SweepConfig:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         if self.objective_cost not in OBJECTIVE_COSTS:
             raise ValueError(f"objective_cost must be one of {list(OBJECTIVE_COSTS)}, got {self.objective_cost!r}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.trials < 1 or self.concurrency < 1 or self.nsga2_population < 2 or self.cpus_per_trial <= 0:
             raise ValueError("need trials >= 1, concurrency >= 1, nsga2_population >= 2, cpus_per_trial > 0")
         for name in ("max_gflops", "max_latency_ms"):
@@ -94,9 +100,11 @@ def _dataset(path: str):
     return _DATASETS[path]
 
 
-def run_trial(config: dict, derived: str, sweep_dir: str, train_split: str, eval_split: str) -> dict:
+def run_trial(config: dict, derived: str, sweep_dir: str, train_split: str, eval_split: str,
+              holdout: float = 0.0) -> dict:
     """One trial, Ray-free: fit + exact evaluation, the gate saved under the sweep directory; returns the
-    finite metrics Tune reports."""
+    finite metrics Tune reports: the selection metrics (on the held-out training images, or on the eval split
+    when ``holdout`` is 0) under their plain names, the eval split's under ``val_<name>``."""
     from eco_ray.gate.run import fit_and_evaluate
     from eco_ray.model.io import save_gate
 
@@ -104,17 +112,23 @@ def run_trial(config: dict, derived: str, sweep_dir: str, train_split: str, eval
     number = int(config["optuna_trial"])
     cfg = load_config(GateConfig, layers=[params])
     ds = _dataset(derived)
-    res = fit_and_evaluate(ds, cfg, [cfg.beta], train_split, eval_split)
-    point = res["points"][0]["gate"]
+    res = fit_and_evaluate(ds, cfg, [cfg.beta], train_split, eval_split, holdout=holdout)
+    point = res["points"][0]
     worst_cost = {"encoder_gflops": float(ds.costs("gflops")[-1]), "latency_ms": float(ds.costs("latency")[-1])
                   if "latency_ms" in ds.manifest["costs"]["exits"][0] else 0.0, "layers": float(ds.exits[-1])}
-    metrics = {}
-    for key in REPORTED:
-        value = float(point.get(key, float("nan")))
-        if not math.isfinite(value):  # never report a NaN: Optuna would keep the trial RUNNING
-            value = 0.0 if key.startswith(("pq", "miou")) else worst_cost[key.rsplit("_", 1)[0]]
-        metrics[key] = value
-    metrics["fit_seconds"] = res["fit_seconds"]
+
+    def finite(evaluation: dict) -> dict:
+        out = {}
+        for key in REPORTED:
+            value = float(evaluation.get(key, float("nan")))
+            if not math.isfinite(value):  # never report a NaN: Optuna would keep the trial RUNNING
+                value = 0.0 if key.startswith(("pq", "miou")) else worst_cost[key.rsplit("_", 1)[0]]
+            out[key] = value
+        return out
+
+    val = finite(point["gate"])
+    metrics = {**(finite(point["holdout"]["gate"]) if holdout > 0 else val), **{f"val_{k}": v for k, v in val.items()},
+               "fit_seconds": res["fit_seconds"]}
     gate_dir = Path(sweep_dir) / "trials" / f"{number:05d}"
     save_gate(res["gates"][cfg.beta], gate_dir / "gate", extra={
         "derived_key": ds.manifest["key"], "parent": ds.manifest["parent"], "beta": cfg.beta, "cost": cfg.cost,
@@ -122,17 +136,20 @@ def run_trial(config: dict, derived: str, sweep_dir: str, train_split: str, eval
                   if m != "latency" or "latency_ms" in ds.manifest["costs"]["exits"][0]},
         "categories": ds.manifest["categories"], "config": asdict(cfg),
         "gate_input": ds.manifest.get("gate_input", "stride32"),
-        "operating_points": [{"beta": cfg.beta, **{k: metrics[k] for k in REPORTED}, "exit_histogram":
-                              point["exit_histogram"]}]})
-    (gate_dir / "result.json").write_text(json.dumps({"optuna_trial": number, "params": params,
-                                                      "metrics": metrics, "exit_histogram": point["exit_histogram"]}))
+        "fitted_on": {"split": train_split, "images": res["train_images"], "held_out": holdout},
+        "operating_points": [{"beta": cfg.beta, "split": eval_split, **val,
+                              "exit_histogram": point["gate"]["exit_histogram"]}]})
+    (gate_dir / "result.json").write_text(json.dumps({
+        "optuna_trial": number, "params": params, "metrics": metrics, "exit_histogram": point["gate"]["exit_histogram"],
+        "holdout_exit_histogram": point["holdout"]["gate"]["exit_histogram"] if holdout > 0 else None}))
     return metrics
 
 
-def _tune_trainable(config: dict, derived: str, sweep_dir: str, train_split: str, eval_split: str) -> None:
+def _tune_trainable(config: dict, derived: str, sweep_dir: str, train_split: str, eval_split: str,
+                    holdout: float) -> None:
     from ray import tune
 
-    tune.report(run_trial(config, derived, sweep_dir, train_split, eval_split))
+    tune.report(run_trial(config, derived, sweep_dir, train_split, eval_split, holdout))
 
 
 # ------------------------------------------------------------------------------------------------ driver
@@ -249,7 +266,8 @@ def _callback(logger: _MlflowLogger, constraints: dict[str, float]):
     class MlflowTrialCallback(tune.Callback):
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
-            metrics = {k: result[k] for k in (*REPORTED, "fit_seconds") if k in result}
+            metrics = {k: result[k] for k in (*REPORTED, *(f"val_{k}" for k in REPORTED), "fit_seconds")
+                       if k in result}
             feasible = all(metrics.get(k, math.inf) <= v for k, v in constraints.items()) if constraints else None
             params = {k: v for k, v in trial.config.items() if k != "optuna_trial"}
             logger.log(int(trial.config["optuna_trial"]), "FINISHED", params, metrics, feasible)
@@ -326,7 +344,7 @@ def run_sweep(cfg: SweepConfig | None = None, *, name: str | None = None, resume
             constraints=cfg.constraints())
         trainable = tune.with_resources(functools.partial(
             _tune_trainable, derived=cfg.derived, sweep_dir=str(sdir.resolve()), train_split=cfg.train_split,
-            eval_split=cfg.eval_split), {"cpu": cfg.cpus_per_trial})
+            eval_split=cfg.eval_split, holdout=cfg.holdout), {"cpu": cfg.cpus_per_trial})
         attempt = len(list((Path(cfg.run_dir) / "ray" / "sweeps").glob(f"{name}-*"))) if \
             (Path(cfg.run_dir) / "ray" / "sweeps").exists() else 0
         tuner = tune.Tuner(
@@ -401,16 +419,26 @@ def summarize(study, cfg: SweepConfig, ds, sdir: Path, name: str) -> dict:
     front = [{"number": feasible[i]["number"], "params": feasible[i]["params"], **feasible[i]["metrics"]}
              for i in front_idx]
     val = ds.split(cfg.eval_split)
+    selection = ds.split(cfg.train_split).hold_out(cfg.holdout)[1] if cfg.holdout > 0 else val
     cols = ds.cost_columns()
-    static = static_baseline(val, ds.categories, cols)
-    oracle = oracle_curve(val, ds.categories, cols, relative_costs(ds.costs("gflops")))
+    rel = relative_costs(ds.costs("gflops"))
+
+    def baselines(split) -> dict:
+        return {"static": [{k: p[k] for k in ("exit", "pq", "pq_things", "pq_stuff", "encoder_gflops_mean",
+                                              "latency_ms_mean") if k in p}
+                           for p in static_baseline(split, ds.categories, cols)],
+                "oracle": [{k: p[k] for k in ("beta", "pq", "encoder_gflops_mean", "latency_ms_mean") if k in p}
+                           for p in oracle_curve(split, ds.categories, cols, rel)]}
+
+    sel_base, val_base = baselines(selection), baselines(val)
+    # "static" / "oracle": on the split the trials were selected on (the front's axes); "*_val": the eval split
     return {"name": name, "study_name": f"eco-ray-{name}", "storage": cfg.storage, "objective_cost": cost_key,
             "constraints": cfg.constraints(), "trials": trials, "complete": len(done), "feasible": len(feasible),
             "failed": sum(t["state"] == "FAIL" and not t["interrupted"] for t in trials), "front": front,
-            "static": [{k: p[k] for k in ("exit", "pq", "pq_things", "pq_stuff", "encoder_gflops_mean",
-                                          "latency_ms_mean") if k in p} for p in static],
-            "oracle": [{k: p[k] for k in ("beta", "pq", "encoder_gflops_mean", "latency_ms_mean") if k in p}
-                       for p in oracle]}
+            "selection_split": {"split": cfg.train_split, "held_out": cfg.holdout, "images": len(selection)}
+            if cfg.holdout > 0 else {"split": cfg.eval_split, "held_out": 0.0, "images": len(val)},
+            "eval_split": {"split": cfg.eval_split, "images": len(val)},
+            **sel_base, "static_val": val_base["static"], "oracle_val": val_base["oracle"]}
 
 
 def _log_front(client, run_id: str, summary: dict, sdir: Path) -> None:
@@ -428,14 +456,17 @@ def _log_front(client, run_id: str, summary: dict, sdir: Path) -> None:
 
 
 def plot_sweep(summary: dict, path: Path) -> Path:
-    """All trials, the Pareto front, the static-depth curve and the oracle curve on the same axes."""
+    """Two panels on the same cost axis: the split the trials were selected on (all trials, the Pareto front,
+    static depth, the oracle, the budget) and the eval split (the front's gates, static depth, the oracle)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     key = summary["objective_cost"]
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    sel = summary.get("selection_split") or {"split": "val", "held_out": 0.0}
+    fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.5), sharex=True)
+    ax = axes[0]
     done = [t for t in summary["trials"] if "metrics" in t]
     for feasible, style in ((True, dict(c="tab:blue", alpha=0.5)), (False, dict(c="tab:red", alpha=0.4, marker="x"))):
         pts = [t["metrics"] for t in done if t["feasible"] == feasible]
@@ -447,20 +478,35 @@ def plot_sweep(summary: dict, path: Path) -> Path:
         ax.step([p[key] for p in front], [p["pq"] for p in front], where="post", c="tab:blue", lw=1.5)
         ax.scatter([p[key] for p in front], [p["pq"] for p in front], s=40, facecolors="none", edgecolors="k",
                    label="Pareto front")
-    if key in summary["static"][0]:
-        ax.plot([p[key] for p in summary["static"]], [p["pq"] for p in summary["static"]], "o-", c="0.3",
-                label="static depth")
-    oracle = sorted((p for p in summary["oracle"] if key in p), key=lambda p: p[key])
-    ax.plot([p[key] for p in oracle], [p["pq"] for p in oracle], "--", c="tab:green", label="oracle (per image)")
     for limit_key, limit in summary["constraints"].items():
         if limit_key == key:
             ax.axvline(limit, c="tab:red", ls=":", lw=1, label="budget")
-    ax.set_xlabel({"encoder_gflops_mean": "mean encoder GFLOPs per image", "latency_ms_mean": "mean latency (ms)"}[key])
-    ax.set_ylabel("validation PQ")
-    ax.set_title(f"sweep {summary['name']}: {summary['complete']} trials, front of {len(front)}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    title = (f"selected on {sel.get('images', '?')} held-out {sel['split']} images" if sel["held_out"] > 0
+             else f"selected on the {sel['split']} split itself (optimistic)")
+    _baselines(ax, summary["static"], summary["oracle"], key, f"{summary['name']}: {summary['complete']} trials, "
+               f"front of {len(front)}\n{title}")
+    ax = axes[1]
+    vkey = f"val_{key}"
+    front_val = sorted((p for p in summary["front"] if vkey in p), key=lambda p: p[vkey])
+    if front_val:
+        ax.scatter([p[vkey] for p in front_val], [p["val_pq"] for p in front_val], s=40, c="tab:blue",
+                   label="the front's gates")
+    ev = summary.get("eval_split") or {"split": "val", "images": "?"}
+    _baselines(ax, summary.get("static_val", summary["static"]), summary.get("oracle_val", summary["oracle"]), key,
+               f"the same gates on the {ev['split']} split ({ev['images']} images, never selected on)")
+    axes[0].set_ylabel("PQ")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _baselines(ax, static: list[dict], oracle: list[dict], key: str, title: str) -> None:
+    if static and key in static[0]:
+        ax.plot([p[key] for p in static], [p["pq"] for p in static], "o-", c="0.3", label="static depth")
+    oracle = sorted((p for p in oracle if key in p), key=lambda p: p[key])
+    ax.plot([p[key] for p in oracle], [p["pq"] for p in oracle], "--", c="tab:green", label="oracle (per image)")
+    ax.set_xlabel({"encoder_gflops_mean": "mean encoder GFLOPs per image", "latency_ms_mean": "mean latency (ms)"}[key])
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)

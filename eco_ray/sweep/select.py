@@ -1,7 +1,8 @@
 """``eco-ray select`` and ``eco-ray models``: pick a gate from a sweep's MLflow runs under a compute
 budget, register it and move an alias to it; list what is registered.
 
-The choice rule is plain: among the sweep's finished trials that meet the budget, the highest PQ (ties:
+The choice rule is plain (on the metrics the sweep scored its trials on: held-out training images by
+default, see SweepConfig.holdout; the validation split's figures ride along as ``val_*``): among the sweep's finished trials that meet the budget, the highest PQ (ties:
 the cheaper); with ``--min-pq``, the cheapest trial reaching it (ties: the higher PQ). Moving an alias
 is one registry call, so servers following ``models:/eco-gate@production`` switch at once.
 """
@@ -87,11 +88,15 @@ def select(sweep: str, budget: str, limit: float, *, run_dir: str = "runs", trac
     points = sweep_points(client, sweep_run_id)
     chosen, why = choose(points, budget, limit)
     sweep_run = client.get_run(sweep_run_id)
+    holdout = float(sweep_run.data.params.get("holdout", 0) or 0)
+    why += (f" (scored on the {holdout:.0%} of the training images held out of every fit)" if holdout > 0
+            else " (scored on the validation split itself)")
     tags = {"sweep": sweep, "optuna_trial": chosen["optuna_trial"], "derived_key": sweep_run.data.tags.get("derived_key", ""),
             "parent_uri": sweep_run.data.tags.get("parent_uri", ""),
             "parent_version": sweep_run.data.tags.get("parent_version", ""), "budget": f"{budget}={limit:g}",
             **{k: f"{chosen[k]:.6g}" for k in ("pq", "pq_things", "pq_stuff", "encoder_gflops_mean",
-                                               "latency_ms_mean") if k in chosen},
+                                               "latency_ms_mean", "val_pq", "val_pq_things", "val_pq_stuff",
+                                               "val_encoder_gflops_mean", "val_latency_ms_mean") if k in chosen},
             **{f"param.{k}": v for k, v in chosen["params"].items()}}
     version = register_directory(client, registered_model, chosen["run_id"], "gate", tags,
                                  description="eco-ray gates selected from sweeps (Step C)")
