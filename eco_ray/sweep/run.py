@@ -297,6 +297,8 @@ def run_sweep(cfg: SweepConfig | None = None, *, name: str | None = None, resume
             raise ConfigError(f"cannot resume sweep {resume!r}: {sdir / 'sweep.json'} not found")
         info = json.loads((sdir / "sweep.json").read_text())
         cfg = load_config(SweepConfig, sdir / "config.yaml")
+        if "holdout:" not in (sdir / "config.yaml").read_text():
+            cfg.holdout = 0.0  # a sweep begun before held-out selection existed: go on scoring as it began
         name, tracking_uri = resume, info["tracking_uri"]
     else:
         cfg = cfg or SweepConfig()
