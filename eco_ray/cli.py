@@ -247,7 +247,8 @@ def cmd_sweep(args) -> int:
         for key, value in (("derived", args.derived), ("space", args.space), ("trials", args.trials),
                            ("concurrency", args.concurrency), ("sampler", args.sampler),
                            ("objective_cost", args.objective), ("max_gflops", args.max_gflops),
-                           ("max_latency_ms", args.max_latency_ms), ("storage", args.storage), ("seed", args.seed), ("holdout", args.holdout),
+                           ("max_latency_ms", args.max_latency_ms), ("storage", args.storage), ("seed", args.seed),
+                           ("holdout", args.holdout),
                            ("run_dir", args.run_dir)):
             if value is not None:
                 overrides.append(f"{key}={value}")
