@@ -211,3 +211,16 @@ def test_choose_rules():
         choose(pts, "max_gflops", 0.01)
     with pytest.raises(RegistryError, match="best reaches PQ 0.6000"):
         choose(pts, "min_pq", 0.9)
+
+
+def test_resuming_a_sweep_begun_before_held_out_scoring_keeps_its_scoring(tiny_derived, tmp_path, ray_local):
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    run_sweep(sweep_cfg(tiny_derived, tmp_path, "trials=2", "holdout=0"), name="old", tracking_uri=tracking)
+    config = tmp_path / "sweeps" / "old" / "config.yaml"
+    # what such a sweep's saved config looked like: no holdout key; and one trial still to run
+    text = "\n".join(line for line in config.read_text().splitlines() if not line.startswith("holdout:"))
+    config.write_text(text.replace("trials: 2", "trials: 3") + "\n")
+    s = run_sweep(resume="old", run_dir=str(tmp_path))
+    assert s["complete"] == 3 and s["selection_split"]["split"] == "val"
+    results = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweeps" / "old" / "trials").glob("*/result.json"))]
+    assert len(results) == 3 and all(r["holdout_exit_histogram"] is None for r in results)
