@@ -29,27 +29,27 @@ rel = relative_costs(ds.costs("gflops"))
 
 
 def cell(p, static):
+    """(text, gain over the static line)"""
     gain = p["pq"] - static_at(static, p["encoder_gflops_mean"])
     hist = p.get("exit_histogram")
-    return (f"{p['pq']:.4f} @ {p['encoder_gflops_mean']:.4f} ({gain:+.4f})"
-            + (f" {dict(hist)}" if hist else ""))
+    return f"{p['pq']:.4f} @ {p['encoder_gflops_mean']:.4f} ({gain:+.4f})" + (f" {dict(hist)}" if hist else ""), gain
 
 
 rows = {}
-static = None
 for kind in ("classify", "budget"):
     cfg = load_config(GateConfig, overrides=[f"kind={kind}", *args.set])
     res = fit_and_evaluate(ds, cfg, args.betas, args.train_split, args.eval_split)
     static = res["static"]
     rows[kind] = [cell(p["gate"], static) for p in res["points"]]
-    rows["oracle"] = [cell(p["oracle"], static) for p in res["points"]]
+    if "oracle" not in rows:  # the same for both gates
+        rows["oracle"] = [cell(p["oracle"], static) for p in res["points"]]
 rows["cross-view oracle"] = [cell(cross_view_oracle_point(val, ds.categories, ds.cost_columns(), rel, b), static)
                              for b in args.betas]
 print(f"{len(ds.split(args.train_split))} {args.train_split} images to fit, {len(val)} {args.eval_split} images; "
       f"gate settings {args.set or 'default'}")
 print("static: " + ", ".join(f"exit {p['exit']} {p['pq']:.4f} @ {p['encoder_gflops_mean']:.4f}" for p in static))
 for name, cells in rows.items():
-    for beta, c in zip(args.betas, cells):
-        print(f"{name:<18} beta {beta:<5g} {c}")
+    for beta, (text, _) in zip(args.betas, cells):
+        print(f"{name:<18} beta {beta:<5g} {text}")
 print("mean gain over the static line, gates:",
-      {k: float(np.mean([float(c.split("(")[1].split(")")[0]) for c in rows[k]])) for k in ("classify", "budget")})
+      {k: round(float(np.mean([gain for _, gain in rows[k]])), 4) for k in ("classify", "budget")})
