@@ -27,12 +27,12 @@ from eco_ray.data import CocoPanopticDataset
 from eco_ray.data.collate import pixel_values
 from eco_ray.data.transforms import build_transform
 from eco_ray.derive.table import DerivedDataset
-from eco_ray.gate.fit import GateConfig
-from eco_ray.gate.run import fit_and_evaluate
+from eco_ray.gate.config import GateConfig
+from eco_ray.gate.evaluate import fit_and_evaluate
 from eco_ray.metrics.panoptic import image_stats
 from eco_ray.model.io import load_parent
 from eco_ray.model.postprocess import to_panoptic
-from eco_ray.registry import default_tracking_uri, resolve_model_dir
+from eco_ray.tracking import default_tracking_uri, resolve_model_dir
 
 
 def _score(outputs: dict, samples, categories, size, threshold, mask_threshold) -> None:
@@ -82,8 +82,8 @@ def main() -> None:
     fits = []
     for beta in args.betas:  # one classification-gate fit + exact evaluation per beta
         r = fit_and_evaluate(ds, GateConfig(kind="classify", beta=beta), [beta])
-        fits.append(r["fit_seconds"] + r["eval_seconds"])
-    budget = fit_and_evaluate(ds, GateConfig(kind="budget"), args.betas)
+        fits.append(r.fit_seconds + r.eval_seconds)
+    budget = fit_and_evaluate(ds, GateConfig(kind="quality"), args.betas)
     n_train = len(ds.split("train"))
     parent_pass_s = a["one_pass_ms_per_image"] / 1e3 * n_train
     beta_change_s = statistics.median(fits)
@@ -92,7 +92,7 @@ def main() -> None:
         "threads": torch.get_num_threads(), "model": model.config.name, "derived": str(args.derived),
         "parent": m["parent"], "derive": a,
         "beta_change": {"classify_fit_plus_eval_s_median": beta_change_s, "betas": args.betas,
-                        "budget_fit_once_plus_eval_all_betas_s": budget["fit_seconds"] + budget["eval_seconds"],
+                        "quality_fit_once_plus_eval_all_betas_s": budget.fit_seconds + budget.eval_seconds,
                         "train_images": n_train, "parent_pass_over_train_s": parent_pass_s,
                         "ratio": parent_pass_s / beta_change_s},
         "recorded_derive_timings": m.get("timings"),

@@ -10,6 +10,7 @@ It reads what `eco-ray pipeline` produced (the parent, the derived table, the se
      selected ECO model;
   3. the derive ratio and the beta-change ratio (benchmarks/derive_gate.py);
   4. sweep throughput, TPE (benchmarks/sweep.py);
+  4b. the verdict on the table (eco-ray diagnose) with the selected gate's lead and its interval;
   5. serving throughput and latency, gated vs. full depth, same replicas (benchmarks/serve_load.py).
 Writes <out>/report.json, <out>/report.md and the plots beside them. Every figure comes from this run.
 """
@@ -65,35 +66,51 @@ def run_json(args: list[str], timeout: float) -> dict:
 
 
 def tradeoff(derived: str, selected: dict) -> tuple[list[dict], dict]:
-    from eco_ray.derive.table import DerivedDataset
-    from eco_ray.gate.fit import GateConfig
-    from eco_ray.derive.table import relative_costs
-    from eco_ray.gate.report import cross_view_oracle_point, static_at
-    from eco_ray.gate.run import fit_and_evaluate
+    from eco_ray.derive.table import DerivedDataset, relative_costs
+    from eco_ray.gate.config import GateConfig
+    from eco_ray.gate.evaluate import cross_view_oracle_point, fit_and_evaluate
+    from eco_ray.results import static_at
 
     ds = DerivedDataset.open(derived)
     keys = ("pq", "pq_things", "pq_stuff", "miou", "encoder_gflops_mean", "encoder_gflops_p95", "latency_ms_mean",
             "exit_histogram")
-    pick = lambda r: {k: r[k] for k in keys if k in r}  # noqa: E731
+    pick = lambda point: {k: v for k, v in point.to_json().items() if k in keys}  # noqa: E731
     classify = fit_and_evaluate(ds, GateConfig(kind="classify"), list(BETAS))
-    budget = fit_and_evaluate(ds, GateConfig(kind="budget"), list(BETAS))
-    points: list[dict] = [{"method": "static", "exit": r["exit"], **pick(r)} for r in classify["static"]]
-    for method, result in (("gate", classify), ("budget_gate", budget)):
-        points += [{"method": method, "beta": p["beta"], **pick(p["gate"])} for p in result["points"]]
-    points += [{"method": "oracle", "beta": p["beta"], **pick(p["oracle"])} for p in classify["points"]]
+    quality = fit_and_evaluate(ds, GateConfig(kind="quality"), list(BETAS))
+    points: list[dict] = [{"method": "static", "exit": p.exit, **pick(p)} for p in classify.static]
+    for method, result in (("gate", classify), ("quality_gate", quality)):
+        points += [{"method": method, "beta": e.beta, **pick(e.gate)} for e in result.evaluations]
+    points += [{"method": "oracle", "beta": e.beta, **pick(e.oracle)} for e in classify.evaluations]
     val, rel = ds.split("val"), relative_costs(ds.costs("gflops"))
-    if len(val.views) > 1:  # the oracle without the label noise it profits from (eco_ray/gate/report.py)
+    if len(val.views) > 1:  # the oracle without the label noise it profits from
         points += [{"method": "oracle_cross_view", "beta": b, **pick(cross_view_oracle_point(
             val, ds.categories, ds.cost_columns(), rel, b))} for b in BETAS]
     for p in points:  # the equal-compute baseline of every point: the static curve at its mean GFLOPs
-        p["pq_gain_vs_static_at_same_gflops"] = p["pq"] - static_at(classify["static"], p["encoder_gflops_mean"])
+        p["pq_gain_vs_static_at_same_gflops"] = p["pq"] - static_at(classify.static, p["encoder_gflops_mean"])
     chosen = selected["chosen"]
+    # the validation figures of the selected gate (val_*): the sweep selected on held-out training images
     eco: dict = {"method": "selected", "model_uri": selected["model_uri"], "params": chosen.get("params"),
-           **{k: chosen[k] for k in ("pq", "pq_things", "pq_stuff", "encoder_gflops_mean", "latency_ms_mean")
-              if k in chosen}}
-    timings = {"classify_fit_s": classify["fit_seconds"], "budget_fit_s": budget["fit_seconds"]}
-    eco["pq_gain_vs_static_at_same_gflops"] = eco["pq"] - static_at(classify["static"], eco["encoder_gflops_mean"])
+                 **{k: chosen.get(f"val_{k}", chosen.get(k)) for k in ("pq", "pq_things", "pq_stuff",
+                                                                      "encoder_gflops_mean", "latency_ms_mean")
+                    if f"val_{k}" in chosen or k in chosen}}
+    timings = {"classify_fit_s": classify.fit_seconds, "quality_fit_s": quality.fit_seconds}
+    eco["pq_gain_vs_static_at_same_gflops"] = eco["pq"] - static_at(classify.static, eco["encoder_gflops_mean"])
     return points + [eco], timings
+
+
+def diagnosis(derived: str, ctx, gate_uri: str | None) -> dict:
+    """The verdict on the table (eco-ray diagnose) with the selected gate's lead, under the report's
+    ``diagnose`` key (its headline figures first, the whole diagnosis beside them)."""
+    from eco_ray.diagnose import diagnose_table
+
+    d, plot = diagnose_table(derived, ctx, gate=gate_uri, log_to_mlflow=False)
+    best = d.cross_view_oracle_lead
+    return {"verdict": d.verdict, "label_noise_share": d.label_noise_share,
+            "gain_reliability": d.gain_reliability.get(d.exits[0]), "cross_view_oracle_lead": best.lead,
+            "cross_view_oracle_lead_ci95": list(best.lead_ci95), "cross_view_oracle_beta": best.beta,
+            "probe_share": d.probes[0].share if d.probes else None,
+            "gate_lead": d.gate.lead if d.gate else None, "gate_lead_ci95": list(d.gate.lead_ci95) if d.gate else None,
+            "reasons": d.reasons, "plot": str(plot), "full": d.to_json()}
 
 
 def plot_tradeoff(points: list[dict], path: Path, title: str) -> Path:
@@ -104,7 +121,7 @@ def plot_tradeoff(points: list[dict], path: Path, title: str) -> Path:
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     style = {"static": ("o-", "0.3"), "oracle": ("--", "tab:green"), "gate": ("s:", "tab:blue"),
-             "budget_gate": ("^:", "tab:orange"), "oracle_cross_view": ("x--", "tab:olive"),
+             "quality_gate": ("^:", "tab:orange"), "oracle_cross_view": ("x--", "tab:olive"),
              "selected": ("*", "tab:red")}
     for method, (fmt, colour) in style.items():
         pts = sorted((p for p in points if p["method"] == method), key=lambda p: p["encoder_gflops_mean"])
@@ -112,7 +129,7 @@ def plot_tradeoff(points: list[dict], path: Path, title: str) -> Path:
             continue
         ax.plot([p["encoder_gflops_mean"] for p in pts], [p["pq"] for p in pts], fmt, color=colour,
                 ms=12 if method == "selected" else 6, label={"static": "static depth", "gate": "classify gate",
-                                                               "budget_gate": "budget gate", "oracle": "oracle",
+                                                               "quality_gate": "quality gate", "oracle": "oracle",
                                                                "oracle_cross_view": "oracle, picked on the flipped view",
                                                                "selected": "selected ECO model"}[method])
         for p in pts:
@@ -165,6 +182,16 @@ def markdown(r: dict) -> str:
     for c in r["exit_costs"]["exits"]:
         lines.append(f"| {c['exit']} | {c['encoder_gflops']:.4f} | {c.get('total_gflops', float('nan')):.4f} | "
                      f"{c.get('latency_ms', float('nan')):.2f} |")
+    dg = r["diagnose"]
+    lo, hi = dg["cross_view_oracle_lead_ci95"]
+    lines += ["", "## Will adaptive depth pay off here? (`eco-ray diagnose`)", "",
+              f"Verdict: **{dg['verdict']}**. Cross-view oracle lead over static depth at equal compute "
+              f"{dg['cross_view_oracle_lead']:+.4f} [{lo:+.4f}, {hi:+.4f}] (beta {dg['cross_view_oracle_beta']:g}); "
+              f"label noise share {dg['label_noise_share']:.0%}; gain reliability {dg['gain_reliability']:+.2f}; "
+              f"probe share {dg['probe_share'] if dg['probe_share'] is None else format(dg['probe_share'], '.0%')}"
+              + (f"; selected gate's lead {dg['gate_lead']:+.4f} [{dg['gate_lead_ci95'][0]:+.4f}, "
+                 f"{dg['gate_lead_ci95'][1]:+.4f}]" if dg["gate_lead"] is not None else "") + ".", ""]
+    lines += [f"- {reason}" for reason in dg["reasons"]]
     lines += ["", "## Trade-off on the validation split (exact, from the derived statistics)", "",
               "| method | exit / beta | PQ | things | stuff | mean enc. GFLOPs | PQ vs static at that compute | exits |",
               "|---|---|---|---|---|---|---|---|"]
@@ -237,13 +264,15 @@ def main() -> None:
     derived, train, selected = state["derive"], state["train"], state["select"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    from eco_ray.context import RunContext
     from eco_ray.derive.table import DerivedDataset
-    from eco_ray.registry import default_tracking_uri
 
-    tracking = default_tracking_uri(args.run_dir)
+    ctx = RunContext.create(args.run_dir)
+    tracking = ctx.tracking_uri
     manifest = DerivedDataset.open(derived["path"]).manifest
     t0 = time.perf_counter()
     points, fit_timings = tradeoff(derived["path"], selected)
+    diag = diagnosis(derived["path"], ctx, selected["model_uri"])
     dg = run_json(["benchmarks/derive_gate.py", "--derived", derived["path"], "--tracking-uri", tracking], 1800)
     sw = run_json(["benchmarks/sweep.py", "--derived", derived["path"], "--samplers", "tpe", "--trials",
                    str(args.sweep_trials)], 1800)
@@ -273,6 +302,8 @@ def main() -> None:
             "encoder_gflops_saved": 1 - eco["encoder_gflops_mean"] / full["encoder_gflops_mean"],
             "pq_lost": full["pq"] - eco["pq"],
             "static_same_compute": {k: same[-1][k] for k in ("exit", "pq", "encoder_gflops_mean")} if same else None},
+        "diagnose": {k: v for k, v in diag.items() if k != "full"},
+        "diagnose_full": diag["full"],
         "sufficient_exit_histogram": val["sufficient_exit_histogram"],
         "sufficient_tolerance": manifest["config"]["sufficient_tolerance"],
         "noise_floor": val["noise_floor"],

@@ -76,7 +76,7 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from eco_ray.registry import default_tracking_uri
+    from eco_ray.tracking import default_tracking_uri
     from eco_ray.serve.run import build_app, load_serve_config
 
     tracking = args.tracking_uri or default_tracking_uri("runs")

@@ -19,15 +19,16 @@ import tempfile
 import time
 
 from eco_ray.config import load_config
+from eco_ray.context import RunContext
 from eco_ray.derive.table import DerivedDataset
-from eco_ray.sweep.run import SweepConfig, run_sweep
+from eco_ray.sweep import SweepConfig, run_sweep
 from eco_ray.tradeoff import hypervolume_2d
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--derived", required=True)
-    p.add_argument("--space", default="search_spaces/default.yaml")
+    p.add_argument("--space", default="default")
     p.add_argument("--trials", type=int, default=40)
     p.add_argument("--concurrency", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -42,23 +43,22 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         ray.init(include_dashboard=False, log_to_driver=False)
-        tracking = f"sqlite:///{tmp}/mlflow.db"
+        ctx = RunContext.create(tmp, f"sqlite:///{tmp}/mlflow.db")
         for sampler in args.samplers:
-            cfg = load_config(SweepConfig, overrides=[f"derived={args.derived}", f"space={args.space}",
-                                                      f"trials={args.trials}", f"concurrency={args.concurrency}",
-                                                      f"sampler={sampler}", f"seed={args.seed}", f"run_dir={tmp}",
-                                                      "nsga2_population=10"])
+            cfg = load_config(SweepConfig, overrides=[f"space={args.space}", f"trials={args.trials}",
+                                                      f"concurrency={args.concurrency}", f"sampler={sampler}",
+                                                      f"seed={args.seed}", "nsga2_population=10"])
             t0 = time.perf_counter()
-            s = run_sweep(cfg, name=f"bench-{sampler}", tracking_uri=tracking)
+            s = run_sweep(cfg, derived=args.derived, ctx=ctx, name=f"bench-{sampler}")
             wall = time.perf_counter() - t0
-            pts = [t["metrics"] for t in s["trials"] if "metrics" in t]
+            pts = [t.metrics for t in s.trials if t.metrics is not None]
             results[sampler] = {
-                "trials": s["complete"], "failed": s["failed"], "wall_s": round(wall, 2),
-                "tune_s": s["seconds"], "trials_per_minute": s["complete"] / s["seconds"] * 60,
+                "trials": s.complete, "failed": s.failed, "wall_s": round(wall, 2),
+                "tune_s": s.seconds, "trials_per_minute": s.complete / s.seconds * 60,
                 "hypervolume": hypervolume_2d([q["pq"] for q in pts], [q["encoder_gflops_mean"] for q in pts], 0.0,
                                               ref_cost),
-                "front": [{"pq": f["pq"], "encoder_gflops_mean": f["encoder_gflops_mean"]} for f in s["front"]]}
-        static = s["static"]
+                "front": [{"pq": f["pq"], "encoder_gflops_mean": f["encoder_gflops_mean"]} for f in s.front]}
+        static = [p.to_json() for p in s.static]
         ray.shutdown()
     out = {"benchmark": "sweep", "machine": f"{platform.machine()} {platform.processor()}".strip(),
            "derived": args.derived, "parent": ds.manifest["parent"], "space": args.space, "trials": args.trials,

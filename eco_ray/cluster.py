@@ -16,9 +16,9 @@ def setup_worker_process() -> None:
 
     RAY_ADDRESS: the State API finds "its" cluster through RAY_ADDRESS, else through the newest local
     cluster on the machine. Without it, a second local Ray with a dashboard (another user's, a test's)
-    made the cleaner look up our controller there, find nothing, take it for dead and remove the training's
-    placement group: the workers were killed and Ray Train restarted the run from its last checkpoint (seen
-    here, 2026-11-26). Pinning the worker's own cluster makes that lookup ask the right GCS.
+    makes the cleaner look up our controller there, find nothing, take it for dead and remove the training's
+    placement group: the workers are killed and Ray Train restarts the run from its last checkpoint.
+    Pinning the worker's own cluster makes that lookup ask the right GCS.
     """
     import ray
 

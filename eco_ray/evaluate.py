@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 
@@ -33,10 +35,13 @@ class ExitEvaluation:
 def evaluate_exits(model: EarlyExitMask2Former, dataset: CocoPanopticDataset, exits: Sequence[int] | None = None,
                    indices: Sequence[int] | None = None, batch_size: int = 16, flip: bool = False,
                    threshold: float = 0.5, mask_threshold: float = 0.5, overlap_threshold: float = OVERLAP_THRESHOLD,
-                   progress: Callable[[int, int], None] | None = None) -> ExitEvaluation:
+                   progress: Callable[[int, int], None] | None = None, autocast: bool = False) -> ExitEvaluation:
     """Statistics of ``indices`` (default: all) at each exit. ``flip`` scores the horizontally mirrored
-    images instead (used to measure label noise and to average it away)."""
+    images instead (used to measure label noise and to average it away). The model runs where its weights are
+    (``autocast``: bf16 on a GPU); post-processing runs there too, the statistics on the CPU."""
     model.eval()
+    device = next(model.parameters()).device
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else nullcontext()
     exits = list(model.exits if exits is None else exits)
     indices = list(range(len(dataset)) if indices is None else indices)
     size = model.config.image_size
@@ -47,7 +52,8 @@ def evaluate_exits(model: EarlyExitMask2Former, dataset: CocoPanopticDataset, ex
         samples = [transform(dataset[i], rng) for i in indices[start:start + batch_size]]
         if flip:
             samples = [HorizontalFlip(p=1.0)(s, rng) for s in samples]
-        out = model.forward_exits(pixel_values([s.image for s in samples]), exits)
+        with ctx:
+            out = model.forward_exits(pixel_values([s.image for s in samples]).to(device), exits)
         per_exit = [to_panoptic(out[k], dataset.categories, (size, size), threshold, mask_threshold,
                                  overlap_threshold) for k in exits]
         for j, s in enumerate(samples):
@@ -55,7 +61,7 @@ def evaluate_exits(model: EarlyExitMask2Former, dataset: CocoPanopticDataset, ex
                 image_stats(s.id_map, s.segments, *per_exit[e][j], dataset.categories) for e in range(len(exits))]))
             ids.append(s.image_id)
             metas.append(s.meta)
-        feats.append(out[exits[0]].gate_features.float().numpy())
+        feats.append(out[exits[0]].gate_features.float().cpu().numpy())
         if progress:
             progress(min(start + batch_size, len(indices)), len(indices))
     return ExitEvaluation(np.asarray(ids), exits, PanopticStats.stack(all_stats),

@@ -1,6 +1,7 @@
 """KubeRay manifests that must agree with the local configs: the RayService's ``serveConfigV2`` is rendered from
-deploy/serve_config.yaml (``eco-ray kuberay render``), never edited by hand, so serving on a cluster runs the
-same deployments, autoscaling and user_config as ``eco-ray serve`` locally."""
+the shipped Serve config (``eco-ray kuberay render``), never edited by hand, so serving on a cluster runs the
+same deployments, autoscaling and user_config as ``eco-ray serve`` locally. The manifests live in the
+repository's deploy/ (a platform team's files, not package data)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,7 @@ import yaml
 
 from eco_ray.config import ConfigError
 
-DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
-RAYSERVICE = DEPLOY / "kuberay" / "rayservice.yaml"
+RAYSERVICE = Path("deploy") / "kuberay" / "rayservice.yaml"  # relative to the repository root
 # what differs on a cluster, and why: the proxy must listen on the pod's address, not loopback
 CLUSTER_OVERRIDES = {("http_options", "host"): "0.0.0.0"}
 

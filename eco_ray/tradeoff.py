@@ -4,7 +4,8 @@ Inputs are the Step-B table: per image i and exit e, additive panoptic statistic
 eco_ray.metrics) and a per-image quality ``quality[i, e]`` (per-image PQ, possibly averaged over flips),
 plus one cost per exit (encoder GFLOPs, latency or layer count), ordered shallow to deep.
 
-- ``exit_labels``: the paper's ideal exit for a beta, argmax_e quality - beta * cost, ties to the cheaper;
+- ``choose``: THE decision rule, argmax over the allowed exits of quality - beta * cost, ties to the cheaper;
+  labels, oracles, both gate kinds and served requests all decide with it (``exit_labels``: the paper's labels);
 - ``evaluate_assignment``: the exact dataset-level PQ of ANY per-image choice of exits, by summing the
   chosen rows of statistics, with its mean / p95 cost and exit histogram;
 - ``static_points`` / ``oracle_assignment``: the baselines every report carries;
@@ -18,23 +19,37 @@ from collections.abc import Sequence
 import numpy as np
 
 from eco_ray.metrics.panoptic import CategorySet, PanopticStats, aggregate
+from eco_ray.results import OperatingPoint
 
 
-def exit_utilities(quality: np.ndarray, costs: Sequence[float], beta: float) -> np.ndarray:
-    """u[i, e] = quality[i, e] - beta * cost[e]."""
-    costs = np.asarray(costs, dtype=np.float64)
-    if quality.shape[-1] != costs.shape[0]:
-        raise ValueError(f"{quality.shape[-1]} exits in the quality table but {costs.shape[0]} costs")
-    return quality - beta * costs
+def choose(quality: np.ndarray, relative_cost: Sequence[float], beta: float | np.ndarray,
+           allowed: np.ndarray | None = None) -> np.ndarray:
+    """The one decision rule of eco-ray: per image, the index of the exit maximising
+    ``quality[..., e] - beta * relative_cost[e]`` among the ``allowed`` exits; ties go to the cheaper exit.
+
+    It makes the paper's labels (quality = per-image PQ), the oracle baselines, the decisions of both gate
+    kinds (quality = a quality gate's prediction, or a classifier's logits with beta 0) and every served
+    request's exit (``allowed`` = the exits a request's budget admits). ``quality`` is (..., E) with exits
+    ordered shallow (cheap) to deep; ``beta`` a scalar or one value per image; ``allowed`` (E,) or (..., E)
+    booleans."""
+    q = np.asarray(quality, dtype=np.float64)
+    cost = np.asarray(relative_cost, dtype=np.float64)
+    if q.shape[-1] != cost.shape[0]:
+        raise ValueError(f"{q.shape[-1]} exits in the quality table but {cost.shape[0]} costs")
+    if np.any(np.diff(cost) < 0):
+        raise ValueError(f"exit costs must be ordered shallow (cheap) to deep, got {cost.tolist()}")
+    utility = q - np.asarray(beta, dtype=np.float64)[..., None] * cost
+    if allowed is not None:
+        allowed = np.broadcast_to(np.asarray(allowed, dtype=bool), utility.shape)
+        if not allowed.any(-1).all():
+            raise ValueError("no exit is allowed for some image")
+        utility = np.where(allowed, utility, -np.inf)
+    return utility.argmax(-1)  # the first maximum: with costs ascending, the cheaper exit
 
 
 def exit_labels(quality: np.ndarray, costs: Sequence[float], beta: float) -> np.ndarray:
-    """Index of the best exit per image for ``beta``; ties go to the cheaper exit (exits ordered by cost)."""
-    costs = np.asarray(costs, dtype=np.float64)
-    if np.any(np.diff(costs) < 0):
-        raise ValueError(f"exit costs must be ordered shallow (cheap) to deep, got {costs.tolist()}")
-    # argmax returns the first maximum: with costs ascending that is the cheaper exit
-    return exit_utilities(quality, costs, beta).argmax(-1)
+    """The paper's ideal exit per image for ``beta`` (Step C's classification labels): :func:`choose`."""
+    return choose(quality, costs, beta)
 
 
 def select_rows(stats: PanopticStats, choice: np.ndarray) -> PanopticStats:
@@ -45,32 +60,36 @@ def select_rows(stats: PanopticStats, choice: np.ndarray) -> PanopticStats:
 
 
 def evaluate_assignment(stats: PanopticStats, choice: np.ndarray, categories: CategorySet,
-                        costs: dict[str, Sequence[float]], exits: Sequence[int]) -> dict:
-    """Exact PQ (all / things / stuff), mIoU, mean and p95 of each cost, and the exit histogram of a
-    per-image choice of exit indices."""
+                        costs: dict[str, Sequence[float]], exits: Sequence[int]) -> OperatingPoint:
+    """Exact PQ (all / things / stuff), mIoU, mean and p95 of each cost (``encoder_gflops``, ``layers`` and
+    ``latency_ms`` where measured), and the exit histogram of a per-image choice of exit indices."""
     choice = np.asarray(choice, dtype=np.int64)
     r = aggregate(select_rows(stats, choice), categories)
-    out = {"pq": r.pq, "pq_things": r.pq_things, "pq_stuff": r.pq_stuff, "sq": r.sq, "rq": r.rq, "miou": r.miou}
+    spent = {}
     for name, per_exit in costs.items():
-        spent = np.asarray(per_exit, dtype=np.float64)[choice]
-        out[f"{name}_mean"] = float(spent.mean()) if spent.size else 0.0
-        out[f"{name}_p95"] = float(np.percentile(spent, 95)) if spent.size else 0.0
+        values = np.asarray(per_exit, dtype=np.float64)[choice]
+        spent[f"{name}_mean"] = float(values.mean()) if values.size else 0.0
+        spent[f"{name}_p95"] = float(np.percentile(values, 95)) if values.size else 0.0
     counts = np.bincount(choice, minlength=len(exits))
-    out["exit_histogram"] = {int(k): int(n) for k, n in zip(exits, counts)}
-    return out
+    return OperatingPoint(pq=r.pq, pq_things=r.pq_things, pq_stuff=r.pq_stuff, sq=r.sq, rq=r.rq, miou=r.miou,
+                          exit_histogram={int(k): int(n) for k, n in zip(exits, counts)}, **spent)
 
 
 def static_points(stats: PanopticStats, categories: CategorySet, costs: dict[str, Sequence[float]],
-                  exits: Sequence[int]) -> list[dict]:
+                  exits: Sequence[int]) -> list[OperatingPoint]:
     """Every image at the same exit, for each exit: the static-depth baseline curve."""
     n = stats.tp.shape[0]
-    return [{"exit": int(k), **evaluate_assignment(stats, np.full(n, e), categories, costs, exits)}
-            for e, k in enumerate(exits)]
+    points = []
+    for e, k in enumerate(exits):
+        point = evaluate_assignment(stats, np.full(n, e), categories, costs, exits)
+        point.exit = int(k)
+        points.append(point)
+    return points
 
 
 def oracle_assignment(quality: np.ndarray, costs: Sequence[float], beta: float) -> np.ndarray:
     """The per-image best exit under the same beta, knowing each image's true quality: the upper bound."""
-    return exit_labels(quality, costs, beta)
+    return choose(quality, costs, beta)
 
 
 def shallowest_sufficient(quality: np.ndarray, tolerance: float = 0.02) -> np.ndarray:

@@ -21,8 +21,10 @@ def tiny_derived(synth_root, tmp_path_factory):
     import torch
 
     from eco_ray.config import load_config
+    from eco_ray.context import RunContext
     from eco_ray.data import CocoPanopticDataset
-    from eco_ray.derive.run import DeriveConfig, run_derive
+    from eco_ray.derive.config import DeriveConfig
+    from eco_ray.derive.run import run_derive
     from eco_ray.model.config import load_model_config
     from eco_ray.model.early_exit import EarlyExitMask2Former
     from eco_ray.model.io import save_parent
@@ -33,19 +35,19 @@ def tiny_derived(synth_root, tmp_path_factory):
     cfg = load_model_config("tiny", [f"num_labels={len(ds.categories)}"])
     parent_dir = save_parent(EarlyExitMask2Former(cfg), base / "parent", extra={"categories": ds.categories.to_coco()})
     derive_cfg = load_config(DeriveConfig, overrides=[
-        f"parent={parent_dir}", f"data_root={synth_root}", f"run_dir={base}", "chunk_size=10", "batch_size=4",
-        f"threshold={DERIVE_THRESHOLD}", "latency_repeats=2"])
+        "chunk_size=10", "batch_size=4", f"threshold={DERIVE_THRESHOLD}", "latency_repeats=2"])
     tracking = f"sqlite:///{base}/mlflow.db"
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     t0 = time.perf_counter()
-    manifest = run_derive(derive_cfg, tracking_uri=tracking)
+    ctx = RunContext.create(base, tracking)
+    manifest = run_derive(derive_cfg, parent=str(parent_dir), data_root=synth_root, ctx=ctx)
     first_seconds = time.perf_counter() - t0
     if started:
         ray.shutdown()
     return {"base": base, "parent_dir": parent_dir, "cfg": derive_cfg, "tracking": tracking, "manifest": manifest,
-            "first_seconds": first_seconds, "root": synth_root}
+            "first_seconds": first_seconds, "root": synth_root, "ctx": ctx}
 
 
 DERIVE_THRESHOLD = 0.05

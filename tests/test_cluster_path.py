@@ -14,9 +14,11 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
+from eco_ray.budget import Budget
 from eco_ray.config import load_config
-from eco_ray.sweep.run import SweepConfig, run_sweep
-from eco_ray.sweep.select import select
+from eco_ray.context import RunContext
+from eco_ray.resources import resource_path
+from eco_ray.sweep import SweepConfig, run_sweep, select
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,27 +91,28 @@ def test_sweep_and_select_through_an_mlflow_server_and_postgres_study(tiny_deriv
     import ray
 
     cfg = load_config(SweepConfig, overrides=[
-        f"derived={tiny_derived['manifest']['path']}", f"run_dir={tmp_path}", "trials=4", "concurrency=2",
-        f"space={ROOT / 'search_spaces' / 'default.yaml'}", f"storage={postgres_dbs['optuna']}"])
+        "trials=4", "concurrency=2", f"space={resource_path('search_spaces', 'default')}",
+        f"storage={postgres_dbs['optuna']}"])
+    ctx = RunContext.create(tmp_path, mlflow_server)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        s = run_sweep(cfg, name="pg1", tracking_uri=mlflow_server)
+        s = run_sweep(cfg, derived=tiny_derived["manifest"]["path"], ctx=ctx, name="pg1")
     finally:
         ray.shutdown()
-    assert s["complete"] == 4
+    assert s.complete == 4
     study = optuna.load_study(study_name="eco-ray-pg1", storage=postgres_dbs["optuna"])  # in Postgres
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 4
     client = MlflowClient(mlflow_server)
-    kids = client.search_runs([client.get_run(s["run_id"]).info.experiment_id],
-                              f"tags.mlflow.parentRunId = '{s['run_id']}'")
+    kids = client.search_runs([client.get_run(s.run_id).info.experiment_id],
+                              f"tags.mlflow.parentRunId = '{s.run_id}'")
     assert len(kids) == 4
     # artifacts went through the server's proxy, and the registry works over HTTP
     assert {"gate/model.safetensors"} <= {a.path for a in client.list_artifacts(kids[0].info.run_id, "gate")}
-    best = max(t["metrics"]["pq"] for t in s["trials"])
-    r = select("pg1", "min_pq", 0.0, run_dir=str(tmp_path), tracking_uri=mlflow_server)
-    assert client.get_model_version_by_alias("eco-gate", "production").version == r["version"]
+    best = max(t.metrics["pq"] for t in s.trials)
+    r = select("pg1", Budget.named("min_pq", 0.0), ctx=ctx)
+    assert client.get_model_version_by_alias("eco-gate", "production").version == r.version
     from eco_ray.model.io import load_gate
-    from eco_ray.registry import resolve_model_dir
+    from eco_ray.tracking import resolve_model_dir
 
     gate, meta = load_gate(resolve_model_dir("models:/eco-gate@production", mlflow_server))
-    assert meta["derived_key"] == tiny_derived["manifest"]["key"] and best >= r["chosen"]["pq"]
+    assert meta["derived_key"] == tiny_derived["manifest"]["key"] and best >= r.chosen["pq"]

@@ -14,12 +14,15 @@ from eco_ray.config import ConfigError, load_config
 from eco_ray.data import CocoPanopticDataset
 from eco_ray.data.collate import pixel_values
 from eco_ray.data.transforms import build_transform
-from eco_ray.derive.run import DeriveConfig, run_derive
+from eco_ray.derive.config import DeriveConfig
+from eco_ray.derive.run import run_derive
 from eco_ray.derive.table import DerivedDataset, noise_floor, relative_costs
 from eco_ray.evaluate import evaluate_exits
-from eco_ray.gate.fit import GateConfig, fit_gate, gate_choice
-from eco_ray.gate.run import fit_and_evaluate
+from eco_ray.gate.config import GateConfig
+from eco_ray.gate.evaluate import fit_and_evaluate
+from eco_ray.gate.fit import fit_gate
 from eco_ray.metrics.panoptic import PanopticStats, aggregate, image_stats
+from eco_ray.model.gates import decide
 from eco_ray.model.io import load_gate, load_parent
 from eco_ray.model.postprocess import to_panoptic
 from eco_ray.tradeoff import exit_labels
@@ -72,14 +75,14 @@ def test_rerunning_on_the_same_inputs_reuses_the_table(env):
     client = MlflowClient(env["tracking"])
     runs_before = len(client.search_runs([r.experiment_id for r in client.search_experiments()]))
     t0 = time.perf_counter()
-    again = run_derive(env["cfg"], tracking_uri=env["tracking"])
+    again = run_derive(env["cfg"], parent=str(env["parent_dir"]), data_root=env["root"], ctx=env["ctx"])
     assert again["reused"] and again["key"] == env["manifest"]["key"] and again["path"] == env["manifest"]["path"]
     assert time.perf_counter() - t0 < env["first_seconds"]
     assert len(client.search_runs([r.experiment_id for r in client.search_experiments()])) == runs_before
     # other settings into the same directory: refused, nothing overwritten
-    other = load_config(DeriveConfig, layers=[{**env["cfg"].__dict__, "views": ["plain"], "out": again["path"]}])
+    other = load_config(DeriveConfig, layers=[{**env["cfg"].__dict__, "views": ["plain"]}])
     with pytest.raises(ConfigError, match="other inputs"):
-        run_derive(other, tracking_uri=env["tracking"])
+        run_derive(other, parent=str(env["parent_dir"]), data_root=env["root"], ctx=env["ctx"], out=again["path"])
     assert DerivedDataset.open(again["path"]).manifest["key"] == env["manifest"]["key"]
 
 
@@ -89,27 +92,26 @@ def test_levels_gate_input_is_derived_recorded_and_served(env, tmp_path):
     import ray
 
     from eco_ray.gate.run import run_gate
-    from eco_ray.serve.engine import Budget, load_engine
+    from eco_ray.serve.engine import RequestControl, load_engine
 
     cfg = load_config(DeriveConfig, layers=[{**env["cfg"].__dict__, "gate_input": "levels", "max_images": 8,
-                                             "views": ["plain"], "measure_latency": False, "out": None}])
+                                             "views": ["plain"], "measure_latency": False}])
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        m = run_derive(cfg, tracking_uri=env["tracking"])
+        m = run_derive(cfg, parent=str(env["parent_dir"]), data_root=env["root"], ctx=env["ctx"])
     finally:
         if started:
             ray.shutdown()
     base_dim = env["manifest"]["gate_input_dim"]
     assert m["gate_input"] == "levels" and m["gate_input_dim"] == 3 * base_dim and m["key"] != env["manifest"]["key"]
-    g = run_gate(m["path"], GateConfig(epochs=5), [0.1], tracking_uri=env["tracking"], run_dir=str(env["base"]),
-                 out=str(tmp_path / "gate"), name="levels-gate")
-    engine, meta = load_engine(str(env["parent_dir"]), g["path"], env["tracking"])
+    g = run_gate(m["path"], GateConfig(epochs=5), [0.1], ctx=env["ctx"], out=str(tmp_path / "gate"), name="levels-gate")
+    engine, meta = load_engine(str(env["parent_dir"]), g.path, env["tracking"])
     assert meta["gate_input"] == "levels" and engine.parent.config.gate_input == "levels"
     ds = CocoPanopticDataset.from_root(env["root"], "val")
     image = ds[0].image
-    out = engine.segment([image], [Budget()], ["rle"])
+    out = engine.segment([image], [RequestControl()], ["rle"])
     assert out[0]["exit"] in engine.exits
 
 
@@ -123,7 +125,7 @@ def test_noise_floor_of_identical_views_is_zero(env):
 
 def test_table_evaluation_equals_the_gated_model_run_end_to_end(env):
     ds = DerivedDataset.open(env["manifest"]["path"])
-    cfg = GateConfig(kind="budget", epochs=50)
+    cfg = GateConfig(kind="quality", epochs=50)
     rel = relative_costs(ds.costs("gflops"))
     train = ds.split("train")
     gate = fit_gate(train.gate_features, train.quality, rel, ds.exits, cfg)
@@ -142,7 +144,8 @@ def test_table_evaluation_equals_the_gated_model_run_end_to_end(env):
                 depth = torch.as_tensor([ds.exits[i % len(ds.exits)] for i in range(len(samples))])
                 out = model.forward_per_image(x, depth)
             else:  # serving's path: the gate decides on the parent's own gate input within one pass
-                out = model.forward_gated(x, lambda f: gate.decide(f, beta, torch.as_tensor(rel, dtype=torch.float32)))
+                exits = np.asarray(ds.exits)
+                out = model.forward_gated(x, lambda f: exits[decide(gate, f, rel, beta)])
                 depth = out.exit_per_image
         mixed += len(set(depth.tolist())) > 1
         preds = to_panoptic(out, val_data.categories, (model.config.image_size,) * 2, threshold=THRESHOLD)
@@ -153,7 +156,7 @@ def test_table_evaluation_equals_the_gated_model_run_end_to_end(env):
         if beta is None:
             choice = np.asarray([ds.exits.index(k) for k in depth.tolist()])
         else:
-            choice = gate_choice(gate, val.gate_features, rel, beta)
+            choice = decide(gate, val.gate_features, rel, beta)
             assert [ds.exits[c] for c in choice] == depth.tolist()
         table = aggregate(val.eval_stats[np.arange(len(val)), choice], ds.categories)
         assert abs(table.pq - e2e.pq) < 1e-6 and abs(table.pq_things - e2e.pq_things) < 1e-6
@@ -172,38 +175,38 @@ def test_gates_learn_labels_that_the_features_carry():
     labels = exit_labels(quality, rel, 0.1)
     assert 0.2 < (labels == 4).mean() < 0.8  # both classes present
     clf = fit_gate(x, quality, rel, exits, GateConfig(kind="classify", beta=0.1, epochs=300, lr=0.05))
-    assert (gate_choice(clf, x, rel, 0.1) == labels).mean() > 0.9
-    budget = fit_gate(x, quality, rel, exits, GateConfig(kind="budget", epochs=300, lr=0.05, hidden=16))
+    assert (decide(clf, x, rel, 0.1) == labels).mean() > 0.9
+    budget = fit_gate(x, quality, rel, exits, GateConfig(kind="quality", epochs=300, lr=0.05, hidden=16))
     for beta in (0.1, 3.0):  # one fit, two trade-offs
         oracle = exit_labels(quality, rel, beta)
-        assert (gate_choice(budget, x, rel, beta) == oracle).mean() > 0.9
+        assert (decide(budget, x, rel, beta) == oracle).mean() > 0.9
 
 
 def test_fit_and_evaluate_reports_the_baselines(env):
     ds = DerivedDataset.open(env["manifest"]["path"])
-    res = fit_and_evaluate(ds, GateConfig(kind="budget", epochs=30), betas=[0.0, 0.2, 10.0])
-    assert len(res["gates"]) == 1 and len(res["points"]) == 3  # a budget gate is fitted once
-    static = res["static"]
-    assert [p["exit"] for p in static] == ds.exits
+    res = fit_and_evaluate(ds, GateConfig(kind="quality", epochs=30), betas=[0.0, 0.2, 10.0])
+    assert len(res.gates) == 1 and len(res.evaluations) == 3  # a quality gate is fitted once
+    static = res.static
+    assert [p.exit for p in static] == ds.exits
     val = ds.split("val")
     for e, p in enumerate(static):
-        assert p["pq"] == pytest.approx(aggregate(val.eval_stats[:, e], ds.categories).pq)
-        assert p["encoder_gflops_mean"] == pytest.approx(ds.costs("gflops")[e])
+        assert p.pq == pytest.approx(aggregate(val.eval_stats[:, e], ds.categories).pq)
+        assert p.encoder_gflops_mean == pytest.approx(ds.costs("gflops")[e])
     # beta 10 makes any depth not worth its cost: the oracle takes the shallowest exit for every image
-    assert res["points"][-1]["oracle"]["exit_histogram"] == {2: 16, 3: 0, 4: 0, 5: 0, 6: 0}
+    assert res.evaluations[-1].oracle.exit_histogram == {2: 16, 3: 0, 4: 0, 5: 0, 6: 0}
     # with beta 0 the oracle is at least as good as every static exit on per-image quality
     clf = fit_and_evaluate(ds, GateConfig(kind="classify", epochs=30), betas=[0.05, 0.5])
-    assert len(clf["gates"]) == 2
+    assert len(clf.gates) == 2
     # the dataset-PQ contribution as label source: same baselines, a gate of the same shape
     dpq = fit_and_evaluate(ds, GateConfig(kind="classify", epochs=30, quality="dpq"), betas=[0.05])
-    assert dpq["static"] == clf["static"] and len(dpq["gates"]) == 1
+    assert dpq.static == clf.static and len(dpq.gates) == 1
     train = ds.split("train")
     assert train.quality_of("dpq").shape == train.quality.shape
     assert train.quality_of("dpq")[:, -1].mean() == pytest.approx(
         np.mean([aggregate(train.stats[:, v, -1], ds.categories).pq for v in range(len(train.views))]))
 
 
-def _informative_dataset(env, n_train=400, n_val=120, seed=0):
+def _informative_dataset(env, n_train=400, n_val=120, seed=0, dim=8):
     """The fixture's manifest (exits, costs, categories) with synthetic splits whose per-image PQ depends on
     the gate input (feature 0 > 0: gains with depth; else flat), so gate decisions vary between images."""
     from eco_ray.derive.table import DerivedSplit
@@ -213,7 +216,7 @@ def _informative_dataset(env, n_train=400, n_val=120, seed=0):
     exits, c = ds.exits, len(ds.categories)
 
     def split(name, n, first_id):
-        x = rng.normal(size=(n, 8)).astype(np.float32)
+        x = rng.normal(size=(n, dim)).astype(np.float32)
         q = np.where(x[:, :1] > 0, np.linspace(0.3, 0.9, len(exits))[None], 0.8) + rng.normal(0, 0.01, (n, len(exits)))
         stats = PanopticStats.zeros((n, 2, len(exits), c))
         stats.tp[..., 0], stats.iou_sum[..., 0] = 1, np.repeat(q[:, None], 2, axis=1)
@@ -226,33 +229,33 @@ def _informative_dataset(env, n_train=400, n_val=120, seed=0):
 
 
 def test_holdout_fits_on_the_rest_and_scores_the_held_out_images(env):
-    from eco_ray.gate.report import evaluate_choice, static_baseline
+    from eco_ray.gate.evaluate import evaluate_choice, static_baseline
 
     ds = _informative_dataset(env)
     train, val = ds.split("train"), ds.split("val")
     kept, held = train.hold_out(0.25)
     assert len(kept) + len(held) == len(train) and 0.15 < len(held) / len(train) < 0.35
     assert not set(kept.image_ids) & set(held.image_ids)
-    cfg = GateConfig(kind="budget", epochs=200, lr=0.05, hidden=16)
+    cfg = GateConfig(kind="quality", epochs=200, lr=0.05, hidden=16)
     res = fit_and_evaluate(ds, cfg, betas=[0.05, 0.3], holdout=0.25)
-    assert res["train_images"] == len(kept) and res["holdout_images"] == len(held)
-    assert res["static"] == fit_and_evaluate(ds, cfg, betas=[0.05])["static"]  # the eval split is untouched
-    assert res["static_holdout"] == static_baseline(held, ds.categories, ds.cost_columns())
+    assert res.train_images == len(kept) and res.holdout_images == len(held)
+    assert res.static == fit_and_evaluate(ds, cfg, betas=[0.05]).static  # the eval split is untouched
+    assert res.static_holdout == static_baseline(held, ds.categories, ds.cost_columns())
     rel = relative_costs(ds.costs("gflops"))
     # the gate was fitted on the kept images only: refitting on them reproduces both evaluations exactly,
     # while a gate fitted on the whole training split decides differently somewhere
     gate = fit_gate(kept.gate_features, kept.quality, rel, ds.exits, cfg)
     whole = fit_gate(train.gate_features, train.quality, rel, ds.exits, cfg)
     differs = 0
-    for p in res["points"]:
-        for split, evaluation in ((val, p["gate"]), (held, p["holdout"]["gate"])):
-            choice = gate_choice(gate, split.gate_features, rel, p["beta"])
+    for p in res.evaluations:
+        for split, evaluation in ((val, p.gate), (held, p.holdout_gate)):
+            choice = decide(gate, split.gate_features, rel, p.beta)
             assert len(set(choice.tolist())) > 1  # informative data: not one exit for every image
             expected = evaluate_choice(split, ds.categories, ds.cost_columns(), choice)
-            assert evaluation["pq"] == pytest.approx(expected["pq"])
-            assert evaluation["exit_histogram"] == expected["exit_histogram"]
-            differs += int((gate_choice(whole, split.gate_features, rel, p["beta"]) != choice).any())
-        assert p["holdout"]["gate"]["pq"] > p["holdout"]["oracle"]["pq"] - 0.05  # it learned the rule
+            assert evaluation.pq == pytest.approx(expected.pq)
+            assert evaluation.exit_histogram == expected.exit_histogram
+            differs += int((decide(whole, split.gate_features, rel, p.beta) != choice).any())
+        assert p.holdout_gate.pq > p.holdout_oracle.pq - 0.05  # it learned the rule
     assert differs > 0
     with pytest.raises(ValueError, match="in \\(0, 1\\)"):
         train.hold_out(1.0)
@@ -261,19 +264,20 @@ def test_holdout_fits_on_the_rest_and_scores_the_held_out_images(env):
 def test_cross_view_oracle_and_the_equal_compute_baseline(env):
     from dataclasses import replace
 
-    from eco_ray.gate.report import cross_view_oracle_point, oracle_point, static_at, static_baseline
+    from eco_ray.gate.evaluate import cross_view_oracle_point, oracle_point, static_baseline
+    from eco_ray.results import static_at
 
     ds = DerivedDataset.open(env["manifest"]["path"])
     val, cols = ds.split("val"), ds.cost_columns()
     rel = relative_costs(ds.costs("gflops"))
     static = static_baseline(val, ds.categories, cols)
     for p in static:  # on the curve's own points, the interpolation is the point
-        assert static_at(static, p["encoder_gflops_mean"]) == pytest.approx(p["pq"])
+        assert static_at(static, p.encoder_gflops_mean) == pytest.approx(p.pq)
     # two identical views: picking on the other view is picking on the same one
     same = replace(val, stats=PanopticStats(**{k: np.repeat(v[:, :1], 2, axis=1) for k, v in val.stats.as_dict().items()}))
     for beta in (0.0, 0.1, 1.0):
-        assert cross_view_oracle_point(same, ds.categories, cols, rel, beta)["pq"] == pytest.approx(
-            oracle_point(same, ds.categories, cols, rel, beta)["pq"])
+        assert cross_view_oracle_point(same, ds.categories, cols, rel, beta).pq == pytest.approx(
+            oracle_point(same, ds.categories, cols, rel, beta).pq)
     with pytest.raises(ValueError, match="needs a view"):
         cross_view_oracle_point(replace(val, views=["plain"]), ds.categories, cols, rel, 0.1)
 
@@ -307,3 +311,42 @@ def test_gate_bad_input_is_a_clear_error(env, tmp_path, capsys):
     assert "epochs" in capsys.readouterr().err
     assert main(["gate", "--derived", env["manifest"]["path"], "--set", "quality=iou"]) == 2
     assert "quality" in capsys.readouterr().err
+
+
+def test_serving_engine_picks_the_exits_the_table_evaluation_picks(env):
+    """One decision rule: for the same gate input and budget, the serving Engine chooses exactly the exits the
+    exact table evaluation chose, in the cost measure the gate was fitted with (latency here: its relative
+    costs differ from the GFLOPs ones, which serving used to apply to every gate)."""
+    from eco_ray.budget import Budget
+    from eco_ray.gate.evaluate import evaluate_choice
+    from eco_ray.gate.run import gate_record
+    from eco_ray.serve.engine import RequestControl, engine_from
+
+    parent, pmeta = load_parent(env["parent_dir"])
+    ds = _informative_dataset(env, dim=parent.config.hidden_dim)
+    train, val = ds.split("train"), ds.split("val")
+    rel_latency, rel_gflops = relative_costs(ds.costs("latency")), relative_costs(ds.costs("gflops"))
+    # the informative images gain 0.6 PQ from the first exit to the last: a beta between the two measures'
+    # break-even points sends them deep under one cost measure and shallow under the other
+    def break_even(rel):
+        return (0.6 / (len(rel) - 1)) / ((rel[-1] - rel[0]) / (len(rel) - 1))
+
+    beta = float(np.sqrt(break_even(rel_latency) * break_even(rel_gflops)))
+    features = torch.as_tensor(val.gate_features)
+    for kind in ("quality", "classify"):
+        cfg = GateConfig(kind=kind, cost="latency", beta=beta, epochs=200, lr=0.05, hidden=16 if kind == "quality" else 0)
+        fit = fit_and_evaluate(ds, cfg, [beta])
+        gate = fit.gate_for(beta)
+        table = decide(gate, val.gate_features, rel_latency, beta)
+        assert fit.evaluations[0].gate == evaluate_choice(val, ds.categories, ds.cost_columns(), table, beta)
+        engine = engine_from(parent, pmeta, gate, gate_record(ds, cfg, beta, []))
+        served = engine.choose_exits(features, [RequestControl()] * len(val))
+        assert served == [ds.exits[i] for i in table]
+        if kind == "quality":  # the test can tell the cost measures apart: GFLOPs costs decide otherwise
+            assert (decide(gate, val.gate_features, rel_gflops, beta) != table).any()
+        # a per-request compute budget: the same rule among the exits it allows
+        cap = float(ds.costs("gflops")[2])
+        allowed = ds.costs("gflops") <= cap + 1e-12
+        capped = decide(gate, val.gate_features, rel_latency, beta, allowed=allowed)
+        served = engine.choose_exits(features, [RequestControl(budget=Budget.named("max_gflops", cap))] * len(val))
+        assert served == [ds.exits[i] for i in capped] and max(served) <= ds.exits[2]

@@ -9,7 +9,7 @@ from eco_ray.data import CocoPanopticDataset, collate_panoptic
 from eco_ray.metrics import aggregate, image_stats
 from eco_ray.model.config import load_model_config
 from eco_ray.model.early_exit import EarlyExitMask2Former
-from eco_ray.model.gates import BudgetGate, ExitClassifierGate
+from eco_ray.model.gates import ExitClassifierGate, QualityGate, build_gate, decide
 from eco_ray.model.io import ModelFileError, load_gate, load_parent, parent_from_pretrained, save_gate, save_parent
 from eco_ray.model.postprocess import to_panoptic
 
@@ -63,6 +63,30 @@ def test_mixed_exits_in_a_batch_equal_per_image_forwards(model, batch):
         torch.testing.assert_close(mixed.masks_queries_logits[i], alone.masks_queries_logits[0], atol=1e-5, rtol=1e-5)
     same = model.forward_per_image(batch, [3, 3, 3])
     assert_same(same, model(batch, exit=3), atol=1e-6)
+
+
+@torch.no_grad()
+def test_exit_zero_and_a_pooled_coarse_backbone(batch):
+    """Exit 0 runs no encoder layer (the heads on the projected backbone maps); with pooled coarse levels the
+    stride-16/32 maps come from the stride-8 map, so a far-away pixel cannot change a token except through
+    the encoder."""
+    torch.manual_seed(0)
+    m = EarlyExitMask2Former(load_model_config("tiny", ["exits=[0,1,3,6]", "pooled_coarse_levels=true"])).eval()
+    every = m.forward_exits(batch)
+    assert sorted(every) == [0, 1, 3, 6] and not torch.allclose(every[0].masks_queries_logits, every[1].masks_queries_logits)
+    mixed = m.forward_per_image(batch, [0, 6, 1])
+    for i, k in enumerate([0, 6, 1]):
+        torch.testing.assert_close(mixed.masks_queries_logits[i], every[k].masks_queries_logits[i], atol=1e-5, rtol=1e-5)
+    assert m.forward_per_image(batch, [0, 0, 0]).exit_per_image.tolist() == [0, 0, 0]
+    # the stride-32 map's top-left token (pixels 0-31, plus stage 2's reach) does not see the bottom-right corner
+    big = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(2))
+    far = big.clone()
+    far[:, :, 96:, 96:] += 5.0
+    torch.testing.assert_close(m.backbone_features(big)[3][:, :, 0, 0], m.backbone_features(far)[3][:, :, 0, 0])
+    full = EarlyExitMask2Former(load_model_config("tiny")).eval()
+    assert not torch.allclose(full.backbone_features(big)[3][:, :, 0, 0], full.backbone_features(far)[3][:, :, 0, 0])
+    with pytest.raises(ConfigError, match="ResNet"):
+        load_model_config("tiny", ["backbone=swin", "pooled_coarse_levels=true"])
 
 
 @torch.no_grad()
@@ -132,22 +156,30 @@ def test_classifier_gate_decides_per_image():
         gate.linear.weight[4, 0] = 1.0  # feature 0 votes for exit 6
         gate.linear.weight[1, 1] = 1.0  # feature 1 votes for exit 3
     x = torch.tensor([[1.0, 0, 0, 0], [0, 1.0, 0, 0], [0, 0, 0, 0]])
-    assert gate.decide(x).tolist() == [6, 3, 2]  # all-equal logits: the shallowest exit
+    exits = np.asarray(gate.exits)
+    # a classifier's decision ignores beta (it was trained for one)
+    for beta in (0.0, 10.0):
+        assert exits[decide(gate, x, [2, 3, 4, 5, 6], beta)].tolist() == [6, 3, 2]  # equal logits: the shallowest
 
 
-def test_budget_gate_trades_quality_for_cost():
-    gate = BudgetGate(2, [2, 4, 6])
+def test_quality_gate_trades_quality_for_cost():
+    gate = QualityGate(2, [2, 4, 6])
     with torch.no_grad():
         gate.net.weight.zero_()
         gate.net.bias.copy_(torch.tensor([0.5, 0.75, 0.8125]))  # predicted quality per exit (exact binary)
     x = torch.zeros(3, 2)
     costs = [1.0, 2.0, 3.0]
-    assert gate.decide(x, 0.0, costs).tolist() == [6, 6, 6]
-    assert gate.decide(x, 0.0625, costs).tolist() == [4, 4, 4]  # utilities .4375, .625, .625: tie -> shallower
-    assert gate.decide(x, 0.25, costs).tolist() == [2, 2, 2]  # .25, .25, .0625: tie -> shallower
-    assert gate.decide(x, torch.tensor([0.0, 0.0625, 1.0]), costs).tolist() == [6, 4, 2]  # beta per image
-    with pytest.raises(ValueError, match="one cost per exit"):
-        gate.decide(x, 0.1, [1.0, 2.0])
+    exits = np.asarray(gate.exits)
+    assert exits[decide(gate, x, costs, 0.0)].tolist() == [6, 6, 6]
+    assert exits[decide(gate, x, costs, 0.0625)].tolist() == [4, 4, 4]  # utilities .4375, .625, .625: tie -> shallower
+    assert exits[decide(gate, x, costs, 0.25)].tolist() == [2, 2, 2]  # .25, .25, .0625: tie -> shallower
+    assert exits[decide(gate, x, costs, np.asarray([0.0, 0.0625, 1.0]))].tolist() == [6, 4, 2]  # beta per image
+    with pytest.raises(ValueError, match="costs"):
+        decide(gate, x, [1.0, 2.0], 0.1)
+    # a budget allows only some exits: the best of those
+    assert exits[decide(gate, x, costs, 0.0, allowed=np.asarray([True, True, False]))].tolist() == [4, 4, 4]
+    # gates saved under the quality gate's old kind name load as a quality gate
+    assert type(build_gate({"kind": "budget", "in_dim": 2, "exits": [2, 4, 6]})) is QualityGate
 
 
 # ------------------------------------------------------------------------------------ weights on disk
@@ -162,7 +194,7 @@ def test_parent_round_trips_bit_exactly(model, batch, tmp_path):
 
 
 def test_gates_round_trip(tmp_path):
-    for gate in (ExitClassifierGate(8, [2, 4, 6]), BudgetGate(8, [2, 4, 6], hidden=16)):
+    for gate in (ExitClassifierGate(8, [2, 4, 6]), QualityGate(8, [2, 4, 6], hidden=16)):
         save_gate(gate, tmp_path / gate.kind, extra={"beta": 0.01})
         loaded, meta = load_gate(tmp_path / gate.kind)
         assert meta["beta"] == 0.01 and type(loaded) is type(gate)

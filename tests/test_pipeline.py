@@ -90,15 +90,14 @@ def test_a_mapping_setting_is_replaced_whole_or_changed_by_key(tmp_path):
     # mix and silently kept outline images (seen: a 2026-11-26 experiment ran with 23% outline)
     from eco_ray.config import load_config
     from eco_ray.data.synth import SynthConfig
-    from eco_ray.pipeline import Pipeline, PipelineConfig
+    from eco_ray.pipeline import load_pipeline_config
 
-    whole = load_config(PipelineConfig, overrides=[f"run_dir={tmp_path}", "synth.kind_mix={clean: 0.5, relational: 0.5}",
-                                                   "synth.key_arm=0.06"])
-    p = Pipeline(whole)
-    assert p.synth.kind_mix == {"clean": 0.5, "relational": 0.5} and p.synth.key_arm == 0.06
-    # in any form: the mix given is the mix used
-    one_key = Pipeline(load_config(PipelineConfig, overrides=[f"run_dir={tmp_path}", "synth.kind_mix.clean=0.9"]))
-    assert one_key.synth.kind_mix == {"clean": 0.9}
+    whole = load_pipeline_config(overrides=[f"run_dir={tmp_path}", "synth.kind_mix={clean: 0.5, relational: 0.5}",
+                                            "synth.key_arm=0.06"])
+    assert whole.data.synth.kind_mix == {"clean": 0.5, "relational": 0.5} and whole.data.synth.key_arm == 0.06
+    # in any form (and under the section's own name): the mix given is the mix used
+    one_key = load_pipeline_config(overrides=[f"run_dir={tmp_path}", "data.synth.kind_mix.clean=0.9"])
+    assert one_key.data.synth.kind_mix == {"clean": 0.9}
     assert load_config(SynthConfig, overrides=["kind_mix.outline=1", "kind_mix.clean=2"]).kind_mix == \
         {"outline": 1.0, "clean": 2.0}
     yaml_file = tmp_path / "synth.yaml"
@@ -107,6 +106,32 @@ def test_a_mapping_setting_is_replaced_whole_or_changed_by_key(tmp_path):
     # the pipeline's own sections still merge key by key: a --set beside a --config keeps the file's settings
     pipe_yaml = tmp_path / "pipe.yaml"
     pipe_yaml.write_text("train: {steps: 7, exit_sampling: deep}\n")
-    merged = load_config(PipelineConfig, pipe_yaml, [f"run_dir={tmp_path}", "train.steps=9"])
-    assert merged.train["steps"] == 9 and merged.train["exit_sampling"] == "deep"
+    merged = load_pipeline_config(pipe_yaml, [f"run_dir={tmp_path}", "train.steps=9"])
+    assert merged.train.steps == 9 and merged.train.exit_sampling == "deep"
     assert SynthConfig().kind_mix == {"clean": 0.4, "outline": 0.3, "relational": 0.3}  # defaults untouched
+
+
+def test_the_config_tree_and_its_old_keys(tmp_path, capsys):
+    """One typed tree: each stage's section is that stage's own config; the flat keys of the old layout move
+    to their section, and settings the stages now hand on are refused with the name of what replaced them."""
+    from eco_ray.cli import main
+    from eco_ray.config import ConfigError
+    from eco_ray.pipeline import load_pipeline_config
+    from eco_ray.resources import resource_names
+
+    old = tmp_path / "old.yaml"
+    old.write_text("train_images: 50\nval_images: 10\nbudget: max_gflops\nlimit: 0.05\nrequests: 0\nport: 9000\n"
+                   "synth: {size: 64}\ntrain: {steps: 7, model_preset: tiny}\n")
+    cfg = load_pipeline_config(old)
+    assert (cfg.data.train_images, cfg.data.val_images, cfg.data.synth.size) == (50, 10, 64)
+    assert (cfg.select.budget, cfg.select.limit, cfg.serve.requests, cfg.serve.port) == ("max_gflops", 0.05, 0, 9000)
+    assert cfg.train.steps == 7 and cfg.train.model.name == "tiny"  # the preset under the train section
+    assert cfg.train.exit_sampling == "deepest_plus_one"  # the pipeline's own defaults for its sections
+    for key, named in (("derive.parent=models:/x/1", "train stage"), ("sweep.derived=/tmp/t", "derive stage"),
+                       ("train.run_dir=/tmp/r", "--run-dir"), ("train.data_root=/tmp/d", "data.root")):
+        with pytest.raises(ConfigError, match=named):
+            load_pipeline_config(overrides=[key])
+    assert main(["pipeline", "--set", "derive.parent=x", "--print-config"]) == 2
+    assert "no longer a setting" in capsys.readouterr().err
+    assert {"smoke"} <= set(resource_names("pipelines"))
+    assert load_pipeline_config("smoke").train.model_preset == "tiny"  # a shipped config by name

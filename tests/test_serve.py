@@ -15,7 +15,7 @@ from PIL import Image
 
 from eco_ray.data.coco_panoptic import rgb2id
 from eco_ray.derive.table import DerivedDataset
-from eco_ray.gate.fit import GateConfig
+from eco_ray.gate.config import GateConfig
 from eco_ray.gate.run import run_gate
 from eco_ray.serve.run import build_app, load_serve_config
 
@@ -38,9 +38,9 @@ def served(tiny_derived, tmp_path_factory):
     base = tmp_path_factory.mktemp("serve")
     gates = {}
     for name, beta in (("g1", 0.05), ("g2", 0.5)):
-        r = run_gate(tiny_derived["manifest"]["path"], GateConfig(kind="budget", beta=beta, epochs=30), [beta],
-                     tracking_uri=tiny_derived["tracking"], run_dir=str(base), out=str(base / name), name=name)
-        gates[name] = r["path"]
+        r = run_gate(tiny_derived["manifest"]["path"], GateConfig(kind="quality", beta=beta, epochs=30), [beta],
+                     ctx=tiny_derived["ctx"], out=str(base / name), name=name)
+        gates[name] = r.path
     # fast autoscaling metrics, so that the autoscaling test sees 1 -> 2+ -> 1 within seconds (platform notes)
     os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
     os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"

@@ -50,10 +50,10 @@ def test_evaluation_of_a_choice_is_the_aggregate_of_the_chosen_rows():
     got = evaluate_assignment(stats, choice, CATS, COSTS, EXITS)
     chosen = PanopticStats.stack([stats[i, choice[i]] for i in range(40)])
     want = aggregate(chosen, CATS)
-    assert got["pq"] == pytest.approx(want.pq, abs=1e-12) and got["miou"] == pytest.approx(want.miou, abs=1e-12)
-    assert got["encoder_gflops_mean"] == pytest.approx(np.asarray(COSTS["encoder_gflops"])[choice].mean())
-    assert sum(got["exit_histogram"].values()) == 40
-    assert got["exit_histogram"] == {k: int((choice == e).sum()) for e, k in enumerate(EXITS)}
+    assert got.pq == pytest.approx(want.pq, abs=1e-12) and got.miou == pytest.approx(want.miou, abs=1e-12)
+    assert got.encoder_gflops_mean == pytest.approx(np.asarray(COSTS["encoder_gflops"])[choice].mean())
+    assert sum(got.exit_histogram.values()) == 40
+    assert got.exit_histogram == {k: int((choice == e).sum()) for e, k in enumerate(EXITS)}
 
 
 def test_static_points_are_each_exit_for_every_image():
@@ -61,8 +61,8 @@ def test_static_points_are_each_exit_for_every_image():
     stats = random_table(rng)
     points = static_points(stats, CATS, COSTS, EXITS)
     for e, p in enumerate(points):
-        assert p["exit"] == EXITS[e] and p["pq"] == pytest.approx(aggregate(stats[:, e], CATS).pq)
-        assert p["encoder_gflops_mean"] == COSTS["encoder_gflops"][e] and p["exit_histogram"][EXITS[e]] == 40
+        assert p.exit == EXITS[e] and p.pq == pytest.approx(aggregate(stats[:, e], CATS).pq)
+        assert p.encoder_gflops_mean == COSTS["encoder_gflops"][e] and p.exit_histogram[EXITS[e]] == 40
 
 
 def test_oracle_is_at_least_as_good_as_every_static_exit_in_utility():

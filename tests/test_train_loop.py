@@ -54,6 +54,8 @@ def test_all_and_alpha_rules():
     assert [depth.alpha(k) for k in (3, 6)] == [0.5, 1.0]
     assert [sq.alpha(k) for k in (3, 6)] == [0.25, 1.0]
     assert flat.alpha(2) == flat.alpha(6) == 1.0
+    plus_one = ExitSchedule([0, 1, 2, 3, 4, 5, 6], alpha="depth_plus_one")
+    assert plus_one.alpha(0) == pytest.approx(1 / 7) and plus_one.alpha(6) == 1.0  # exit 0 gets a gradient too
 
 
 def test_a_two_exit_step_reports_and_trains_both_exits(synth_root):

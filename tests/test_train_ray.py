@@ -15,19 +15,19 @@ from mlflow import MlflowClient
 
 from eco_ray.cluster import init_ray
 from eco_ray.config import ConfigError
+from eco_ray.context import RunContext
 from eco_ray.data import CocoPanopticDataset, collate_panoptic
 from eco_ray.model.io import load_parent
 from eco_ray.model.postprocess import to_panoptic
-from eco_ray.registry import resolve_model_dir
+from eco_ray.tracking import resolve_model_dir
 from eco_ray.train.config import load_train_config
 
 pytestmark = pytest.mark.slow
 
 
-def tiny_config(synth_root, run_dir, *extra):
+def tiny_config(*extra):
     return load_train_config(overrides=[
-        f"data_root={synth_root}", "model_preset=tiny", f"run_dir={run_dir}", "batch_size=4", "num_workers=2",
-        "warmup_steps=2", "eval_images=8", *extra])
+        "model_preset=tiny", "batch_size=4", "num_workers=2", "warmup_steps=2", "eval_images=8", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,10 @@ def test_bad_config_or_data_fails_before_ray_starts(tmp_path):
 
     with pytest.raises(ConfigError, match="steps"):
         load_train_config(overrides=["steps=0"])
-    cfg = load_train_config(overrides=[f"data_root={tmp_path / 'nope'}", f"run_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="--data-root"):  # no longer a setting: the flag names it
+        load_train_config(overrides=[f"data_root={tmp_path / 'nope'}"])
     with pytest.raises(ConfigError, match="nope"):
-        run_training(cfg)
+        run_training(load_train_config(), data_root=tmp_path / "nope", ctx=RunContext.create(tmp_path))
     assert not ray.is_initialized()
 
 
@@ -57,9 +58,9 @@ def test_a_missing_pretrained_directory_fails_before_ray_starts(synth_root, tmp_
 
     from eco_ray.train.ray_train import run_training
 
-    cfg = tiny_config(synth_root, tmp_path, f"model.pretrained={tmp_path / 'no-such-model'}")
+    cfg = tiny_config(f"model.pretrained={tmp_path / 'no-such-model'}")
     with pytest.raises(ConfigError, match="no-such-model"):
-        run_training(cfg)
+        run_training(cfg, data_root=synth_root, ctx=RunContext.create(tmp_path))
     assert not ray.is_initialized()
 
 
@@ -81,8 +82,9 @@ def test_training_registers_a_parent_that_loads_and_predicts(ray_cluster, synth_
     from eco_ray.train.ray_train import run_training
 
     monkeypatch.chdir(synth_root.parent)  # relative paths, as a user types them, must reach the workers
-    cfg = tiny_config(synth_root.name, tmp_path, "steps=6", "checkpoint_every=2", "eval_every=6")
-    summary = run_training(cfg, name="t1")
+    cfg = tiny_config("steps=6", "checkpoint_every=2", "eval_every=6")
+    ctx = RunContext.create(tmp_path)
+    summary = run_training(cfg, data_root=synth_root.name, ctx=ctx, name="t1")
     assert summary["steps"] == 6 and summary["model_uri"] == "models:/eco-parent/1"
     assert set(summary["val_pq_per_exit"]) == {2, 3, 4, 5, 6}
     client = MlflowClient(summary["tracking_uri"])
@@ -103,7 +105,7 @@ def test_training_registers_a_parent_that_loads_and_predicts(ray_cluster, synth_
     assert all(p[0].shape == (64, 64) for p in preds) and meta["data_hash"] == run.data.tags["data_hash"]
     # a second run may not silently reuse the name
     with pytest.raises(ConfigError, match="exists already"):
-        run_training(cfg, name="t1")
+        run_training(cfg, data_root=synth_root.name, ctx=ctx, name="t1")
 
 
 def _train_worker_pids() -> list[int]:
@@ -139,18 +141,20 @@ def test_exits_short_of_the_last_encoder_layer_train_with_deepest_plus_one(ray_c
     """No step reaches the encoder layers past the last exit: DDP must still look for unused parameters."""
     from eco_ray.train.ray_train import run_training
 
-    cfg = tiny_config(synth_root, tmp_path, "steps=3", "checkpoint_every=3", "eval_every=3",
-                      "exit_sampling=deepest_plus_one", "model.exits=[2,4]")
-    summary = run_training(cfg, name="short-exits")
+    cfg = tiny_config("steps=3", "checkpoint_every=3", "eval_every=3", "exit_sampling=deepest_plus_one",
+                      "model.exits=[2,4]")
+    summary = run_training(cfg, data_root=synth_root, ctx=RunContext.create(tmp_path), name="short-exits")
     assert summary["steps"] == 3 and set(summary["val_pq_per_exit"]) == {2, 4}
 
 
 def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, synth_root, tmp_path):
     from eco_ray.train.ray_train import run_training
 
-    cfg = tiny_config(synth_root, tmp_path, "steps=150", "checkpoint_every=10", "eval_every=150", "max_failures=2")
+    cfg = tiny_config("steps=150", "checkpoint_every=10", "eval_every=150", "max_failures=2")
     result: dict = {}
-    thread = threading.Thread(target=lambda: result.update(run_training(cfg, name="kill")), daemon=True)
+    ctx = RunContext.create(tmp_path)
+    thread = threading.Thread(target=lambda: result.update(run_training(cfg, data_root=synth_root, ctx=ctx,
+                                                                        name="kill")), daemon=True)
     thread.start()
     storage = tmp_path / "ray" / "kill"
     deadline = time.time() + 240
@@ -172,7 +176,7 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, synth_root,
 
 
 def test_resume_after_the_driver_is_killed(synth_root, tmp_path):
-    args = ["--set", f"data_root={synth_root}", "--set", "model_preset=tiny", "--set", f"run_dir={tmp_path}",
+    args = ["--data-root", str(synth_root), "--set", "model_preset=tiny", "--run-dir", str(tmp_path),
             "--set", "batch_size=4", "--set", "steps=150", "--set", "checkpoint_every=10", "--set", "eval_every=150",
             "--set", "eval_images=8", "--set", "warmup_steps=2"]
     driver = subprocess.Popen([sys.executable, "-m", "eco_ray.cli", "train", "--name", "drv", *args],

@@ -56,8 +56,8 @@ def main() -> None:
     import torch
 
     import eco_ray.serve.engine as engine_mod
-    from eco_ray.registry import default_tracking_uri
-    from eco_ray.serve.engine import Budget, decode_image, load_engine
+    from eco_ray.serve.engine import RequestControl, decode_image, load_engine
+    from eco_ray.tracking import default_tracking_uri
 
     torch.set_num_threads(args.threads)
     engine, _ = load_engine(args.parent, args.gate, args.tracking_uri or default_tracking_uri("runs"))
@@ -71,7 +71,7 @@ def main() -> None:
     t.wrap(engine.parent, "heads", "heads (FPN + decoder)")
     t.wrap(engine_mod, "to_panoptic", "post-processing")
     t.wrap(engine_mod, "encode_panoptic", "encoding (PNG id map)")
-    modes = {"gated": Budget(), "full_depth": Budget(exit=deepest)}
+    modes = {"gated": RequestControl(), "full_depth": RequestControl(exit=deepest)}
     per_mode = {m: defaultdict(list) for m in modes}
     exits_used = {m: [] for m in modes}
     for r in range(args.repeats):

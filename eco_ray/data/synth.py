@@ -1,9 +1,8 @@
 """Procedural COCO-panoptic benchmark data, designed so that images need different encoder depths.
 
-Why this exists and how it is designed: no real segmentation dataset can be downloaded here, and a
-prototype showed that clutter alone does not make images need more encoder depth (depth 2 was as good
-as depth 6 on 85% of images; ../shared/prototype-findings.md). So every image draws two things
-independently:
+Why this exists and how it is designed: no real segmentation dataset can be downloaded where eco-ray is
+built, and clutter alone does not make images need more encoder depth (in a prototype, depth 2 was as good
+as depth 6 on 85% of images; docs/results.md). So every image draws two things independently:
 
 - a *clutter level* d in [0, 1] (uniform): from one large object, no overlap (d=0), to many small,
   overlapping, partly hidden objects (d=1). Object count, size and occlusion follow d alone, so the same
@@ -11,8 +10,9 @@ independently:
 - a *kind*, which sets what it takes to classify and delineate the things:
   - ``clean``: four shape classes (circle, square, triangle, ring) in colours that contrast with the
     background; local appearance suffices;
-  - ``camouflage`` (weight 0 by default since 2026-11-26): the same shape classes, filled with the texture of
-    the stuff beneath them in a slightly shifted colour and phase; boundaries are subtle and need wider context;
+  - ``camouflage`` (weight 0 by default: it slowed the learning of the things and gave no image-level depth
+    need): the same shape classes, filled with the texture of the stuff beneath them in a slightly shifted
+    colour and phase; boundaries are subtle and need wider context;
   - ``relational``: identical grey hexagons ("gems") whose class, gem-warm or gem-cool, is set only by
     the colour of one small key marker placed far away (at least ``key_min_distance`` x image size from
     every gem). Local appearance says nothing: the class must travel across the image, which is what
@@ -24,9 +24,9 @@ independently:
     with object size rather than with clutter.
 
 Stuff: 1 or 2 background regions split by a random line, each of a different class (gradient,
-stripes with a 6-16 px period, checker with 5-10 px cells at 128 px: until 2026-11-26 the cells were 6-16 px
-and a large-celled piece seen between things was taken for stripes). Images are written as PNG (lossless:
-JPEG would smear the thin contours and camouflage cues).
+stripes with a 6-16 px period, checker with 5-10 px cells at 128 px: larger cells seen between things look
+like bands and were taken for stripes). Images are written as PNG (lossless: JPEG would smear the thin
+contours and camouflage cues).
 
 Whether a kind really needs depth is measured in Step B (the shallowest sufficient exit per image);
 the knobs below exist to tune the mix when it does not. Deterministic for a seed: image i of a split
@@ -73,16 +73,13 @@ class SynthConfig:
 
     size: int = 128
     seed: int = 0
-    # camouflage (0.3 until 2026-11-26) slowed the parent's learning of the things and, like every kind so far,
-    # gave no image-level depth need; outline replaced it (with the checker fix: things PQ 0.40 after 6,000
-    # steps -> 0.55 after 5,000)
     # the whole mix, relative weights; a mix given in a file or --set replaces this one (kinds not named: none)
     kind_mix: dict[str, float] = field(default_factory=lambda: {"clean": 0.4, "outline": 0.3, "relational": 0.3})
     min_objects: int = 1
     max_objects: int = 8
     max_radius_fraction: float = 0.25  # object radius at clutter 0, as a fraction of the image size
-    min_radius_fraction: float = 0.11  # object radius at clutter 1 (0.09 until 2026-11-25: circles and
-    # squares of 7 px radius were confused both ways)
+    min_radius_fraction: float = 0.11  # object radius at clutter 1 (smaller circles and squares, ~7 px, were
+    # confused both ways)
     max_overlap: float = 0.45  # at clutter 1: most of a new object that may lie on earlier ones
     min_visible: float = 0.5  # every object keeps at least this fraction of its own pixels visible
     key_min_distance: float = 0.35  # relational: key marker to nearest gem, as a fraction of the size
@@ -306,8 +303,7 @@ def _thing_fill(cfg: SynthConfig, canvas: _Canvas, kind: str, rng, under: np.nda
         params["a"], params["b"] = params["a"] + shift, params["b"] + shift
         params["phase"] = params["phase"] + math.pi / 2
         return _stuff_texture(canvas, stuff_names[k], rng, params)[0]
-    # clean: one flat colour far from what lies beneath. (Half of them were striped until 2026-11-25: the
-    # parent then confused striped shapes with the stripes stuff and missed 40-65% of the things.)
+    # clean: one flat colour far from what lies beneath (striped shapes get confused with the stripes stuff)
     colour = _contrasting_colour(rng, under, 180.0)
     return np.broadcast_to(colour, (canvas.size, canvas.size, 3)).copy()
 

@@ -13,59 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import tempfile
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from eco_ray.cluster import init_ray
-from eco_ray.config import ConfigError
-from eco_ray.derive.table import (MANIFEST, VIEWS, DerivedDataset, DerivedSplit, noise_floor, write_manifest,
-                                  write_split)
-from eco_ray.model.config import GATE_INPUTS
-from eco_ray.model.postprocess import OVERLAP_THRESHOLD
-
-
-@dataclass
-class DeriveConfig:
-    parent: str = "models:/eco-parent/latest"  # models:/name@alias, models:/name/version, runs:/id/parent or a directory
-    data_root: str = "runs/data"
-    splits: list[str] = field(default_factory=lambda: ["train", "val"])
-    views: list[str] = field(default_factory=lambda: list(VIEWS))  # view 0 must be "plain"
-    max_images: int = 0  # per split; 0 = all
-    chunk_size: int = 64  # images per Ray task
-    batch_size: int = 16  # images per forward inside a task
-    cpus_per_task: float = 1.0
-    threshold: float = 0.5  # panoptic post-processing: query score threshold
-    mask_threshold: float = 0.5
-    overlap_threshold: float = OVERLAP_THRESHOLD  # a query keeps a segment only if it wins this share of its mask
-    measure_latency: bool = True  # time every exit on this machine (else GFLOPs only)
-    latency_repeats: int = 20
-    gate_input: str | None = None  # stride32 | levels; default: the parent's (ModelConfig.gate_input)
-    sufficient_tolerance: float = 0.02  # per-image PQ within this of the deepest exit counts as sufficient
-    out: str | None = None  # default <run_dir>/derived/<key>
-    run_dir: str = "runs"
-    experiment: str = "eco-ray"
-
-    def validate(self) -> None:
-        if not self.splits:
-            raise ValueError("splits must name at least one split")
-        if not self.views or self.views[0] != "plain" or set(self.views) - set(VIEWS) or \
-                len(set(self.views)) != len(self.views):
-            raise ValueError(f"views must start with 'plain' and use each of {list(VIEWS)} at most once, "
-                             f"got {self.views}")
-        for name in ("chunk_size", "batch_size", "latency_repeats"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_images < 0 or self.cpus_per_task <= 0:
-            raise ValueError("max_images must be >= 0 and cpus_per_task > 0")
-        if self.gate_input is not None and self.gate_input not in GATE_INPUTS:
-            raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {self.gate_input!r}")
-        if not all(0 <= t <= 1 for t in (self.threshold, self.mask_threshold, self.overlap_threshold)):
-            raise ValueError("threshold, mask_threshold and overlap_threshold must lie in [0, 1]")
+from eco_ray.config import ConfigError, content_hash
+from eco_ray.context import RunContext
+from eco_ray.derive.config import DeriveConfig
+from eco_ray.tracking import Stage, Tag, parent_links
+from eco_ray.derive.table import MANIFEST, DerivedDataset, DerivedSplit, noise_floor, write_manifest, write_split
 
 
 def _sha(path: Path) -> str:
@@ -121,27 +82,29 @@ def _progress(split: str, done: int, total: int, t0: float) -> None:
           file=sys.stderr, flush=True)
 
 
-def run_derive(cfg: DeriveConfig, *, tracking_uri: str | None = None, address: str | None = None,
+def run_derive(cfg: DeriveConfig, *, parent: str, data_root: str | Path, ctx: RunContext, out: str | Path | None = None,
                overwrite: bool = False) -> dict:
-    """Derive (or reuse) the table; returns the manifest plus ``{"path", "reused"}``."""
+    """Derive (or reuse) the table of ``parent`` (a models:/ or runs:/ URI, or a directory) on the COCO-panoptic
+    dataset at ``data_root``, into ``out`` (default ``<run_dir>/derived/<key>``); returns the manifest plus
+    ``{"path", "reused"}``."""
     import ray
 
     from eco_ray.data import CocoPanopticDataset, DatasetError
     from eco_ray.metrics.panoptic import CategorySet
     from eco_ray.model.io import parent_from_blob, read_parent_blob
-    from eco_ray.registry import content_hash, default_tracking_uri, describe_model_uri, resolve_model_dir
+    from eco_ray.tracking import describe_model_uri, resolve_model_dir
 
     cfg.validate()
-    tracking_uri = tracking_uri or default_tracking_uri(cfg.run_dir)
+    data_root = str(data_root)
     # everything that can fail does so before Ray starts
     datasets = {}
     for split in cfg.splits:
         try:
-            datasets[split] = CocoPanopticDataset.from_root(cfg.data_root, split)
+            datasets[split] = CocoPanopticDataset.from_root(data_root, split)
         except DatasetError as e:
-            raise ConfigError(f"data_root={cfg.data_root!r}, split {split!r}: {e}") from None
-    parent_info = describe_model_uri(cfg.parent, tracking_uri)
-    parent_dir = resolve_model_dir(cfg.parent, tracking_uri)
+            raise ConfigError(f"data_root={data_root!r}, split {split!r}: {e}") from None
+    parent_info = describe_model_uri(parent, ctx.tracking_uri)
+    parent_dir = resolve_model_dir(parent, ctx.tracking_uri)
     blob = read_parent_blob(parent_dir)
     parent_info["weights_sha256"] = hashlib.sha256(blob["weights"]).hexdigest()
     categories = CategorySet(datasets[cfg.splits[0]].categories.to_coco())
@@ -149,15 +112,15 @@ def run_derive(cfg: DeriveConfig, *, tracking_uri: str | None = None, address: s
     model_categories = blob["meta"].get("categories")
     if model_categories and list(CategorySet(model_categories).ids) != list(categories.ids):
         raise ConfigError(f"the parent was trained on categories {list(CategorySet(model_categories).ids)}, but "
-                          f"{cfg.data_root} has {list(categories.ids)}")
-    data_info = {"root": str(Path(cfg.data_root).resolve()),
+                          f"{data_root} has {list(categories.ids)}")
+    data_info = {"root": str(Path(data_root).resolve()),
                  "annotations_sha256": {s: _sha(ds.paths.annotations_json) for s, ds in datasets.items()}}
     key = content_hash({"parent": parent_info["weights_sha256"], "data": data_info["annotations_sha256"],
                         "splits": cfg.splits, "views": cfg.views, "max_images": cfg.max_images,
                         "threshold": cfg.threshold, "mask_threshold": cfg.mask_threshold,
                         "overlap_threshold": cfg.overlap_threshold,
                         **({"gate_input": cfg.gate_input} if cfg.gate_input else {})})
-    out = Path(cfg.out or Path(cfg.run_dir) / "derived" / key)
+    out = Path(out) if out else ctx.derived_dir(key)
     if (out / MANIFEST).is_file():
         existing = DerivedDataset.open(out).manifest
         if existing.get("key") == key and not overwrite:
@@ -170,10 +133,10 @@ def run_derive(cfg: DeriveConfig, *, tracking_uri: str | None = None, address: s
         shutil.rmtree(out)
     out.mkdir(parents=True)
 
-    init_ray(address, log_to_driver=True)
+    init_ray(ctx.address, log_to_driver=True)
     task = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=3)(_derive_chunk)
     blob_ref = ray.put(blob)
-    root = str(Path(cfg.data_root).resolve())
+    root = str(Path(data_root).resolve())
     t_start = time.perf_counter()
     splits, timings = {}, {}
     for split, ds in datasets.items():
@@ -205,9 +168,11 @@ def run_derive(cfg: DeriveConfig, *, tracking_uri: str | None = None, address: s
         "costs": costs, "splits": {s: _split_summary(d, categories, cfg.sufficient_tolerance) for s, d in splits.items()},
         "timings": {**timings, "total_seconds": round(derive_seconds, 2), "cpus": ray.cluster_resources().get("CPU")},
     }
-    manifest["mlflow_run_id"] = _start_mlflow_run(out, manifest, cfg, tracking_uri)
+    tracker = ctx.tracker()
+    manifest["mlflow_run_id"] = tracker.start_run(Stage.DERIVE, f"derive-{key}", {
+        Tag.DERIVED_KEY: key, **parent_links(parent_info), Tag.DERIVED_PATH: str(out.resolve())}, asdict(cfg))
     write_manifest(out, manifest)  # last: a directory with a manifest is complete
-    _log_to_mlflow(out, manifest, cfg, tracking_uri)
+    _log_to_mlflow(tracker, out, manifest)
     return {**DerivedDataset.open(out).manifest, "path": str(out), "reused": False}
 
 
@@ -240,72 +205,21 @@ def _split_summary(split: DerivedSplit, categories, tolerance: float) -> dict:
             "quality_mean_per_exit": {int(k): float(split.quality[:, e].mean()) for e, k in enumerate(split.exits)}}
 
 
-def _start_mlflow_run(out: Path, manifest: dict, cfg: DeriveConfig, tracking_uri: str) -> str:
-    from mlflow import MlflowClient
+def _log_to_mlflow(tracker, out: Path, manifest: dict) -> None:
+    from eco_ray.plots import plot_derived
 
-    from eco_ray.registry import ensure_experiment
-
-    client = MlflowClient(tracking_uri)
-    experiment_id = ensure_experiment(cfg.experiment, cfg.run_dir, tracking_uri)
-    parent = manifest["parent"]
-    run = client.create_run(experiment_id, run_name=f"derive-{manifest['key']}", tags={
-        "eco_ray.stage": "derive", "derived_key": manifest["key"], "parent_uri": parent["uri"],
-        "parent_version": parent.get("version", ""), "parent_run_id": parent.get("run_id", ""),
-        "derived_path": str(out.resolve())})
-    return run.info.run_id
-
-
-def _log_to_mlflow(out: Path, manifest: dict, cfg: DeriveConfig, tracking_uri: str) -> None:
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric, Param
-
-    from eco_ray.registry import flat_params
-
-    client = MlflowClient(tracking_uri)
     run_id = manifest["mlflow_run_id"]
-    now = int(time.time() * 1000)
-    metrics = [Metric("derive_seconds", manifest["timings"]["total_seconds"], now, 0)]
+    metrics = {"derive_seconds": manifest["timings"]["total_seconds"]}
     for split, s in manifest["splits"].items():
         nf = s["noise_floor"]
         if "mean_abs_diff" in nf:
-            metrics += [Metric(f"{split}_noise_mean_abs_diff", nf["mean_abs_diff"], now, 0),
-                        Metric(f"{split}_noise_share_above_tol", nf["share_above_tolerance"], now, 0)]
+            metrics.update({f"{split}_noise_mean_abs_diff": nf["mean_abs_diff"],
+                            f"{split}_noise_share_above_tol": nf["share_above_tolerance"]})
         for k, r in s["static"].items():
-            metrics += [Metric(f"{split}_pq_exit{k}", r["pq"], now, 0),
-                        Metric(f"{split}_pq_things_exit{k}", r["pq_things"], now, 0),
-                        Metric(f"{split}_pq_stuff_exit{k}", r["pq_stuff"], now, 0)]
-    client.log_batch(run_id, metrics=metrics,
-                     params=[Param(k, v[:6000]) for k, v in flat_params(asdict(cfg)).items()])
-    client.log_artifacts(run_id, str(out), "derived")
+            metrics.update({f"{split}_pq_exit{k}": r["pq"], f"{split}_pq_things_exit{k}": r["pq_things"],
+                            f"{split}_pq_stuff_exit{k}": r["pq_stuff"]})
+    tracker.log_metrics(run_id, metrics)
+    tracker.log_artifacts(run_id, out, "derived")
     with tempfile.TemporaryDirectory() as d:
-        client.log_artifact(run_id, str(plot_derived(manifest, Path(d) / "derived.png")))
-    client.set_terminated(run_id)
-
-
-def plot_derived(manifest: dict, path: Path) -> Path:
-    """Static PQ per exit, and the histogram of each image's shallowest sufficient exit, per split."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    exits = manifest["exits"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for split, s in manifest["splits"].items():
-        static = s["static"]
-        ax1.plot(exits, [static[k]["pq"] if k in static else static[str(k)]["pq"] for k in exits], marker="o",
-                 label=f"{split} PQ")
-        hist = s["sufficient_exit_histogram"]
-        counts = np.asarray([hist.get(k, hist.get(str(k), 0)) for k in exits], float)
-        ax2.plot(exits, counts / max(counts.sum(), 1), marker="s", label=split)
-    ax1.set(xlabel="exit (encoder layers run)", ylabel="PQ (plain view)", xticks=exits, title="static depth")
-    tol = manifest["config"]["sufficient_tolerance"]
-    ax2.set(xlabel="shallowest sufficient exit", ylabel="share of images", xticks=exits,
-            title=f"per-image PQ within {tol} of exit {exits[-1]}")
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+        tracker.log_artifact(run_id, plot_derived(manifest, Path(d) / "derived.png"))
+    tracker.end_run(run_id)

@@ -91,6 +91,15 @@ class DerivedSplit:
         return DerivedSplit(name or self.split, self.image_ids[mask], self.exits, self.views, self.stats[mask],
                             self.gate_features[mask], self.kinds[mask], self.num_objects[mask])
 
+    def with_exits(self, exits: list[int]) -> DerivedSplit:
+        """The same images with only ``exits`` (a subset, e.g. the paper's 2..6 of a table that has 0..6)."""
+        missing = sorted(set(exits) - set(self.exits))
+        if missing:
+            raise DerivedDataError(f"exits {missing} are not in the table; it has {self.exits}")
+        idx = [self.exits.index(k) for k in exits]
+        return DerivedSplit(self.split, self.image_ids, list(exits), self.views, self.stats[:, :, idx],
+                            self.gate_features, self.kinds, self.num_objects)
+
     def hold_out(self, fraction: float, seed: int = 0) -> tuple[DerivedSplit, DerivedSplit]:
         """(kept, held out): ``fraction`` of the images, chosen by :func:`held_out_mask` from their ids."""
         mask = held_out_mask(self.image_ids, fraction, seed)
@@ -203,31 +212,64 @@ class DerivedDataset:
             self._splits[name] = DerivedSplit.from_arrow(name, pq.read_table(path))
         return self._splits[name]
 
+    @property
+    def cost_table(self) -> CostTable:
+        return CostTable(self.manifest["costs"])
+
     def costs(self, measure: str) -> np.ndarray:
         """Per-exit cost (shallow to deep) in the measure's own unit: encoder GFLOPs per image, latency in
         ms per image at batch 1, or encoder layers run."""
-        return exit_costs(self.manifest["costs"], measure)
+        return self.cost_table.measure(measure)
 
     def cost_columns(self) -> dict[str, np.ndarray]:
-        """The costs every evaluation reports (mean and p95): encoder GFLOPs, latency (when it was measured),
-        layers."""
-        cols = {"encoder_gflops": self.costs("gflops"), "layers": self.costs("layers")}
-        if "latency_ms" in self.manifest["costs"]["exits"][0]:
-            cols["latency_ms"] = self.costs("latency")
-        return cols
+        return self.cost_table.columns()
+
+    def static(self, split: str) -> dict[int, dict]:
+        """The manifest's static-depth summary of a split, keyed by exit."""
+        return {int(k): v for k, v in self.manifest["splits"][split]["static"].items()}
 
 
-def exit_costs(cost_table: dict, measure: str) -> np.ndarray:
-    rows = cost_table["exits"]
-    if measure == "gflops":
-        return np.asarray([r["encoder_gflops"] for r in rows], np.float64)
-    if measure == "latency":
-        if "latency_ms" not in rows[0]:
-            raise DerivedDataError("the cost table has no latency (derived with --no-latency): use --cost gflops")
-        return np.asarray([r["latency_ms"] for r in rows], np.float64)
-    if measure == "layers":
-        return np.asarray([r["exit"] for r in rows], np.float64)
-    raise DerivedDataError(f"unknown cost measure {measure!r}; known: {list(COST_MEASURES)}")
+class CostTable:
+    """The measured cost of every exit (a derived table's ``costs``, or ``eco-ray cost --json``)."""
+
+    def __init__(self, table: dict):
+        self.table = table
+        self.rows = table["exits"]
+
+    @property
+    def exits(self) -> list[int]:
+        return [int(r["exit"]) for r in self.rows]
+
+    @property
+    def has_latency(self) -> bool:
+        return "latency_ms" in self.rows[0]
+
+    def measure(self, measure: str) -> np.ndarray:
+        if measure == "gflops":
+            return np.asarray([r["encoder_gflops"] for r in self.rows], np.float64)
+        if measure == "latency":
+            if not self.has_latency:
+                raise DerivedDataError("the cost table has no latency (derived with measure_latency=false): use "
+                                       "the gflops cost")
+            # a deeper exit runs everything a shallower one runs: a measured latency below the one before it is
+            # timing noise (a busy machine), and the decision rule needs costs that never fall with depth
+            return np.maximum.accumulate(np.asarray([r["latency_ms"] for r in self.rows], np.float64))
+        if measure == "layers":
+            return np.asarray([r["exit"] for r in self.rows], np.float64)
+        raise DerivedDataError(f"unknown cost measure {measure!r}; known: {list(COST_MEASURES)}")
+
+    def measures(self) -> list[str]:
+        """The cost measures this table has."""
+        return [m for m in COST_MEASURES if m != "latency" or self.has_latency]
+
+    def columns(self) -> dict[str, np.ndarray]:
+        """The costs every evaluation reports (mean and p95): encoder GFLOPs, layers, latency where measured."""
+        names = {"gflops": "encoder_gflops", "layers": "layers", "latency": "latency_ms"}
+        return {names[m]: self.measure(m) for m in ("gflops", "layers", "latency") if m in self.measures()}
+
+    def per_measure(self) -> dict[str, list[float]]:
+        """``{"gflops": [...], "latency": [...], "layers": [...]}``: what a saved gate records."""
+        return {m: self.measure(m).tolist() for m in self.measures()}
 
 
 def relative_costs(costs: np.ndarray) -> np.ndarray:
@@ -235,6 +277,22 @@ def relative_costs(costs: np.ndarray) -> np.ndarray:
 
     beta = 0.1 then means: give up 0.1 per-image PQ to save the whole cost of the deepest exit."""
     return np.asarray(costs, np.float64) / float(costs[-1])
+
+
+def open_derived(ref: str, tracking_uri: str | None = None) -> DerivedDataset:
+    """A derived-dataset directory, or the MLflow run (``runs:/<id>`` or a bare run id) that logged one."""
+    if Path(ref).is_dir():
+        return DerivedDataset.open(ref)
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    run_id = ref[len("runs:/"):].split("/")[0] if ref.startswith("runs:/") else ref
+    try:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="derived", tracking_uri=tracking_uri)
+    except (MlflowException, OSError) as e:
+        raise DerivedDataError(f"{ref!r} is neither a derived-dataset directory nor an MLflow run with one "
+                               f"({str(e).splitlines()[0]})") from None
+    return DerivedDataset.open(local)
 
 
 def write_split(root: Path, split: DerivedSplit) -> Path:

@@ -100,6 +100,10 @@ class PanopticStats:
         c = self.tp.shape[-1]
         return PanopticStats(**{f.name: getattr(self, f.name).reshape(-1, c).sum(0) for f in fields(self)})
 
+    def sum_images(self) -> PanopticStats:
+        """Sum over the first (image) axis only: (N, ..., C) -> (..., C)."""
+        return PanopticStats(**{f.name: getattr(self, f.name).sum(0) for f in fields(self)})
+
     def as_dict(self) -> dict[str, np.ndarray]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
@@ -221,25 +225,38 @@ def _to_semantic(ids: np.ndarray, cat: Mapping[int, int]) -> np.ndarray:
 def aggregate(stats: PanopticStats, categories: CategorySet) -> PanopticResult:
     """Dataset-level PQ/SQ/RQ (all, things, stuff) and mIoU from summed statistics (any leading shape)."""
     s = stats.sum()
+    r = totals_summary(s, categories.isthing)
+    denom = s.tp + 0.5 * s.fp + 0.5 * s.fn
+    with np.errstate(divide="ignore", invalid="ignore"):
+        pq_c = np.where(denom > 0, s.iou_sum / np.where(denom > 0, denom, 1), np.nan)
+        iou_c = np.where(s.sem_union > 0, s.sem_inter / np.maximum(s.sem_union, 1), np.nan)
+    return PanopticResult(**{k: float(v) for k, v in r.items()}, per_class_pq=pq_c, per_class_iou=iou_c)
+
+
+def totals_summary(totals: PanopticStats, isthing: np.ndarray) -> dict[str, np.ndarray]:
+    """PQ / SQ / RQ (all, things, stuff) and mIoU of statistics that are ALREADY summed over images, for every
+    leading index at once: (..., C) -> arrays of shape (...). A category counts where it has a segment in the
+    ground truth or the prediction; a group with no such category scores 0 (as :func:`aggregate` reports).
+    The bootstrap evaluates thousands of resampled totals with one call."""
+    s = totals
     denom = s.tp + 0.5 * s.fp + 0.5 * s.fn
     present = denom > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        pq_c = np.where(present, s.iou_sum / np.where(present, denom, 1), np.nan)
-        sq_c = np.where(s.tp > 0, s.iou_sum / np.maximum(s.tp, 1), 0.0)
-        rq_c = np.where(present, s.tp / np.where(present, denom, 1), 0.0)
-        iou_c = np.where(s.sem_union > 0, s.sem_inter / np.maximum(s.sem_union, 1), np.nan)
-
-    def mean_over(mask):
-        m = mask & present
-        if not m.any():
-            return 0.0, 0.0, 0.0
-        return float(pq_c[m].mean()), float(sq_c[m].mean()), float(rq_c[m].mean())
-
-    pq, sq, rq = mean_over(np.ones(len(categories), bool))
-    pqt, sqt, rqt = mean_over(categories.isthing)
-    pqs, sqs, rqs = mean_over(~categories.isthing)
-    miou = float(np.nanmean(iou_c)) if np.isfinite(iou_c).any() else 0.0
-    return PanopticResult(pq, sq, rq, pqt, sqt, rqt, pqs, sqs, rqs, miou, pq_c, iou_c)
+    safe = np.where(present, denom, 1)
+    pq_c = np.where(present, s.iou_sum / safe, 0.0)
+    sq_c = np.where(s.tp > 0, s.iou_sum / np.maximum(s.tp, 1), 0.0)
+    rq_c = np.where(present, s.tp / safe, 0.0)
+    isthing = np.asarray(isthing, dtype=bool)
+    out = {}
+    for suffix, group in (("", np.ones_like(isthing)), ("_things", isthing), ("_stuff", ~isthing)):
+        m = present & group
+        n = m.sum(-1)
+        for name, values in (("pq", pq_c), ("sq", sq_c), ("rq", rq_c)):
+            out[name + suffix] = np.where(n > 0, (values * m).sum(-1) / np.maximum(n, 1), 0.0)
+    has_pixels = s.sem_union > 0
+    n_iou = has_pixels.sum(-1)
+    iou_c = np.where(has_pixels, s.sem_inter / np.maximum(s.sem_union, 1), 0.0)
+    out["miou"] = np.where(n_iou > 0, iou_c.sum(-1) / np.maximum(n_iou, 1), 0.0)
+    return out
 
 
 def per_image_pq(stats: PanopticStats) -> np.ndarray:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 from transformers import Mask2FormerConfig, ResNetConfig, SwinConfig
 
 from eco_ray.config import ConfigError, load_config
+from eco_ray.resources import resolve_resource, resource_names, resource_path
 
 BACKBONES = ("resnet", "swin")
 GATE_INPUTS = ("stride32", "levels")
@@ -43,6 +43,9 @@ class ModelConfig:
     # what the gate sees, all computed before any encoder layer (free): stride32 = the paper's pooled stride-32
     # projected tokens (hidden_dim values); levels = the pooled stride-32, 16 and 8 projections (3 x hidden_dim)
     gate_input: str = "stride32"
+    # the stride-16 and stride-32 maps made by pooling the stride-8 map (ResNet stages 1-2 only) instead of by
+    # stages 3-4: a receptive field capped at stage 2's, so that context must travel through the encoder
+    pooled_coarse_levels: bool = False
 
     def validate(self) -> None:
         if self.gate_input not in GATE_INPUTS:
@@ -55,8 +58,10 @@ class ModelConfig:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")
         if not self.exits or sorted(set(self.exits)) != list(self.exits):
             raise ValueError(f"exits must be a non-empty increasing list, got {self.exits}")
-        if self.exits[0] < 1 or self.exits[-1] > self.encoder_layers:
-            raise ValueError(f"exits must lie in 1..encoder_layers={self.encoder_layers}, got {self.exits}")
+        if self.exits[0] < 0 or self.exits[-1] > self.encoder_layers:
+            raise ValueError(f"exits must lie in 0..encoder_layers={self.encoder_layers}, got {self.exits}")
+        if self.pooled_coarse_levels and (self.backbone != "resnet" or len(self.backbone_hidden_sizes) != 4):
+            raise ValueError("pooled_coarse_levels needs the 4-stage ResNet backbone")
         if self.decoder_layers < 2:
             raise ValueError("decoder_layers must be >= 2 (transformers runs decoder_layers - 1 layers)")
         if self.backbone == "resnet" and len(self.backbone_hidden_sizes) != len(self.backbone_depths):
@@ -86,15 +91,18 @@ class ModelConfig:
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("eco_ray.model").joinpath("configs").iterdir()
-                  if p.name.endswith(".yaml"))
+    return resource_names("models")
+
+
+def preset_path(name: str) -> Path:
+    return resource_path("models", name)
 
 
 def load_model_config(name_or_path: str | Path, overrides=()) -> ModelConfig:
     """A preset name (``tiny``, ``small``, ``swin-t``) or a YAML path, plus ``key=value`` overrides."""
-    path = Path(name_or_path)
-    if not path.is_file():
-        if str(name_or_path) not in preset_names():
-            raise ConfigError(f"unknown model config {str(name_or_path)!r}: not a file and not one of {preset_names()}")
-        path = Path(str(resources.files("eco_ray.model").joinpath("configs").joinpath(f"{name_or_path}.yaml")))
+    try:
+        path = resolve_resource("models", name_or_path)
+    except ConfigError:
+        raise ConfigError(f"unknown model config {str(name_or_path)!r}: not a file and not one of "
+                          f"{preset_names()}") from None
     return load_config(ModelConfig, path, overrides)

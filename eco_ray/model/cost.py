@@ -30,7 +30,7 @@ def _gflops(fn) -> tuple[float, object]:
 def count_exit_gflops(model: EarlyExitMask2Former, height: int, width: int | None = None) -> dict:
     """GFLOPs per image of each component at one input size, and per exit."""
     model.eval()
-    x = torch.zeros(1, 3, height, width or height)
+    x = torch.zeros(1, 3, height, width or height, device=next(model.parameters()).device)
     stem, (features, inputs) = _gflops(lambda: (f := model.backbone_features(x), model.encoder_inputs(f)))
     hidden, layers = inputs.embeds, []
     for i in range(model.config.encoder_layers):
@@ -45,19 +45,23 @@ def count_exit_gflops(model: EarlyExitMask2Former, height: int, width: int | Non
 @torch.no_grad()
 def time_exits(model: EarlyExitMask2Former, image_size: int, batch_sizes: Sequence[int] = (1, 8),
                repeats: int = 20, warmup: int = 3) -> dict[int, dict[int, float]]:
-    """Median wall time in ms of ``forward(x, exit=k)`` per batch size and exit."""
+    """Median wall time in ms of ``forward(x, exit=k)`` per batch size and exit, on the model's device."""
     model.eval()
+    device = next(model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     result: dict[int, dict[int, float]] = {}
     for b in batch_sizes:
-        x = torch.randn(b, 3, image_size, image_size)
+        x = torch.randn(b, 3, image_size, image_size, device=device)
         result[b] = {}
         for k in model.exits:
             for _ in range(warmup):
                 model(x, exit=k)
             times = []
             for _ in range(repeats):
+                sync()
                 t0 = time.perf_counter()
                 model(x, exit=k)
+                sync()
                 times.append((time.perf_counter() - t0) * 1e3)
             result[b][k] = statistics.median(times)
     return result
@@ -88,6 +92,7 @@ def exit_cost_table(model: EarlyExitMask2Former, image_size: int | None = None, 
         "encoder_layer_gflops": flops["encoder_layer_gflops"],
         "gflops_convention": "fvcore (1 multiply-accumulate = 1 FLOP); deformable sampling not counted",
         "latency": {"batch_sizes": list(batch_sizes), "repeats": repeats, "statistic": "median",
-                    "device": "cpu", "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine()}
+                    "device": str(next(model.parameters()).device), "threads": torch.get_num_threads(),
+                    "machine": platform.processor() or platform.machine()}
         if latency else None,
     }

@@ -7,15 +7,16 @@ predictor, loss); this file only changes the order in which they are called:
     backbone -> input projections -> encoder layers 1..k -> FPN + mask projection -> decoder -> heads
 
 "Exiting at k" runs encoder layers 1..k and then the SAME FPN part and the SAME decoder as the full
-model. Three entry points:
+model; exit 0 runs no encoder layer at all (the heads on the projected backbone features). Three entry
+points:
 
 - ``forward(x, exit=k)``: one exit for the whole batch (``k`` = deepest by default, which reproduces the
   library model exactly);
 - ``forward_exits(x, exits)``: every listed exit from ONE pass: backbone and encoder run once, the
   encoder state is tapped at each exit, only the FPN part and decoder run per exit (Step B);
 - ``forward_per_image(x, exit_per_image)``: each image at its own depth (serving a gate's decisions):
-  an image stops taking part in the encoder as soon as it reaches its exit, and the heads run once
-  per exit group.
+  an image stops taking part in the encoder as soon as it reaches its exit, and the heads run once on
+  the whole batch.
 
 Every call also returns the gate input: the stride-32 tokens after the encoder's input projection,
 before any encoder layer and without positional embedding, average-pooled to one vector per image.
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from transformers import Mask2FormerForUniversalSegmentation
 
+from eco_ray.model.backbone import PooledCoarseLevels
 from eco_ray.model.config import ModelConfig
 
 
@@ -74,6 +76,8 @@ class EarlyExitMask2Former(nn.Module):
         config.validate()
         self.config = config
         self.m2f = m2f if m2f is not None else Mask2FormerForUniversalSegmentation(config.to_hf())
+        if config.pooled_coarse_levels:
+            self.m2f.model.pixel_level_module.encoder = PooledCoarseLevels(self.m2f.model.pixel_level_module.encoder)
         if len(self.pixel_decoder.encoder.layers) != config.encoder_layers:
             raise ValueError(f"model has {len(self.pixel_decoder.encoder.layers)} encoder layers, config says "
                              f"{config.encoder_layers}")
@@ -165,8 +169,9 @@ class EarlyExitMask2Former(nn.Module):
         inputs = self.encoder_inputs(features)
         hidden = inputs.embeds
         out: dict[int, ExitOutput] = {}
-        for depth in range(1, exits[-1] + 1):
-            hidden = self.encoder_layer(depth - 1, hidden, inputs)
+        for depth in range(exits[-1] + 1):  # depth 0: no encoder layer (the heads on the projected tokens)
+            if depth > 0:
+                hidden = self.encoder_layer(depth - 1, hidden, inputs)
             if depth in exits:
                 cls, masks = self.heads(features, hidden, inputs.spatial_shapes)
                 rows = torch.full((hidden.shape[0],), depth, dtype=torch.long, device=hidden.device)
@@ -195,8 +200,9 @@ class EarlyExitMask2Former(nn.Module):
         active = torch.arange(exit_per_image.shape[0], device=exit_per_image.device)  # rows still in the encoder
         hidden, sub = inputs.embeds, inputs
         final = torch.empty_like(inputs.embeds)
-        for depth in range(1, int(exit_per_image.max()) + 1):
-            hidden = self.encoder_layer(depth - 1, hidden, sub)
+        for depth in range(int(exit_per_image.max()) + 1):
+            if depth > 0:
+                hidden = self.encoder_layer(depth - 1, hidden, sub)
             leaving = exit_per_image[active] == depth
             if not leaving.any():
                 continue

@@ -1,22 +1,32 @@
-"""Gating networks: from the pooled gate input to an exit per image (Step C trains them).
+"""Gating networks: from the pooled gate input to a score per exit (Step C trains them).
 
 - ``ExitClassifierGate`` is the paper's gate: one linear layer -> logits over the exits, trained with
-  cross-entropy on the exit labels of one beta.
-- ``BudgetGate`` predicts the quality q_k of every exit (regression; relative to the deepest exit, which
-  removes the per-image difficulty the decision does not depend on). At inference any trade-off picks
+  cross-entropy on the exit labels of one beta; its scores are those logits and its decision ignores beta.
+- ``QualityGate`` predicts the quality q_k of every exit (regression; relative to the deepest exit, which
+  removes the per-image difficulty the decision does not depend on). Any trade-off then picks
   argmax_k q_hat_k - beta * cost_k without retraining, so beta or a compute budget can change per request.
+  (Saved gates of the old kind name ``budget`` load as this class.)
 
-Both decide per image on a batch. Exits are ordered shallow to deep; ties go to the shallower exit.
+Both score a batch per image; :func:`decide` turns scores into exits with the one decision rule,
+``eco_ray.tradeoff.choose`` (exits ordered shallow to deep, ties to the shallower exit).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-GATE_KINDS = ("classify", "budget")
+from eco_ray.tradeoff import choose
+
+GATE_KINDS = ("classify", "quality")
+LEGACY_KINDS = {"budget": "quality"}  # the quality gate's name in configs and saved gates written before
+
+
+def canonical_kind(kind: str) -> str:
+    return LEGACY_KINDS.get(kind, kind)
 
 
 class _Standardize(nn.Module):
@@ -38,6 +48,7 @@ class _Standardize(nn.Module):
 
 class ExitClassifierGate(nn.Module):
     kind = "classify"
+    uses_beta = False  # trained for one beta: its decision does not take one
 
     def __init__(self, in_dim: int, exits: Sequence[int]):
         super().__init__()
@@ -48,18 +59,13 @@ class ExitClassifierGate(nn.Module):
     def forward(self, gate_features: Tensor) -> Tensor:
         return self.linear(self.norm(gate_features))  # (B, num_exits) logits
 
-    @torch.no_grad()
-    def decide(self, gate_features: Tensor) -> Tensor:
-        """(B, d) -> (B,) exit depths (not indices)."""
-        index = self.forward(gate_features).argmax(-1)  # argmax returns the first max: the shallower exit
-        return torch.as_tensor(self.exits, device=index.device)[index]
-
     def spec(self) -> dict:
         return {"kind": self.kind, "in_dim": self.in_dim, "exits": self.exits}
 
 
-class BudgetGate(nn.Module):
-    kind = "budget"
+class QualityGate(nn.Module):
+    kind = "quality"
+    uses_beta = True
 
     def __init__(self, in_dim: int, exits: Sequence[int], hidden: int = 0):
         super().__init__()
@@ -74,25 +80,29 @@ class BudgetGate(nn.Module):
         # decision argmax_k q_k - beta * c_k does not change when a per-image constant is subtracted
         return self.net(self.norm(gate_features))
 
-    @torch.no_grad()
-    def decide(self, gate_features: Tensor, beta: float | Tensor, costs: Sequence[float] | Tensor) -> Tensor:
-        """Exit maximising q_hat_k - beta * cost_k; ``beta`` is a scalar or one value per image."""
-        q = self.forward(gate_features)
-        costs = torch.as_tensor(costs, dtype=q.dtype, device=q.device)
-        if costs.shape != (len(self.exits),):
-            raise ValueError(f"need one cost per exit ({len(self.exits)}), got shape {tuple(costs.shape)}")
-        beta = torch.as_tensor(beta, dtype=q.dtype, device=q.device).reshape(-1, 1)
-        index = (q - beta * costs).argmax(-1)
-        return torch.as_tensor(self.exits, device=index.device)[index]
-
     def spec(self) -> dict:
         return {"kind": self.kind, "in_dim": self.in_dim, "exits": self.exits, "hidden": self.hidden}
 
 
+@torch.no_grad()
+def gate_scores(gate: nn.Module, features) -> np.ndarray:
+    """(B, d) features -> (B, num_exits) scores: a classifier's logits, a quality gate's predicted quality."""
+    x = torch.as_tensor(np.asarray(features) if not isinstance(features, Tensor) else features, dtype=torch.float32)
+    return gate(x).double().cpu().numpy()
+
+
+def decide(gate: nn.Module, features, relative_cost: Sequence[float], beta: float | np.ndarray = 0.0,
+           allowed: np.ndarray | None = None) -> np.ndarray:
+    """Exit index per image: :func:`eco_ray.tradeoff.choose` over the gate's scores. ``relative_cost`` is
+    the cost measure the gate was fitted with (c_k / c_K); a classifier ignores ``beta``."""
+    beta = beta if gate.uses_beta else 0.0
+    return choose(gate_scores(gate, features), relative_cost, beta, allowed)
+
+
 def build_gate(spec: dict) -> nn.Module:
-    kind = spec.get("kind")
+    kind = canonical_kind(spec.get("kind"))
     if kind == "classify":
         return ExitClassifierGate(spec["in_dim"], spec["exits"])
-    if kind == "budget":
-        return BudgetGate(spec["in_dim"], spec["exits"], spec.get("hidden", 0))
-    raise ValueError(f"unknown gate kind {kind!r}; known: {GATE_KINDS}")
+    if kind == "quality":
+        return QualityGate(spec["in_dim"], spec["exits"], spec.get("hidden", 0))
+    raise ValueError(f"unknown gate kind {spec.get('kind')!r}; known: {GATE_KINDS}")

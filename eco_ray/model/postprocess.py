@@ -20,11 +20,9 @@ import torch.nn.functional as F
 from eco_ray.metrics.panoptic import CategorySet
 from eco_ray.model.early_exit import ExitOutput
 
-# detectron2 Mask2Former's value. Measured on training images: a 2,000-step `small` parent kept 2.1 things per
-# image at 0.8 and 4.6 at 0.3 (of 5.0), yet PQ rose only 0.019 at 0.5-0.6 (most of the extra ones were wrong or
-# loose); on the 6,000-step parent 0.6-0.7 raised PQ by ~0.01 over 0.8, and 0.4 lost it again. Kept at 0.8 so
-# that earlier tables stay comparable; derive and serve take it as a setting, and both must use the same value
-# for the table's PQ to hold for what is served.
+# detectron2 Mask2Former's value (lower values keep more, mostly wrong or loose, segments; docs/results.md).
+# Derive and serve take it as a setting, and both must use the same value for the table's PQ to hold for what
+# is served.
 OVERLAP_THRESHOLD = 0.8
 
 
@@ -38,7 +36,7 @@ def to_panoptic(output: ExitOutput, categories: CategorySet, size: tuple[int, in
                           align_corners=False).sigmoid()
     scores, labels = logits.softmax(-1).max(-1)
     num_labels = logits.shape[-1] - 1
-    isthing = torch.as_tensor(np.asarray(categories.isthing, dtype=bool))
+    isthing = np.asarray(categories.isthing, dtype=bool)
     category_ids = np.asarray(categories.ids)
     out = []
     for i in range(logits.shape[0]):
@@ -49,7 +47,7 @@ def to_panoptic(output: ExitOutput, categories: CategorySet, size: tuple[int, in
             cur_scores, cur_labels, cur_masks = scores[i][keep], labels[i][keep], masks[i][keep]
             owner = (cur_scores[:, None, None] * cur_masks).argmax(0)
             above = cur_masks >= mask_threshold
-            ids = torch.zeros(tuple(size), dtype=torch.long)
+            ids = torch.zeros(tuple(size), dtype=torch.long, device=masks.device)
             stuff_segment: dict[int, int] = {}
             next_id = 0
             for k in range(cur_labels.shape[0]):
@@ -68,7 +66,7 @@ def to_panoptic(output: ExitOutput, categories: CategorySet, size: tuple[int, in
                     stuff_segment[label] = next_id
                 segments.append({"id": next_id, "category_id": int(category_ids[label]),
                                  "score": float(cur_scores[k])})
-            id_map = ids.numpy().astype(np.int64)
+            id_map = ids.cpu().numpy().astype(np.int64)
             present = set(np.unique(id_map).tolist())
             segments = [s for s in segments if s["id"] in present]
         out.append((id_map, segments))

@@ -6,7 +6,7 @@
   (``png`` or ``rle``).
 - ``GET /v1/models``: the deployed parent and gate and the gate's operating points; ``GET /healthz``.
 - Requests are batched (``@serve.batch``) on the segmenter; a batch runs as one parent pass in which
-  each row leaves the encoder at its own exit (grouped by depth).
+  each row leaves the encoder at its own exit and the heads run once on the whole batch.
 - Models come from MLflow by URI/alias in the segmenter's ``user_config``; ``serve deploy`` of an updated
   config (e.g. a new ``revision`` after ``eco-ray select`` moved the alias) reloads them in place: the new
   models are loaded first and swapped in one assignment, so in-flight requests finish on the old ones.
@@ -26,7 +26,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from eco_ray.model.postprocess import OVERLAP_THRESHOLD
-from eco_ray.serve.engine import MASK_FORMATS, Budget, InputError, Limits, decode_image
+from eco_ray.serve.engine import MASK_FORMATS, InputError, Limits, RequestControl, decode_image
 
 api = FastAPI(title="eco-ray", description="Early-exit Mask2Former: per-image encoder depth under a compute budget")
 
@@ -62,12 +62,12 @@ class Segmenter:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _segment_batch(self, items: list[tuple]) -> list:
         engine = self.engine
-        images, budgets, formats = zip(*items)
+        images, controls, formats = zip(*items)
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                None, engine.segment, list(images), list(budgets), list(formats))
+                None, engine.segment, list(images), list(controls), list(formats))
         except InputError:
-            # one request's budget was invalid: score the batch one by one so the others still succeed
+            # one request's control was invalid: score the batch one by one so the others still succeed
             results = []
             for item in items:
                 try:
@@ -80,13 +80,14 @@ class Segmenter:
                 self.gflops_spent.inc(r["encoder_gflops"])
         return results
 
-    async def segment(self, image, budget: Budget, mask_format: str):
-        return await self._segment_batch((image, budget, mask_format))
+    async def segment(self, image, control: RequestControl, mask_format: str):
+        return await self._segment_batch((image, control, mask_format))
 
     def describe(self) -> dict:
         e = self.engine
         return {"versions": e.versions, "exits": e.exits, "encoder_gflops_per_exit": e.gflops,
                 "default_beta": e.default_beta, "gate_kind": e.versions.get("gate_kind"),
+                "gate_cost": e.versions.get("gate_cost"),
                 "operating_points": self.gate_meta.get("operating_points", []),
                 "parent_uri": self.config.get("parent_uri"), "gate_uri": self.config.get("gate_uri")}
 
@@ -125,13 +126,13 @@ class Ingress:
         t0 = time.perf_counter()
         try:
             self._check_key(request)
-            budget = Budget.parse(dict(request.query_params))
+            control = RequestControl.parse(dict(request.query_params))
             mask_format = request.query_params.get("mask_format", "png")
             if mask_format not in MASK_FORMATS:
                 raise InputError(422, f"mask_format must be one of {list(MASK_FORMATS)}, got {mask_format!r}")
             data, ctype = await self._read_image_body(request, self.limits)
             image = decode_image(data, ctype, self.limits)
-            result = await self.segmenter.segment.remote(image, budget, mask_format)
+            result = await self.segmenter.segment.remote(image, control, mask_format)
             if isinstance(result, InputError):
                 raise result
         except InputError as e:

@@ -1,5 +1,10 @@
 """The gated segmenter, Ray-free: decode + check an image, pick each image's exit (gate + per-request
-budget), run the parent once per batch with rows leaving the encoder at their exits, encode the result.
+control), run the parent once per batch with rows leaving the encoder at their exits, encode the result.
+
+A request's exit is decided by the one rule, ``eco_ray.tradeoff.choose``, over the gate's scores, with the
+costs of the measure the gate was fitted with (``cost`` in its record: GFLOPs, latency or layers), so a
+served image gets exactly the exit the derived table's evaluation gave it; a per-request compute budget
+(``max_gflops``, the one Budget type) restricts the exits allowed.
 
 Ray Serve (eco_ray/serve/app.py) wraps this in deployments; tests and benchmarks can call it directly.
 """
@@ -16,10 +21,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from eco_ray.budget import Budget, BudgetError
 from eco_ray.data.collate import pixel_values
 from eco_ray.metrics.panoptic import CategorySet
-from eco_ray.model.gates import BudgetGate
+from eco_ray.model.gates import gate_scores
 from eco_ray.model.postprocess import OVERLAP_THRESHOLD, to_panoptic
+from eco_ray.tradeoff import choose
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/bmp", "image/tiff")
 MASK_FORMATS = ("png", "rle")
@@ -71,15 +78,16 @@ def decode_image(data: bytes, content_type: str | None, limits: Limits) -> np.nd
 
 
 @dataclass
-class Budget:
-    """Per-request compute control. At most one of max_gflops, beta, exit."""
+class RequestControl:
+    """Per-request compute control, at most one of: a per-image budget (``max_gflops``), a trade-off ``beta``
+    (a quality gate only), a forced ``exit`` (e.g. the full-depth baseline)."""
 
-    max_gflops: float | None = None  # encoder GFLOPs per image at most
-    beta: float | None = None  # trade-off for a budget-conditioned gate
-    exit: int | None = None  # force a depth (e.g. the full-depth baseline)
+    budget: Budget | None = None
+    beta: float | None = None
+    exit: int | None = None
 
     @classmethod
-    def parse(cls, params: dict) -> Budget:
+    def parse(cls, params: dict) -> RequestControl:
         def number(name, kind=float):
             raw = params.get(name)
             if raw is None or raw == "":
@@ -92,10 +100,14 @@ class Budget:
                 raise InputError(422, f"{name} must be a finite number >= 0, got {raw!r}")
             return value
 
-        b = cls(number("max_gflops"), number("beta"), number("exit", int))
-        if sum(v is not None for v in (b.max_gflops, b.beta, b.exit)) > 1:
+        max_gflops, beta, exit_ = number("max_gflops"), number("beta"), number("exit", int)
+        if sum(v is not None for v in (max_gflops, beta, exit_)) > 1:
             raise InputError(422, "give at most one of max_gflops, beta, exit")
-        return b
+        try:
+            budget = Budget.named("max_gflops", max_gflops) if max_gflops is not None else None
+        except BudgetError as e:
+            raise InputError(422, str(e)) from None
+        return cls(budget, beta, exit_)
 
 
 @dataclass
@@ -105,8 +117,9 @@ class Engine:
     parent: torch.nn.Module
     gate: torch.nn.Module
     categories: CategorySet
-    gflops: list[float]  # encoder GFLOPs per exit, shallow to deep
-    default_beta: float  # for a budget gate without a per-request budget
+    gflops: list[float]  # encoder GFLOPs per exit, shallow to deep (what a budget and a response count)
+    relative_cost: list[float]  # the gate's own cost measure, relative to the deepest exit (what beta weighs)
+    default_beta: float  # for a quality gate without a per-request beta
     versions: dict = field(default_factory=dict)
     threshold: float = 0.5
     mask_threshold: float = 0.5
@@ -116,44 +129,39 @@ class Engine:
     def exits(self) -> list[int]:
         return list(self.parent.exits)
 
-    def choose_exits(self, gate_features: torch.Tensor, budgets: list[Budget]) -> list[int]:
-        rel = torch.as_tensor(self.gflops, dtype=torch.float32) / self.gflops[-1]
-        if isinstance(self.gate, BudgetGate):
-            q = self.gate(gate_features)  # predicted quality per exit (relative to the deepest)
-        else:
-            q = None
-            gate_exits = self.gate.decide(gate_features).tolist()
-        out = []
-        for i, b in enumerate(budgets):
-            if b.exit is not None:
-                if b.exit not in self.exits:
-                    raise InputError(422, f"exit={b.exit} is not one of the model's exits {self.exits}")
-                out.append(b.exit)
+    def choose_exits(self, gate_features: torch.Tensor, controls: list[RequestControl]) -> list[int]:
+        """Each image's exit: forced, or the rule over the gate's scores among the exits its budget allows."""
+        n = len(controls)
+        allowed = np.ones((n, len(self.exits)), bool)
+        betas = np.full(n, self.default_beta)
+        for i, c in enumerate(controls):
+            if c.exit is not None:
+                if c.exit not in self.exits:
+                    raise InputError(422, f"exit={c.exit} is not one of the model's exits {self.exits}")
+                allowed[i] = np.asarray(self.exits) == c.exit
                 continue
-            allowed = [k for k, g in zip(self.exits, self.gflops) if b.max_gflops is None or g <= b.max_gflops + 1e-12]
-            if not allowed:
-                raise InputError(422, f"max_gflops={b.max_gflops:g} is below the cheapest exit "
-                                      f"({self.exits[0]}: {self.gflops[0]:.4f} encoder GFLOPs)")
-            if q is not None:
-                beta = self.default_beta if b.beta is None else b.beta
-                util = q[i] - beta * rel
-                best = max((j for j, k in enumerate(self.exits) if k in allowed), key=lambda j: (float(util[j]), -j))
-                out.append(self.exits[best])
-            else:
-                if b.beta is not None:
-                    raise InputError(422, "beta needs a budget-conditioned gate; the deployed gate is a classifier "
-                                          "trained for one beta (use max_gflops)")
-                out.append(min(gate_exits[i], max(allowed)))
-        return out
+            if c.budget is not None:
+                allowed[i] = [c.budget.admits_value(g) for g in self.gflops]
+                if not allowed[i].any():
+                    raise InputError(422, f"max_gflops={c.budget.limit:g} is below the cheapest exit "
+                                          f"({self.exits[0]}: {self.gflops[0]:.4f} encoder GFLOPs)")
+            if c.beta is not None:
+                if not self.gate.uses_beta:
+                    raise InputError(422, "beta needs a quality gate; the deployed gate is a classifier trained "
+                                          "for one beta (use max_gflops)")
+                betas[i] = c.beta
+        beta = betas if self.gate.uses_beta else 0.0
+        index = choose(gate_scores(self.gate, gate_features), self.relative_cost, beta, allowed)
+        return [self.exits[j] for j in index]
 
     @torch.no_grad()
-    def segment(self, images: list[np.ndarray], budgets: list[Budget], mask_format: list[str]) -> list[dict]:
+    def segment(self, images: list[np.ndarray], controls: list[RequestControl], mask_format: list[str]) -> list[dict]:
         """One batch: every image resized to the model's input, exits chosen per image, one parent pass in
         which rows leave the encoder at their exit; results at each image's own size."""
         t0 = time.perf_counter()
         size = self.parent.config.image_size
         x = pixel_values([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
-        out = self.parent.forward_gated(x, lambda feats: self.choose_exits(feats, budgets))
+        out = self.parent.forward_gated(x, lambda feats: self.choose_exits(feats, controls))
         exits = out.exit_per_image.tolist()
         preds = to_panoptic(out, self.categories, (size, size), self.threshold, self.mask_threshold,
                             self.overlap_threshold)
@@ -205,13 +213,22 @@ def encode_panoptic(id_map: np.ndarray, segments: list[dict], shape: tuple[int, 
 def load_engine(parent_uri: str, gate_uri: str, tracking_uri: str, default_beta: float | None = None,
                 threshold: float = 0.5, mask_threshold: float = 0.5, overlap_threshold: float = OVERLAP_THRESHOLD
                 ) -> tuple[Engine, dict]:
-    """(engine, gate config): parent and gate from MLflow URIs or directories; the gate must fit the parent."""
+    """(engine, gate record): parent and gate from MLflow URIs or directories; the gate must fit the parent."""
     from eco_ray.model.io import load_gate, load_parent
-    from eco_ray.registry import describe_model_uri, resolve_model_dir
+    from eco_ray.tracking import describe_model_uri, resolve_model_dir
 
     parent, pmeta = load_parent(resolve_model_dir(parent_uri, tracking_uri))
     gate, gmeta = load_gate(resolve_model_dir(gate_uri, tracking_uri))
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    return engine_from(parent, pmeta, gate, gmeta, {"parent": describe_model_uri(parent_uri, tracking_uri),
+                                                    "gate": describe_model_uri(gate_uri, tracking_uri)},
+                       default_beta, threshold, mask_threshold, overlap_threshold), gmeta
+
+
+def engine_from(parent, pmeta: dict, gate, gmeta: dict, versions: dict | None = None,
+                default_beta: float | None = None, threshold: float = 0.5, mask_threshold: float = 0.5,
+                overlap_threshold: float = OVERLAP_THRESHOLD) -> Engine:
+    """An engine from loaded models and their records (tests and benchmarks build one in process)."""
     if list(gate.exits) != list(parent.exits):
         raise ValueError(f"gate exits {gate.exits} do not match the parent's {parent.exits}")
     # the gate was fitted on the gate input its derived table recorded: the parent computes that one
@@ -220,10 +237,12 @@ def load_engine(parent_uri: str, gate_uri: str, tracking_uri: str, default_beta:
     if gate.in_dim != expected:
         raise ValueError(f"the gate takes {gate.in_dim} input features, but the parent's {parent.config.gate_input!r} "
                          f"gate input has {expected}")
-    categories = CategorySet(pmeta["categories"])
-    gflops = gmeta["costs"]["gflops"]
-    versions = {"parent": describe_model_uri(parent_uri, tracking_uri), "gate": describe_model_uri(gate_uri, tracking_uri),
-                "gate_kind": gate.kind, "gate_beta": gmeta.get("beta")}
+    costs = gmeta["costs"]
+    measure = gmeta.get("cost", "gflops")
+    if measure not in costs:
+        raise ValueError(f"the gate was fitted with cost {measure!r} but records only {sorted(costs)}")
+    relative = (np.asarray(costs[measure], np.float64) / float(costs[measure][-1])).tolist()
     beta = gmeta.get("beta", 0.05) if default_beta is None else default_beta
-    return Engine(parent.eval(), gate.eval(), categories, gflops, float(beta), versions, threshold, mask_threshold,
-                  overlap_threshold), gmeta
+    versions = {**(versions or {}), "gate_kind": gate.kind, "gate_beta": gmeta.get("beta"), "gate_cost": measure}
+    return Engine(parent.eval(), gate.eval(), CategorySet(pmeta["categories"]), list(costs["gflops"]), relative,
+                  float(beta), versions, threshold, mask_threshold, overlap_threshold)

@@ -1,5 +1,5 @@
-"""``eco-ray serve``: start the Serve app from deploy/serve_config.yaml on a local Ray, against the
-embedded MLflow store, and print the URL."""
+"""``eco-ray serve``: start the Serve app of a Serve config (default: the shipped one, which
+deploy/serve_config.yaml links to) on a local Ray or a cluster, against an MLflow store, and print the URL."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ import yaml
 
 from eco_ray.cluster import init_ray
 from eco_ray.config import ConfigError
+from eco_ray.resources import resolve_resource
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "serve_config.yaml"
+DEFAULT_CONFIG = "serve_config"  # the shipped one, eco_ray/resources/serve/serve_config.yaml
 
 
 def load_serve_config(path: str | Path | None = None) -> dict:
-    path = Path(path) if path else DEFAULT_CONFIG
-    if not path.is_file():
-        raise ConfigError(f"Serve config {path} not found")
+    """A Serve config file (or the shipped one), checked to hold the Ingress and Segmenter deployments."""
+    path = resolve_resource("serve", path or DEFAULT_CONFIG)
     try:
         doc = yaml.safe_load(path.read_text())
         app = doc["applications"][0]
@@ -43,18 +43,18 @@ def build_app(doc: dict, overrides: dict | None = None):
     return Ingress.options(**ing_opts).bind(Segmenter.options(**seg_opts).bind()), seg_opts["user_config"]
 
 
-def start(config: str | None, *, parent_uri: str | None, gate_uri: str | None, tracking_uri: str, host: str,
-          port: int, address: str | None = None, blocking: bool = True) -> str:
+def start(config: str | None, *, parent_uri: str | None, gate_uri: str | None, ctx, host: str, port: int,
+          blocking: bool = True) -> str:
     from ray import serve
 
-    doc = load_serve_config(config)
-    app, user_config = build_app(doc, {"parent_uri": parent_uri, "gate_uri": gate_uri, "tracking_uri": tracking_uri})
-    # fail before Ray starts when the models cannot be resolved
-    from eco_ray.registry import resolve_model_dir
+    from eco_ray.tracking import resolve_model_dir
 
-    for key in ("parent_uri", "gate_uri"):
-        resolve_model_dir(user_config[key], tracking_uri)
-    init_ray(address, log_to_driver=False)
+    doc = load_serve_config(config)
+    app, user_config = build_app(doc, {"parent_uri": parent_uri, "gate_uri": gate_uri,
+                                       "tracking_uri": ctx.tracking_uri})
+    for key in ("parent_uri", "gate_uri"):  # fail before Ray starts when the models cannot be resolved
+        resolve_model_dir(user_config[key], ctx.tracking_uri)
+    init_ray(ctx.address, log_to_driver=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(app, name=doc["applications"][0].get("name", "eco-ray"), route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"

@@ -1,11 +1,12 @@
-"""Sweep spaces: YAML files in search_spaces/ read into a define-by-run Optuna space (Ray-free).
+"""Sweep spaces: YAML files (shipped ones in eco_ray/resources/search_spaces) read into a define-by-run Optuna
+space (Ray-free).
 
 Format (one entry per GateConfig field)::
 
     beta:   {type: float, low: 0.003, high: 1.0, log: true}
     epochs: {type: int, low: 50, high: 600, log: true}
-    kind:   {type: categorical, choices: [classify, budget]}
-    hidden: {type: categorical, choices: [0, 32], when: {kind: budget}}   # conditional
+    kind:   {type: categorical, choices: [classify, quality]}
+    hidden: {type: categorical, choices: [0, 32], when: {kind: quality}}  # conditional
     cost:   {value: gflops}                                                 # fixed
 
 Parameters are sampled in file order, so a ``when`` may only name a parameter above it; a parameter
@@ -20,16 +21,16 @@ from pathlib import Path
 import yaml
 
 from eco_ray.config import ConfigError
-from eco_ray.gate.fit import GateConfig
+from eco_ray.gate.config import GateConfig
+from eco_ray.resources import resolve_resource
 
 _GATE_FIELDS = {f.name for f in fields(GateConfig)}
 
 
 def load_space(path: str | Path) -> dict:
-    """Read and check a space file; every problem is a ConfigError naming the parameter."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"search space {path} not found (the shipped ones are in search_spaces/)")
+    """Read and check a space file (a path, or the name of a shipped space); every problem is a ConfigError
+    naming the parameter."""
+    path = resolve_resource("search_spaces", path)
     try:
         space = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:

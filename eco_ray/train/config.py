@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
 from eco_ray.config import ConfigError, load_config
-from eco_ray.model.config import ModelConfig, preset_names
+from eco_ray.model.config import ModelConfig, preset_names, preset_path
 
 EXIT_SAMPLING = ("uniform", "deep", "deepest_plus_one", "all")
-ALPHA = ("depth", "depth_sq", "uniform")
+ALPHA = ("depth", "depth_sq", "uniform", "depth_plus_one")
+
+
+# keys that were settings before and are arguments now: refused with the flag that replaced them
+MOVED_KEYS = {"data_root": "!pass it with --data-root (the pipeline: data.root)", "run_dir": "!pass it with --run-dir",
+              "experiment": "!pass it with --experiment"}
 
 
 @dataclass
 class TrainConfig:
-    data_root: str = "runs/data"  # a COCO-panoptic dataset root (train and val splits)
+    """Step A. The dataset it trains on and where its run lives are arguments of ``run_training``."""
+
     model_preset: str = "small"  # tiny | small | swin-t: the defaults under `model`
     model: ModelConfig = field(default_factory=ModelConfig)
     steps: int = 4000  # optimiser steps
@@ -31,7 +33,9 @@ class TrainConfig:
     # uniform over exits | deep (probability ~ depth) | deepest_plus_one (the deepest exit and one shallower
     # exit, uniform, every step) | all (every exit, every step)
     exit_sampling: str = "uniform"
-    alpha: str = "depth"  # depth: k / K (the official code) | depth_sq: k^2 / K^2 | uniform: 1
+    # depth: k / K (the official code) | depth_sq: k^2 / K^2 | uniform: 1 | depth_plus_one: (k+1) / (K+1), which
+    # gives exit 0 (no encoder layer) a weight
+    alpha: str = "depth"
     eval_every: int = 1000  # steps between validations (PQ per exit on eval_images validation images)
     eval_images: int = 100
     checkpoint_every: int = 250  # steps between checkpoints
@@ -41,9 +45,7 @@ class TrainConfig:
     use_gpu: bool = False
     mixed_precision: bool = False  # bf16 autocast on GPU
     seed: int = 0
-    run_dir: str = "runs"  # where runs, checkpoints and the default MLflow store live
     storage_path: str | None = None  # Ray Train storage; default <run_dir>/ray; s3://... on a cluster
-    experiment: str = "eco-ray"
     registered_model: str = "eco-parent"
     max_failures: int = 3  # worker failures Ray Train recovers from (restarts from the last checkpoint)
 
@@ -62,16 +64,30 @@ class TrainConfig:
         self.model.validate()
 
 
-def load_train_config(path: str | Path | None = None, overrides=()) -> TrainConfig:
-    """Defaults <- the model preset named by ``model_preset`` <- the YAML file <- ``key=value`` overrides."""
+def preset_layer(preset: str) -> dict:
+    """The model defaults of a preset, as a config layer under ``model``."""
+    from omegaconf import OmegaConf
+
+    if preset not in preset_names():
+        raise ConfigError(f"bad config value for 'model_preset': {preset!r} is not one of {preset_names()}")
+    return {"model": OmegaConf.to_container(OmegaConf.create(preset_path(preset).read_text()))}
+
+
+def requested_preset(path: str | Path | None, overrides=(), prefix: str = "") -> str:
+    """The ``model_preset`` a file and overrides ask for (``prefix``: where the TrainConfig sits, e.g. ``train.``)."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         raw = OmegaConf.load(path) if path is not None and Path(path).is_file() else OmegaConf.create()
         raw = OmegaConf.merge(raw, OmegaConf.from_dotlist([o for o in overrides if "=" in o]))
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad config: {str(e).splitlines()[0]}") from None
-    preset = str(raw.get("model_preset", TrainConfig.model_preset))
-    if preset not in preset_names():
-        raise ConfigError(f"bad config value for 'model_preset': {preset!r} is not one of {preset_names()}")
-    preset_yaml = resources.files("eco_ray.model").joinpath("configs").joinpath(f"{preset}.yaml")
-    preset_doc = OmegaConf.to_container(OmegaConf.create(preset_yaml.read_text()))
-    return load_config(TrainConfig, path, overrides, layers=[{"model": preset_doc}])
+    node = OmegaConf.select(raw, prefix + "model_preset")
+    return str(node if node is not None else TrainConfig.model_preset)
+
+
+def load_train_config(path: str | Path | None = None, overrides=()) -> TrainConfig:
+    """Defaults <- the model preset named by ``model_preset`` <- the YAML file <- ``key=value`` overrides."""
+    return load_config(TrainConfig, path, overrides, layers=[preset_layer(requested_preset(path, overrides))],
+                       renamed=MOVED_KEYS)

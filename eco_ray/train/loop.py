@@ -53,6 +53,8 @@ class ExitSchedule:
     def alpha(self, k: int) -> float:
         if self.alpha_rule == "depth":
             return k / self.depth
+        if self.alpha_rule == "depth_plus_one":
+            return (k + 1) / (self.depth + 1)
         if self.alpha_rule == "depth_sq":
             return (k / self.depth) ** 2
         return 1.0

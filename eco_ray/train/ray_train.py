@@ -24,7 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from eco_ray.cluster import init_ray
-from eco_ray.config import ConfigError
+from eco_ray.config import ConfigError, content_hash
+from eco_ray.context import RunContext
+from eco_ray.errors import EcoRayError
 from eco_ray.train.config import TrainConfig
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
@@ -32,39 +34,37 @@ CHECKPOINT_OPTIMIZER = "optimizer.pt"
 CHECKPOINT_STATE = "state.json"
 
 
-class TrainRunError(RuntimeError):
-    pass
+class TrainRunError(EcoRayError):
+    """A training run that failed; the message says how to continue it from its last checkpoint."""
 
 
 def dataset_hash(root: str | Path) -> str:
     """Hash of the annotation files of both splits (not of the pixels: fast on large datasets too)."""
-    from eco_ray.registry import content_hash
-
     root = Path(root)
     return content_hash({s: hashlib.sha256((root / "annotations" / f"panoptic_{s}.json").read_bytes()).hexdigest()
                          for s in ("train", "val")})
 
 
-def check_inputs(cfg: TrainConfig) -> dict:
+def check_inputs(cfg: TrainConfig, data_root: str) -> dict:
     """Everything that can be checked before Ray starts; returns the dataset facts the run needs."""
     from eco_ray.data import CocoPanopticDataset, DatasetError
 
     try:
-        train = CocoPanopticDataset.from_root(cfg.data_root, "train")
-        val = CocoPanopticDataset.from_root(cfg.data_root, "val")
+        train = CocoPanopticDataset.from_root(data_root, "train")
+        val = CocoPanopticDataset.from_root(data_root, "val")
     except DatasetError as e:
-        raise ConfigError(f"data_root={cfg.data_root!r}: {e}") from None
+        raise ConfigError(f"data_root={data_root!r}: {e}") from None
     per_worker = cfg.batch_size // cfg.num_workers
     if len(train) // cfg.num_workers < per_worker:
-        raise ConfigError(f"data_root={cfg.data_root!r} has {len(train)} training images: too few for "
+        raise ConfigError(f"data_root={data_root!r} has {len(train)} training images: too few for "
                           f"{cfg.num_workers} workers with batch {per_worker} each")
     if len(val) == 0:
-        raise ConfigError(f"data_root={cfg.data_root!r} has no validation images")
+        raise ConfigError(f"data_root={data_root!r} has no validation images")
     if cfg.model.pretrained and not (Path(cfg.model.pretrained) / "config.json").is_file():
         raise ConfigError(f"model.pretrained={cfg.model.pretrained!r} is not a local transformers model directory "
                           f"(no config.json); nothing is downloaded")
     return {"num_labels": len(train.categories), "categories": train.categories.to_coco(),
-            "train_images": len(train), "val_images": len(val), "data_hash": dataset_hash(cfg.data_root)}
+            "train_images": len(train), "val_images": len(val), "data_hash": dataset_hash(data_root)}
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -72,13 +72,12 @@ def _worker_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
     import torch
-    from mlflow import MlflowClient
-    from mlflow.entities import Metric
     from safetensors.torch import load_model, save_model
 
     from eco_ray.config import load_config
     from eco_ray.data import CocoPanopticDataset
     from eco_ray.model.io import build_parent
+    from eco_ray.tracking import Tracker
     from eco_ray.train.loop import ExitSchedule, lr_factor, make_optimizer, train_step, training_batches, validate
 
     cfg = load_config(TrainConfig, layers=[config["train_config"]])
@@ -86,8 +85,8 @@ def _worker_loop(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
-    train_ds = CocoPanopticDataset.from_root(cfg.data_root, "train")
-    val_ds = CocoPanopticDataset.from_root(cfg.data_root, "val")
+    train_ds = CocoPanopticDataset.from_root(config["data_root"], "train")
+    val_ds = CocoPanopticDataset.from_root(config["data_root"], "val")
     core = build_parent(cfg.model)
     optimizer_state, start_step = None, 0
     checkpoint = _resume_checkpoint(ray.train.get_checkpoint(), config["storage_run_path"], config["run_id"])
@@ -110,11 +109,11 @@ def _worker_loop(config: dict) -> None:
         optimizer.load_state_dict(optimizer_state)
     batches = training_batches(train_ds, cfg.batch_size // world, cfg.model.image_size, cfg.seed, rank, world,
                                start_step)
-    client = MlflowClient(config["tracking_uri"]) if rank == 0 else None
-    pending: list = []
+    tracker = Tracker(config["tracking_uri"]) if rank == 0 else None
+    pending: list = []  # (key, value, step), sent at each checkpoint
     t0, last_print = time.perf_counter(), 0.0
     if rank == 0 and start_step > 0:
-        client.log_metric(config["run_id"], "resumed_from_step", start_step, step=start_step)
+        tracker.log_metrics(config["run_id"], {"resumed_from_step": start_step}, step=start_step)
     for step in range(start_step, cfg.steps):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.steps)
@@ -123,9 +122,8 @@ def _worker_loop(config: dict) -> None:
                              cfg.grad_clip, device, autocast=cfg.mixed_precision and device.type == "cuda")
         done = step + 1
         if rank == 0:
-            now = int(time.time() * 1000)
-            pending += [Metric(k, v, now, done) for k, v in metrics.items()]
-            pending.append(Metric("lr", optimizer.param_groups[0]["lr"], now, done))
+            pending += [(k, v, done) for k, v in metrics.items()]
+            pending.append(("lr", optimizer.param_groups[0]["lr"], done))
             elapsed = time.perf_counter() - t0
             if elapsed - last_print >= 5 or done == cfg.steps:
                 rate = (done - start_step) / elapsed
@@ -139,12 +137,11 @@ def _worker_loop(config: dict) -> None:
             if rank == 0 and is_eval:
                 val = validate(core, val_ds, cfg.eval_images)
                 report.update(val)
-                pending += [Metric(k, v, int(time.time() * 1000), done) for k, v in val.items()]
+                pending += [(k, v, done) for k, v in val.items()]
                 _say("[train] validation at step %d: PQ per exit %s" % (done, ", ".join(
                     f"{k}: {val[f'val_pq_exit{k}']:.3f}" for k in core.exits)))
             if rank == 0 and pending:
-                for i in range(0, len(pending), 900):  # the MLflow batch limit is 1000 metrics
-                    client.log_batch(config["run_id"], metrics=pending[i:i + 900])
+                tracker.log_metrics(config["run_id"], pending)
                 pending = []
             with tempfile.TemporaryDirectory() as d:
                 ckpt = None
@@ -209,87 +206,106 @@ def new_run_name() -> str:
     return "train-" + datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
 
 
-def run_training(cfg: TrainConfig | None = None, *, name: str | None = None, resume: str | None = None,
-                 address: str | None = None, tracking_uri: str | None = None, run_dir: str | None = None) -> dict:
-    """Train (or resume) a parent; returns a summary with the run name, MLflow run id, model version."""
-    from mlflow import MlflowClient
-    from mlflow.entities import Param
+def run_training(cfg: TrainConfig, *, data_root: str | Path, ctx: RunContext, name: str | None = None) -> dict:
+    """Train a new parent on the COCO-panoptic dataset at ``data_root``; returns a summary with the run name,
+    MLflow run id and the registered model version. A name already taken is refused (resume it instead)."""
+    from eco_ray.config import to_yaml
+    from eco_ray.tracking import Stage, Tag
+
+    data_root = _absolute(str(data_root))
+    if cfg.model.pretrained:
+        cfg.model.pretrained = _absolute(cfg.model.pretrained)
+    name = name or new_run_name()
+    base = ctx.train_dir(name)
+    if (base / "run.json").exists():
+        raise ConfigError(f"a training run named {name!r} exists already; resume it with --resume {name} "
+                          f"or pick another --name")
+    facts = check_inputs(cfg, data_root)  # before Ray starts
+    cfg.model.num_labels = facts["num_labels"]
+    tracker = ctx.tracker()
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "config.yaml").write_text(to_yaml(cfg))
+    run_id = tracker.start_run(Stage.TRAIN, name, {Tag.DATA_HASH: facts["data_hash"],
+                                                   Tag.CONFIG_HASH: content_hash(asdict(cfg))},
+                               {**asdict(cfg), "data_root": data_root})
+    info = {"name": name, "run_id": run_id, "tracking_uri": ctx.tracking_uri, "data_hash": facts["data_hash"],
+            "data_root": data_root}
+    _write_json(base / "run.json", info)
+    return _fit(cfg, name, base, info, facts, ctx)
+
+
+def resume_training(name: str, ctx: RunContext) -> dict:
+    """Continue the stopped run ``name`` from its last checkpoint, with its saved config, in its MLflow run."""
+    from eco_ray.config import load_config
+
+    base = ctx.train_dir(name)
+    if not (base / "run.json").is_file():
+        raise ConfigError(f"cannot resume {name!r}: {base / 'run.json'} not found")
+    info = json.loads((base / "run.json").read_text())
+    # runs saved before these became arguments kept them in their config
+    cfg = load_config(TrainConfig, base / "config.yaml", renamed=dict.fromkeys(("data_root", "run_dir", "experiment")))
+    if "data_root" not in info:
+        info["data_root"] = _legacy_data_root(base)
+    facts = check_inputs(cfg, info["data_root"])
+    cfg.model.num_labels = facts["num_labels"]
+    ctx = RunContext(ctx.run_dir, info["tracking_uri"], ctx.address, ctx.experiment)
+    ctx.tracker().set_tags(info["run_id"], {"resumed_at": datetime.now(timezone.utc).isoformat()})
+    return _fit(cfg, name, base, info, facts, ctx)
+
+
+def _legacy_data_root(base: Path) -> str:
+    """Runs started before the data root was an argument kept it in their config.yaml."""
+    import yaml
+
+    doc = yaml.safe_load((base / "config.yaml").read_text()) or {}
+    if "data_root" not in doc:
+        raise ConfigError(f"{base}: run.json names no data_root and config.yaml has none either")
+    return _absolute(str(doc["data_root"]))
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    tmp.replace(path)
+
+
+def _fit(cfg: TrainConfig, name: str, base: Path, info: dict, facts: dict, ctx: RunContext) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from eco_ray.config import load_config, to_yaml
-    from eco_ray.registry import content_hash, default_tracking_uri, ensure_experiment, flat_params
-
-    if resume:
-        base = Path(run_dir or (cfg.run_dir if cfg else "runs")) / "train" / resume
-        if not (base / "run.json").is_file():
-            raise ConfigError(f"cannot resume {resume!r}: {base / 'run.json'} not found")
-        info = json.loads((base / "run.json").read_text())
-        cfg = load_config(TrainConfig, base / "config.yaml")
-        cfg.data_root, cfg.run_dir = _absolute(cfg.data_root), _absolute(cfg.run_dir)
-        name, tracking_uri = resume, info["tracking_uri"]
-    else:
-        cfg = cfg or TrainConfig()
-        cfg.data_root, cfg.run_dir = _absolute(cfg.data_root), _absolute(cfg.run_dir)
-        if cfg.model.pretrained:
-            cfg.model.pretrained = _absolute(cfg.model.pretrained)
-        name = name or new_run_name()
-        base = Path(cfg.run_dir) / "train" / name
-        if (base / "run.json").exists():
-            raise ConfigError(f"a training run named {name!r} exists already; resume it with --resume {name} "
-                              f"or pick another --name")
-    facts = check_inputs(cfg)  # before Ray starts
-    if cfg.model.num_labels != facts["num_labels"]:
-        cfg.model.num_labels = facts["num_labels"]
-    tracking_uri = tracking_uri or default_tracking_uri(cfg.run_dir)
-    client = MlflowClient(tracking_uri)
-    if resume:
-        run_id = info["run_id"]
-        client.set_tag(run_id, "resumed_at", datetime.now(timezone.utc).isoformat())
-    else:
-        base.mkdir(parents=True, exist_ok=True)
-        (base / "config.yaml").write_text(to_yaml(cfg))
-        experiment_id = ensure_experiment(cfg.experiment, cfg.run_dir, tracking_uri)
-        run = client.create_run(experiment_id, run_name=name, tags={
-            "eco_ray.stage": "train", "data_hash": facts["data_hash"], "config_hash": content_hash(asdict(cfg))})
-        run_id = run.info.run_id
-        client.log_batch(run_id, params=[Param(k, v[:6000]) for k, v in flat_params(asdict(cfg)).items()])
-        info = {"name": name, "run_id": run_id, "tracking_uri": tracking_uri, "data_hash": facts["data_hash"]}
-        (base / "run.json").write_text(json.dumps(info, indent=2))
-
-    storage = cfg.storage_path or str((Path(cfg.run_dir) / "ray").resolve())
+    storage = cfg.storage_path or str(ctx.ray_storage.resolve())
     storage_run_path = f"{storage.rstrip('/')}/{name}"
-    init_ray(address, log_to_driver=True)
+    init_ray(ctx.address, log_to_driver=True)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={"train_config": asdict(cfg), "run_id": run_id, "tracking_uri": tracking_uri,
-                           "storage_run_path": storage_run_path},
+        train_loop_config={"train_config": asdict(cfg), "run_id": info["run_id"], "tracking_uri": info["tracking_uri"],
+                           "storage_run_path": storage_run_path, "data_root": info["data_root"]},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage, failure_config=FailureConfig(max_failures=cfg.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints)),
     )
     t0 = time.perf_counter()
+    tracker = ctx.tracker()
     try:
         result = trainer.fit()
     except Exception as e:
-        client.set_tag(run_id, "status", "failed")
-        raise TrainRunError(f"training run {name} failed: {e}. Fix the cause and continue it with "
-                            f"`eco-ray train --resume {name}` (progress up to the last checkpoint is kept).") from e
-    seconds = time.perf_counter() - t0
-    return _finish(cfg, name, base, run_id, tracking_uri, facts, result, seconds)
+        tracker.set_tags(info["run_id"], {"status": "failed"})
+        raise TrainRunError(f"training run {name} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
+                            f"Fix the cause and continue it with `eco-ray train --resume {name}` (progress up to the "
+                            "last checkpoint is kept).") from e
+    return _finish(cfg, name, base, info["run_id"], tracker, facts, result, time.perf_counter() - t0)
 
 
-def _finish(cfg: TrainConfig, name: str, base: Path, run_id: str, tracking_uri: str, facts: dict, result,
+def _finish(cfg: TrainConfig, name: str, base: Path, run_id: str, tracker, facts: dict, result,
             seconds: float) -> dict:
     """Final weights + config, the PQ-per-exit plot, artifacts and the registered model version."""
-    from mlflow import MlflowClient
     from safetensors.torch import load_model
 
     from eco_ray.model.io import build_parent, save_parent
-    from eco_ray.registry import content_hash, register_directory
+    from eco_ray.plots import plot_pq_per_exit
+    from eco_ray.tracking import Tag
 
-    client = MlflowClient(tracking_uri)
     model = build_parent(cfg.model)
     with result.checkpoint.as_directory() as d:
         load_model(model, os.path.join(d, CHECKPOINT_WEIGHTS))
@@ -298,45 +314,20 @@ def _finish(cfg: TrainConfig, name: str, base: Path, run_id: str, tracking_uri: 
         "categories": facts["categories"], "data_hash": facts["data_hash"], "train_run": name, "steps": state["step"]})
     metrics = result.metrics or {}
     pq = {k: metrics.get(f"val_pq_exit{k}") for k in model.exits}
-    plot = _plot_pq_per_exit(metrics, model.exits, base / "pq_per_exit.png", name)
-    client.log_artifacts(run_id, str(parent_dir), "parent")
+    plot = plot_pq_per_exit(metrics, model.exits, base / "pq_per_exit.png", name)
+    tracker.log_artifacts(run_id, parent_dir, "parent")
     if plot:
-        client.log_artifact(run_id, str(plot))
-    client.log_metric(run_id, "train_seconds", seconds)
-    version = register_directory(client, cfg.registered_model, run_id, "parent", tags={
-        "data_hash": facts["data_hash"], "config_hash": content_hash(asdict(cfg)), "train_run": name,
+        tracker.log_artifact(run_id, plot)
+    tracker.log_metrics(run_id, {"train_seconds": seconds})
+    version = tracker.register(cfg.registered_model, run_id, "parent", tags={
+        Tag.DATA_HASH: facts["data_hash"], Tag.CONFIG_HASH: content_hash(asdict(cfg)), "train_run": name,
         "steps": state["step"], **{f"val_pq_exit{k}": f"{v:.4f}" for k, v in pq.items() if v is not None}},
         description="eco-ray early-exit Mask2Former parents (Step A)")
-    client.set_terminated(run_id)
-    summary = {"name": name, "run_id": run_id, "tracking_uri": tracking_uri, "steps": state["step"],
+    tracker.end_run(run_id)
+    summary = {"name": name, "run_id": run_id, "tracking_uri": tracker.uri, "steps": state["step"],
                "seconds": round(seconds, 1), "parent_dir": str(parent_dir), "registered_model": cfg.registered_model,
                "version": version, "model_uri": f"models:/{cfg.registered_model}/{version}", "val_pq_per_exit": pq,
                "val_pq_things_per_exit": {k: metrics.get(f"val_pq_things_exit{k}") for k in model.exits},
                "val_pq_stuff_per_exit": {k: metrics.get(f"val_pq_stuff_exit{k}") for k in model.exits}}
-    (base / "summary.json").write_text(json.dumps(summary, indent=2))
+    _write_json(base / "summary.json", summary)  # atomic: a resumed pipeline reads it
     return summary
-
-
-def _plot_pq_per_exit(metrics: dict, exits: list[int], path: Path, title: str) -> Path | None:
-    if f"val_pq_exit{exits[-1]}" not in metrics:
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key, label in (("val_pq", "PQ"), ("val_pq_things", "PQ things"), ("val_pq_stuff", "PQ stuff")):
-        ax.plot(exits, [metrics[f"{key}_exit{k}"] for k in exits], marker="o", label=label)
-    ax.set_xlabel("exit (encoder layers run)")
-    ax.set_ylabel("validation PQ")
-    ax.set_xticks(exits)
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    ax.set_title(f"{title}: PQ per exit")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-

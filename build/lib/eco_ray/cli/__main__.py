@@ -1,0 +1,5 @@
+import sys
+
+from eco_ray.cli import main
+
+sys.exit(main())

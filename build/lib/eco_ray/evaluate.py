@@ -1,0 +1,62 @@
+"""Score a parent at every exit on a dataset: per-image, per-exit panoptic statistics (Ray-free).
+
+Used by training (periodic validation) and by Step B (the derived table). One multi-exit pass per
+batch; statistics are additive, so any aggregate (per exit, per kind, per gate decision) follows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from eco_ray.data.coco_panoptic import CocoPanopticDataset
+from eco_ray.data.collate import pixel_values
+from eco_ray.data.transforms import HorizontalFlip, build_transform
+from eco_ray.metrics.panoptic import PanopticStats, image_stats
+from eco_ray.model.early_exit import EarlyExitMask2Former
+from eco_ray.model.postprocess import OVERLAP_THRESHOLD, to_panoptic
+
+
+@dataclass
+class ExitEvaluation:
+    image_ids: np.ndarray  # (N,)
+    exits: list[int]
+    stats: PanopticStats  # (N, E, C)
+    gate_features: np.ndarray  # (N, d) float32
+    meta: list[dict]  # the dataset's image entries (eco_kind etc. for the synthetic data)
+
+
+@torch.no_grad()
+def evaluate_exits(model: EarlyExitMask2Former, dataset: CocoPanopticDataset, exits: Sequence[int] | None = None,
+                   indices: Sequence[int] | None = None, batch_size: int = 16, flip: bool = False,
+                   threshold: float = 0.5, mask_threshold: float = 0.5, overlap_threshold: float = OVERLAP_THRESHOLD,
+                   progress: Callable[[int, int], None] | None = None) -> ExitEvaluation:
+    """Statistics of ``indices`` (default: all) at each exit. ``flip`` scores the horizontally mirrored
+    images instead (used to measure label noise and to average it away)."""
+    model.eval()
+    exits = list(model.exits if exits is None else exits)
+    indices = list(range(len(dataset)) if indices is None else indices)
+    size = model.config.image_size
+    transform = build_transform(size, train=False)
+    rng = np.random.default_rng(0)
+    all_stats, feats, ids, metas = [], [], [], []
+    for start in range(0, len(indices), batch_size):
+        samples = [transform(dataset[i], rng) for i in indices[start:start + batch_size]]
+        if flip:
+            samples = [HorizontalFlip(p=1.0)(s, rng) for s in samples]
+        out = model.forward_exits(pixel_values([s.image for s in samples]), exits)
+        per_exit = [to_panoptic(out[k], dataset.categories, (size, size), threshold, mask_threshold,
+                                 overlap_threshold) for k in exits]
+        for j, s in enumerate(samples):
+            all_stats.append(PanopticStats.stack([
+                image_stats(s.id_map, s.segments, *per_exit[e][j], dataset.categories) for e in range(len(exits))]))
+            ids.append(s.image_id)
+            metas.append(s.meta)
+        feats.append(out[exits[0]].gate_features.float().numpy())
+        if progress:
+            progress(min(start + batch_size, len(indices)), len(indices))
+    return ExitEvaluation(np.asarray(ids), exits, PanopticStats.stack(all_stats),
+                          np.concatenate(feats) if feats else np.zeros((0, model.config.hidden_dim), np.float32), metas)

@@ -1,0 +1,248 @@
+"""The gated segmenter, Ray-free: decode + check an image, pick each image's exit (gate + per-request
+control), run the parent once per batch with rows leaving the encoder at their exits, encode the result.
+
+A request's exit is decided by the one rule, ``eco_ray.tradeoff.choose``, over the gate's scores, with the
+costs of the measure the gate was fitted with (``cost`` in its record: GFLOPs, latency or layers), so a
+served image gets exactly the exit the derived table's evaluation gave it; a per-request compute budget
+(``max_gflops``, the one Budget type) restricts the exits allowed.
+
+Ray Serve (eco_ray/serve/app.py) wraps this in deployments; tests and benchmarks can call it directly.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from eco_ray.budget import Budget, BudgetError
+from eco_ray.data.collate import pixel_values
+from eco_ray.metrics.panoptic import CategorySet
+from eco_ray.model.gates import gate_scores
+from eco_ray.model.postprocess import OVERLAP_THRESHOLD, to_panoptic
+from eco_ray.tradeoff import choose
+
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/bmp", "image/tiff")
+MASK_FORMATS = ("png", "rle")
+
+
+class InputError(ValueError):
+    """A request the service refuses: ``status`` is the HTTP status (4xx), the message says why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+    def __reduce__(self):  # crosses process boundaries (Serve replica -> ingress) intact
+        return InputError, (self.status, str(self))
+
+
+@dataclass
+class Limits:
+    max_image_bytes: int = 10_000_000
+    max_pixels: int = 4_000_000  # width x height of the decoded image
+
+
+def decode_image(data: bytes, content_type: str | None, limits: Limits) -> np.ndarray:
+    """Bytes -> (H, W, 3) uint8, or an InputError with the right 4xx status."""
+    ctype = (content_type or "").split(";")[0].strip().lower()
+    if ctype not in IMAGE_TYPES:
+        raise InputError(415, f"content type {content_type or '(none)'!r} is not an image type; send one of "
+                              f"{list(IMAGE_TYPES)} or multipart/form-data with a 'file' part")
+    if not data:
+        raise InputError(400, "empty body: no image bytes")
+    if len(data) > limits.max_image_bytes:
+        raise InputError(413, f"image of {len(data)} bytes exceeds the limit of {limits.max_image_bytes} bytes")
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            w, h = probe.size
+            if w * h > limits.max_pixels:
+                raise InputError(413, f"image of {w}x{h} pixels exceeds the limit of {limits.max_pixels} pixels")
+            probe.verify()  # structure and checksums, without decoding the pixels
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # a truncated file fails here
+            rgb = np.asarray(img.convert("RGB"))
+    except InputError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise InputError(400, f"not a decodable image: {type(e).__name__}: {e}") from None
+    if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
+        raise InputError(400, f"decoded to an unusable shape {rgb.shape}")
+    return rgb
+
+
+@dataclass
+class RequestControl:
+    """Per-request compute control, at most one of: a per-image budget (``max_gflops``), a trade-off ``beta``
+    (a quality gate only), a forced ``exit`` (e.g. the full-depth baseline)."""
+
+    budget: Budget | None = None
+    beta: float | None = None
+    exit: int | None = None
+
+    @classmethod
+    def parse(cls, params: dict) -> RequestControl:
+        def number(name, kind=float):
+            raw = params.get(name)
+            if raw is None or raw == "":
+                return None
+            try:
+                value = kind(raw)
+            except (TypeError, ValueError):
+                raise InputError(422, f"{name}={raw!r} is not a number") from None
+            if not math.isfinite(value) or value < 0:
+                raise InputError(422, f"{name} must be a finite number >= 0, got {raw!r}")
+            return value
+
+        max_gflops, beta, exit_ = number("max_gflops"), number("beta"), number("exit", int)
+        if sum(v is not None for v in (max_gflops, beta, exit_)) > 1:
+            raise InputError(422, "give at most one of max_gflops, beta, exit")
+        try:
+            budget = Budget.named("max_gflops", max_gflops) if max_gflops is not None else None
+        except BudgetError as e:
+            raise InputError(422, str(e)) from None
+        return cls(budget, beta, exit_)
+
+
+@dataclass
+class Engine:
+    """A parent, a gate and the per-exit costs, ready to segment batches."""
+
+    parent: torch.nn.Module
+    gate: torch.nn.Module
+    categories: CategorySet
+    gflops: list[float]  # encoder GFLOPs per exit, shallow to deep (what a budget and a response count)
+    relative_cost: list[float]  # the gate's own cost measure, relative to the deepest exit (what beta weighs)
+    default_beta: float  # for a quality gate without a per-request beta
+    versions: dict = field(default_factory=dict)
+    threshold: float = 0.5
+    mask_threshold: float = 0.5
+    overlap_threshold: float = OVERLAP_THRESHOLD
+
+    @property
+    def exits(self) -> list[int]:
+        return list(self.parent.exits)
+
+    def choose_exits(self, gate_features: torch.Tensor, controls: list[RequestControl]) -> list[int]:
+        """Each image's exit: forced, or the rule over the gate's scores among the exits its budget allows."""
+        n = len(controls)
+        allowed = np.ones((n, len(self.exits)), bool)
+        betas = np.full(n, self.default_beta)
+        for i, c in enumerate(controls):
+            if c.exit is not None:
+                if c.exit not in self.exits:
+                    raise InputError(422, f"exit={c.exit} is not one of the model's exits {self.exits}")
+                allowed[i] = np.asarray(self.exits) == c.exit
+                continue
+            if c.budget is not None:
+                allowed[i] = [c.budget.admits_value(g) for g in self.gflops]
+                if not allowed[i].any():
+                    raise InputError(422, f"max_gflops={c.budget.limit:g} is below the cheapest exit "
+                                          f"({self.exits[0]}: {self.gflops[0]:.4f} encoder GFLOPs)")
+            if c.beta is not None:
+                if not self.gate.uses_beta:
+                    raise InputError(422, "beta needs a quality gate; the deployed gate is a classifier trained "
+                                          "for one beta (use max_gflops)")
+                betas[i] = c.beta
+        beta = betas if self.gate.uses_beta else 0.0
+        index = choose(gate_scores(self.gate, gate_features), self.relative_cost, beta, allowed)
+        return [self.exits[j] for j in index]
+
+    @torch.no_grad()
+    def segment(self, images: list[np.ndarray], controls: list[RequestControl], mask_format: list[str]) -> list[dict]:
+        """One batch: every image resized to the model's input, exits chosen per image, one parent pass in
+        which rows leave the encoder at their exit; results at each image's own size."""
+        t0 = time.perf_counter()
+        size = self.parent.config.image_size
+        x = pixel_values([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
+        out = self.parent.forward_gated(x, lambda feats: self.choose_exits(feats, controls))
+        exits = out.exit_per_image.tolist()
+        preds = to_panoptic(out, self.categories, (size, size), self.threshold, self.mask_threshold,
+                            self.overlap_threshold)
+        batch_ms = (time.perf_counter() - t0) * 1e3
+        gflops_of = dict(zip(self.exits, self.gflops))
+        results = []
+        for im, (id_map, segs), k, fmt in zip(images, preds, exits, mask_format):
+            results.append({**encode_panoptic(id_map, segs, im.shape[:2], self.categories, fmt), "exit": int(k),
+                            "encoder_gflops": gflops_of[int(k)], "versions": self.versions,
+                            "timing_ms": {"batch": round(batch_ms, 2), "batch_size": len(images)}})
+        return results
+
+
+def encode_panoptic(id_map: np.ndarray, segments: list[dict], shape: tuple[int, int], categories: CategorySet,
+                    fmt: str) -> dict:
+    """Panoptic result at the image's own size: segments (category, isthing, area, bbox, score) and the id
+    map as a PNG (COCO panoptic colour encoding id = R + 256 G + 256^2 B, base64) or per-segment COCO RLE."""
+    from pycocotools import mask as mask_utils
+
+    from eco_ray.data.coco_panoptic import id2rgb
+
+    h, w = shape
+    if id_map.shape != (h, w):
+        id_map = np.asarray(Image.fromarray(id_map.astype(np.int32), mode="I").resize((w, h), Image.NEAREST)).astype(np.int64)
+    names = {c.id: c for c in categories.categories}
+    out_segments = []
+    for s in segments:
+        m = id_map == s["id"]
+        area = int(m.sum())
+        if area == 0:
+            continue
+        ys, xs = np.nonzero(m)
+        cat = names[s["category_id"]]
+        seg = {"id": s["id"], "category_id": s["category_id"], "category": cat.name, "isthing": bool(cat.isthing),
+               "area": area, "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                                      int(ys.max() - ys.min() + 1)], "score": round(float(s["score"]), 4)}
+        if fmt == "rle":
+            rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+            seg["rle"] = {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+        out_segments.append(seg)
+    result = {"height": h, "width": w, "segments": out_segments, "mask_format": fmt}
+    if fmt == "png":
+        buf = io.BytesIO()
+        Image.fromarray(id2rgb(id_map)).save(buf, format="PNG")
+        result["id_map_png"] = base64.b64encode(buf.getvalue()).decode("ascii")
+    return result
+
+
+def load_engine(parent_uri: str, gate_uri: str, tracking_uri: str, default_beta: float | None = None,
+                threshold: float = 0.5, mask_threshold: float = 0.5, overlap_threshold: float = OVERLAP_THRESHOLD
+                ) -> tuple[Engine, dict]:
+    """(engine, gate record): parent and gate from MLflow URIs or directories; the gate must fit the parent."""
+    from eco_ray.model.io import load_gate, load_parent
+    from eco_ray.tracking import describe_model_uri, resolve_model_dir
+
+    parent, pmeta = load_parent(resolve_model_dir(parent_uri, tracking_uri))
+    gate, gmeta = load_gate(resolve_model_dir(gate_uri, tracking_uri))
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    return engine_from(parent, pmeta, gate, gmeta, {"parent": describe_model_uri(parent_uri, tracking_uri),
+                                                    "gate": describe_model_uri(gate_uri, tracking_uri)},
+                       default_beta, threshold, mask_threshold, overlap_threshold), gmeta
+
+
+def engine_from(parent, pmeta: dict, gate, gmeta: dict, versions: dict | None = None,
+                default_beta: float | None = None, threshold: float = 0.5, mask_threshold: float = 0.5,
+                overlap_threshold: float = OVERLAP_THRESHOLD) -> Engine:
+    """An engine from loaded models and their records (tests and benchmarks build one in process)."""
+    if list(gate.exits) != list(parent.exits):
+        raise ValueError(f"gate exits {gate.exits} do not match the parent's {parent.exits}")
+    # the gate was fitted on the gate input its derived table recorded: the parent computes that one
+    parent.config.gate_input = gmeta.get("gate_input", "stride32")
+    expected = parent.config.hidden_dim * (3 if parent.config.gate_input == "levels" else 1)
+    if gate.in_dim != expected:
+        raise ValueError(f"the gate takes {gate.in_dim} input features, but the parent's {parent.config.gate_input!r} "
+                         f"gate input has {expected}")
+    costs = gmeta["costs"]
+    measure = gmeta.get("cost", "gflops")
+    if measure not in costs:
+        raise ValueError(f"the gate was fitted with cost {measure!r} but records only {sorted(costs)}")
+    relative = (np.asarray(costs[measure], np.float64) / float(costs[measure][-1])).tolist()
+    beta = gmeta.get("beta", 0.05) if default_beta is None else default_beta
+    versions = {**(versions or {}), "gate_kind": gate.kind, "gate_beta": gmeta.get("beta"), "gate_cost": measure}
+    return Engine(parent.eval(), gate.eval(), CategorySet(pmeta["categories"]), list(costs["gflops"]), relative,
+                  float(beta), versions, threshold, mask_threshold, overlap_threshold)

@@ -1,0 +1,77 @@
+"""``eco-ray serve``: start the Serve app of a Serve config (default: the shipped one, which
+deploy/serve_config.yaml links to) on a local Ray or a cluster, against an MLflow store, and print the URL."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import yaml
+
+from eco_ray.cluster import init_ray
+from eco_ray.config import ConfigError
+from eco_ray.resources import resolve_resource
+
+DEFAULT_CONFIG = "serve_config"  # the shipped one, eco_ray/resources/serve/serve_config.yaml
+
+
+def load_serve_config(path: str | Path | None = None) -> dict:
+    """A Serve config file (or the shipped one), checked to hold the Ingress and Segmenter deployments."""
+    path = resolve_resource("serve", path or DEFAULT_CONFIG)
+    try:
+        doc = yaml.safe_load(path.read_text())
+        app = doc["applications"][0]
+        deployments = {d["name"]: d for d in app["deployments"]}
+    except (yaml.YAMLError, KeyError, IndexError, TypeError) as e:
+        raise ConfigError(f"{path}: not a Serve config with one application and its deployments ({e})") from None
+    for name in ("Ingress", "Segmenter"):
+        if name not in deployments:
+            raise ConfigError(f"{path}: no deployment named {name!r}")
+    return doc
+
+
+def build_app(doc: dict, overrides: dict | None = None):
+    """The application with each deployment's options (autoscaling, user_config, ...) from the config."""
+    from eco_ray.serve.app import Ingress, Segmenter
+
+    doc = copy.deepcopy(doc)
+    deployments = {d["name"]: d for d in doc["applications"][0]["deployments"]}
+    seg_opts = {k: v for k, v in deployments["Segmenter"].items() if k != "name"}
+    seg_opts["user_config"] = {**seg_opts.get("user_config", {}), **{k: v for k, v in (overrides or {}).items()
+                                                                     if v is not None}}
+    ing_opts = {k: v for k, v in deployments["Ingress"].items() if k != "name"}
+    return Ingress.options(**ing_opts).bind(Segmenter.options(**seg_opts).bind()), seg_opts["user_config"]
+
+
+def start(config: str | None, *, parent_uri: str | None, gate_uri: str | None, ctx, host: str, port: int,
+          blocking: bool = True) -> str:
+    from ray import serve
+
+    from eco_ray.tracking import resolve_model_dir
+
+    doc = load_serve_config(config)
+    app, user_config = build_app(doc, {"parent_uri": parent_uri, "gate_uri": gate_uri,
+                                       "tracking_uri": ctx.tracking_uri})
+    for key in ("parent_uri", "gate_uri"):  # fail before Ray starts when the models cannot be resolved
+        resolve_model_dir(user_config[key], ctx.tracking_uri)
+    init_ray(ctx.address, log_to_driver=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(app, name=doc["applications"][0].get("name", "eco-ray"), route_prefix="/", blocking=False)
+    url = f"http://{host}:{port}"
+    if blocking:
+        serve_until_interrupted(url)
+    return url
+
+
+def serve_until_interrupted(url: str) -> None:
+    """Keep the (already running) app up until Ctrl-C, then shut Serve down."""
+    import time
+
+    from ray import serve
+
+    print(f"eco-ray serving on {url}  (POST {url}/v1/segment, GET {url}/v1/models); Ctrl-C stops", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()

@@ -1,0 +1,89 @@
+"""Step A configuration: one dataclass, YAML, ``key=value`` overrides, and a model preset underneath."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from eco_ray.config import ConfigError, load_config
+from eco_ray.model.config import ModelConfig, preset_names, preset_path
+
+EXIT_SAMPLING = ("uniform", "deep", "deepest_plus_one", "all")
+ALPHA = ("depth", "depth_sq", "uniform")
+
+
+# keys that were settings before and are arguments now: refused with the flag that replaced them
+MOVED_KEYS = {"data_root": "!pass it with --data-root (the pipeline: data.root)", "run_dir": "!pass it with --run-dir",
+              "experiment": "!pass it with --experiment"}
+
+
+@dataclass
+class TrainConfig:
+    """Step A. The dataset it trains on and where its run lives are arguments of ``run_training``."""
+
+    model_preset: str = "small"  # tiny | small | swin-t: the defaults under `model`
+    model: ModelConfig = field(default_factory=ModelConfig)
+    steps: int = 4000  # optimiser steps
+    batch_size: int = 8  # global batch, split over the workers
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    # weighted stochastic depth: which exit(s) each step trains, and the loss weight alpha_k of exit k
+    # uniform over exits | deep (probability ~ depth) | deepest_plus_one (the deepest exit and one shallower
+    # exit, uniform, every step) | all (every exit, every step)
+    exit_sampling: str = "uniform"
+    alpha: str = "depth"  # depth: k / K (the official code) | depth_sq: k^2 / K^2 | uniform: 1
+    eval_every: int = 1000  # steps between validations (PQ per exit on eval_images validation images)
+    eval_images: int = 100
+    checkpoint_every: int = 250  # steps between checkpoints
+    keep_checkpoints: int = 3
+    num_workers: int = 2  # Ray Train data-parallel workers
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    mixed_precision: bool = False  # bf16 autocast on GPU
+    seed: int = 0
+    storage_path: str | None = None  # Ray Train storage; default <run_dir>/ray; s3://... on a cluster
+    registered_model: str = "eco-parent"
+    max_failures: int = 3  # worker failures Ray Train recovers from (restarts from the last checkpoint)
+
+    def validate(self) -> None:
+        if self.exit_sampling not in EXIT_SAMPLING:
+            raise ValueError(f"exit_sampling must be one of {EXIT_SAMPLING}, got {self.exit_sampling!r}")
+        if self.alpha not in ALPHA:
+            raise ValueError(f"alpha must be one of {ALPHA}, got {self.alpha!r}")
+        for name in ("steps", "batch_size", "num_workers", "eval_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of num_workers {self.num_workers}")
+        if self.lr <= 0 or self.cpus_per_worker <= 0:
+            raise ValueError("lr and cpus_per_worker must be > 0")
+        self.model.validate()
+
+
+def preset_layer(preset: str) -> dict:
+    """The model defaults of a preset, as a config layer under ``model``."""
+    if preset not in preset_names():
+        raise ConfigError(f"bad config value for 'model_preset': {preset!r} is not one of {preset_names()}")
+    return {"model": OmegaConf.to_container(OmegaConf.create(preset_path(preset).read_text()))}
+
+
+def requested_preset(path: str | Path | None, overrides=(), prefix: str = "") -> str:
+    """The ``model_preset`` a file and overrides ask for (``prefix``: where the TrainConfig sits, e.g. ``train.``)."""
+    try:
+        raw = OmegaConf.load(path) if path is not None and Path(path).is_file() else OmegaConf.create()
+        raw = OmegaConf.merge(raw, OmegaConf.from_dotlist([o for o in overrides if "=" in o]))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"bad config: {str(e).splitlines()[0]}") from None
+    node = OmegaConf.select(raw, prefix + "model_preset")
+    return str(node if node is not None else TrainConfig.model_preset)
+
+
+def load_train_config(path: str | Path | None = None, overrides=()) -> TrainConfig:
+    """Defaults <- the model preset named by ``model_preset`` <- the YAML file <- ``key=value`` overrides."""
+    return load_config(TrainConfig, path, overrides, layers=[preset_layer(requested_preset(path, overrides))],
+                       renamed=MOVED_KEYS)

@@ -1,0 +1,129 @@
+"""The training loop's parts, plain torch: exit schedule, optimiser, batches, one step, validation.
+
+Ray Train runs them on every worker (eco_ray/train/ray_train.py); tests and notebooks can run them
+directly. The exit of a step is a pure function of (seed, step), so every data-parallel worker trains
+the same exit and a resumed run continues the same schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch import nn
+
+from eco_ray.data.coco_panoptic import CocoPanopticDataset
+from eco_ray.data.collate import collate_panoptic
+from eco_ray.data.transforms import build_transform
+from eco_ray.evaluate import evaluate_exits
+from eco_ray.metrics.panoptic import aggregate
+from eco_ray.model.early_exit import EarlyExitMask2Former
+
+
+class ExitSchedule:
+    """Weighted stochastic depth: which exits a step trains, and each exit's loss weight alpha_k."""
+
+    def __init__(self, exits: Sequence[int], sampling: str = "uniform", alpha: str = "depth", seed: int = 0):
+        self.exits = [int(k) for k in exits]
+        self.sampling, self.alpha_rule, self.seed = sampling, alpha, seed
+        weights = np.ones(len(self.exits)) if sampling != "deep" else np.asarray(self.exits, float)
+        self.probs = weights / weights.sum()
+        self.depth = max(self.exits)
+
+    def exits_for_step(self, step: int) -> list[int]:
+        if self.sampling == "all":
+            return list(self.exits)
+        rng = np.random.default_rng([self.seed, step])
+        if self.sampling == "deepest_plus_one":
+            # the "sandwich rule" of slimmable networks: the deepest exit gets a gradient every step, as in a
+            # plain Mask2Former, and one shallower exit (uniform) rides along on the same encoder pass
+            shallower = self.exits[:-1]
+            return ([int(rng.choice(shallower))] if shallower else []) + [self.exits[-1]]
+        return [int(rng.choice(self.exits, p=self.probs))]
+
+    @property
+    def every_step_reaches_the_deepest_exit(self) -> bool:
+        """Every step reaches the last exit: if that exit is also the last encoder layer, every parameter gets
+        a gradient every step and DDP can skip its search for unused ones (the caller checks the layer)."""
+        return self.sampling in ("all", "deepest_plus_one") or self.exits == [self.depth]
+
+    def alpha(self, k: int) -> float:
+        if self.alpha_rule == "depth":
+            return k / self.depth
+        if self.alpha_rule == "depth_sq":
+            return (k / self.depth) ** 2
+        return 1.0
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and normalisation weights (1-D parameters)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to zero at ``total``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def training_batches(dataset: CocoPanopticDataset, batch_size: int, image_size: int, seed: int, rank: int = 0,
+                     world_size: int = 1, start_step: int = 0) -> Iterator[dict]:
+    """Endless shuffled batches of this worker's shard (every ``world_size``-th image from ``rank``),
+    with random resize-crop-flip; ``start_step`` gives a resumed run a fresh order."""
+    transform = build_transform(image_size, train=True)
+    shard = np.arange(rank, len(dataset), world_size)
+    if len(shard) < batch_size:
+        raise ValueError(f"worker {rank} has {len(shard)} training images, fewer than its batch of {batch_size}")
+    epoch = 0
+    while True:
+        rng = np.random.default_rng([seed, rank, start_step, epoch])
+        order = rng.permutation(shard)
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            samples = [transform(dataset[int(i)], rng) for i in order[start:start + batch_size]]
+            yield collate_panoptic(samples, dataset.categories)
+        epoch += 1
+
+
+def train_step(model: nn.Module, core: EarlyExitMask2Former, optimizer: torch.optim.Optimizer, batch: dict,
+               exits: Sequence[int], schedule: ExitSchedule, grad_clip: float, device: torch.device,
+               autocast: bool = False) -> dict[str, float]:
+    """One optimiser step on the weighted sum of the losses of ``exits``. ``model`` may be the DDP wrapper
+    of ``core``; it is called exactly once, so that DDP sees one forward per backward."""
+    x = batch["pixel_values"].to(device)
+    masks = [m.to(device) for m in batch["mask_labels"]]
+    classes = [c.to(device) for c in batch["class_labels"]]
+    optimizer.zero_grad(set_to_none=True)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else nullcontext()
+    with ctx:
+        if len(exits) == 1:
+            outputs = {exits[0]: model(x, exit=exits[0])}
+        else:
+            outputs = model(x, exits=list(exits))
+        losses = {k: core.loss(outputs[k], masks, classes) for k in exits}
+        total = sum(schedule.alpha(k) * loss for k, loss in losses.items())
+    total.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), grad_clip) if grad_clip > 0 else torch.tensor(0.0)
+    optimizer.step()
+    metrics = {"loss": float(total.detach()), "grad_norm": float(grad_norm)}
+    metrics.update({f"loss_exit{k}": float(v.detach()) for k, v in losses.items()})
+    return metrics
+
+
+def validate(core: EarlyExitMask2Former, dataset: CocoPanopticDataset, num_images: int, batch_size: int = 16
+             ) -> dict[str, float]:
+    """PQ (all / things / stuff) and mIoU at every exit on the first ``num_images`` validation images."""
+    ev = evaluate_exits(core, dataset, indices=range(min(num_images, len(dataset))), batch_size=batch_size)
+    out = {}
+    for e, k in enumerate(ev.exits):
+        r = aggregate(ev.stats[:, e], dataset.categories)
+        out.update({f"val_pq_exit{k}": r.pq, f"val_pq_things_exit{k}": r.pq_things,
+                    f"val_pq_stuff_exit{k}": r.pq_stuff, f"val_miou_exit{k}": r.miou})
+    return out

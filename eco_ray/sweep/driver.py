@@ -1,0 +1,295 @@
+"""``eco-ray sweep``: Ray Tune + Optuna, multi-objective (maximise PQ, minimise encoder GFLOPs or latency).
+
+Each trial is one Step-C fit + exact evaluation from the derived table (eco_ray/sweep/trial.py), so trials
+take seconds and run ``concurrency`` at a time on the local cluster or across a real one.
+
+Robustness, by design:
+- the Optuna study is the source of truth (eco_ray/sweep/study.py); ``--resume`` runs only the trials still
+  missing, and trials an interruption left RUNNING are failed and run again;
+- MLflow is written from the driver only (SQLite tolerates one writer): one parent run per sweep, one child
+  run per finished trial, keyed by the Optuna trial number, so a resumed sweep never logs a trial twice; a
+  crashed trial gets a FAILED child run;
+- the Optuna storage URL's password never reaches the sweep's files or MLflow: a resume of a sweep whose
+  storage has a password takes the URL again (``--storage`` or ``$OPTUNA_STORAGE``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import sys
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from eco_ray.cluster import init_ray
+from eco_ray.config import ConfigError, load_config, to_yaml
+from eco_ray.context import RunContext
+from eco_ray.results import METRICS, OperatingPoint, SweepSummary, TrialRecord
+from eco_ray.sweep.config import ABSENT_IN_OLD_SWEEPS, MOVED_KEYS, SweepConfig, has_masked_password, mask_url
+from eco_ray.sweep.study import StudySearcher, close_interrupted, counted, interrupted_numbers, open_study, study_name
+from eco_ray.sweep.trial import read_result, trial_dir, tune_trainable
+
+STORAGE_ENV = "OPTUNA_STORAGE"
+LOGGED_METRICS = (*METRICS, *(f"val_{k}" for k in METRICS), "fit_seconds")
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    tmp.replace(path)
+
+
+class _TrialLogger:
+    """One child run per finished trial under the sweep's parent run, written from the driver only."""
+
+    def __init__(self, tracker, parent_run_id: str, sweep: str, sdir: Path):
+        from eco_ray.tracking import Tag
+
+        self.tracker, self.parent, self.sweep, self.sdir = tracker, parent_run_id, sweep, sdir
+        self.logged: set[int] = set()
+        for r in tracker.child_runs(parent_run_id):
+            if Tag.TRIAL not in r.data.tags:
+                continue
+            if r.info.status == "RUNNING":  # an interrupted driver died while logging it: log it again
+                tracker.end_run(r.info.run_id, "KILLED")
+                continue
+            self.logged.add(int(r.data.tags[Tag.TRIAL]))
+
+    def log(self, number: int, status: str, params: dict, metrics: dict, feasible: bool | None,
+            error: str = "") -> None:
+        from eco_ray.tracking import Stage, Tag
+
+        if number in self.logged:
+            return
+        tags = {Tag.TRIAL: str(number), Tag.SWEEP: self.sweep}
+        if feasible is not None:
+            tags[Tag.FEASIBLE] = str(feasible).lower()
+        if error:
+            tags[Tag.ERROR] = error[:4000]
+        run_id = self.tracker.start_run(Stage.SWEEP_TRIAL, f"{self.sweep}-trial-{number:05d}", tags, params,
+                                        parent_run_id=self.parent)
+        self.tracker.log_metrics(run_id, metrics)
+        gate = trial_dir(self.sdir, number) / "gate"
+        if status == "FINISHED" and gate.is_dir():
+            self.tracker.log_artifacts(run_id, gate, "gate")
+        self.tracker.end_run(run_id, status)
+        self.logged.add(number)
+
+
+def _feasible(cfg: SweepConfig, metrics: dict) -> bool | None:
+    budgets = cfg.budgets()
+    return all(b.admits(metrics) for b in budgets) if budgets else None
+
+
+def _callback(logger: _TrialLogger, cfg: SweepConfig):
+    from ray import tune
+
+    class MlflowTrialCallback(tune.Callback):
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            metrics = {k: result[k] for k in LOGGED_METRICS if k in result}
+            params = {k: v for k, v in trial.config.items() if k != "optuna_trial"}
+            logger.log(int(trial.config["optuna_trial"]), "FINISHED", params, metrics, _feasible(cfg, metrics))
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            params = {k: v for k, v in trial.config.items() if k != "optuna_trial"}
+            logger.log(int(trial.config["optuna_trial"]), "FAILED", params, {}, None,
+                       error=str(getattr(trial, "error_file", "") or "trial raised"))
+            print(f"[sweep] trial {trial.config['optuna_trial']} failed: see {trial.local_path}", file=sys.stderr)
+
+    return MlflowTrialCallback()
+
+
+def run_sweep(cfg: SweepConfig, *, derived: str | Path, ctx: RunContext, name: str | None = None) -> SweepSummary:
+    """A new sweep over the derived table at ``derived``; a name already taken is refused (resume it)."""
+    from eco_ray.derive.table import DerivedDataset
+    from eco_ray.sweep.space import load_space
+    from eco_ray.tracking import Stage, Tag
+
+    cfg.validate()
+    name = name or "sweep-" + time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    sdir = ctx.sweep_dir(name)
+    if (sdir / "sweep.json").exists():
+        raise ConfigError(f"a sweep named {name!r} exists already; continue it with --resume {name} or pick "
+                          f"another --name")
+    load_space(cfg.space)  # before Ray starts: a bad space or table fails fast
+    ds = _check_table(cfg, derived)
+    _warn_if_it_does_not_pay(ds, cfg.eval_split)
+    storage = cfg.storage or f"sqlite:///{(sdir / 'optuna.db').resolve()}"
+    tracker = ctx.tracker()
+    sdir.mkdir(parents=True, exist_ok=True)
+    saved = SweepConfig(**{**asdict(cfg), "storage": mask_url(storage)})
+    (sdir / "config.yaml").write_text(to_yaml(saved))
+    parent = tracker.start_run(Stage.SWEEP, name, {
+        Tag.SWEEP: name, Tag.DERIVED_KEY: ds.manifest["key"], Tag.PARENT_URI: ds.manifest["parent"]["uri"],
+        Tag.PARENT_VERSION: ds.manifest["parent"].get("version", ""), Tag.STUDY: study_name(name)},
+        {**asdict(saved), "derived": str(Path(derived).resolve())})
+    info = {"name": name, "run_id": parent, "tracking_uri": ctx.tracking_uri, "study_name": study_name(name),
+            "storage": mask_url(storage), "derived": str(Path(derived).resolve()), "format": 2}
+    _write_json(sdir / "sweep.json", info)
+    return _run(cfg, info, storage, ds, sdir, ctx)
+
+
+def resume_sweep(name: str, ctx: RunContext, storage: str | None = None) -> SweepSummary:
+    """Continue the stopped sweep ``name``: only the missing trials run; the saved settings are kept."""
+    sdir = ctx.sweep_dir(name)
+    if not (sdir / "sweep.json").is_file():
+        raise ConfigError(f"cannot resume sweep {name!r}: {sdir / 'sweep.json'} not found")
+    info = json.loads((sdir / "sweep.json").read_text())
+    saved_derived = dict.fromkeys(MOVED_KEYS)  # sweeps saved before these became arguments kept them here
+    cfg = load_config(SweepConfig, sdir / "config.yaml", renamed=saved_derived, absent=ABSENT_IN_OLD_SWEEPS)
+    if "derived" not in info:
+        import yaml
+
+        info["derived"] = (yaml.safe_load((sdir / "config.yaml").read_text()) or {}).get("derived", "")
+    storage = storage or info.get("storage") or cfg.storage
+    if has_masked_password(storage):
+        storage = os.environ.get(STORAGE_ENV)
+        if not storage:
+            raise ConfigError(f"sweep {name!r} keeps its study in {info['storage']}: give the URL with its password "
+                              f"again (--storage or ${STORAGE_ENV}); it is never written to disk")
+    ctx = RunContext(ctx.run_dir, info["tracking_uri"], ctx.address, ctx.experiment)
+    return _run(cfg, info, storage, _check_table(cfg, info["derived"]), sdir, ctx)
+
+
+def _warn_if_it_does_not_pay(ds, split: str) -> None:
+    """A sweep on a table whose diagnosis says a gate cannot beat static depth still runs (it may be wanted for
+    its static points), but says so first."""
+    from eco_ray.diagnose import DiagnoseError, diagnose
+
+    try:
+        d = diagnose(ds.split(split), ds.categories, ds.costs("gflops"), resamples=200)
+    except DiagnoseError:
+        return  # one view: nothing to tell
+    if d.verdict == "does not pay":
+        print(f"[sweep] warning: the diagnosis of this table says adaptive depth does not pay here: {d.reasons[1]} "
+              f"(eco-ray diagnose --derived {ds.root})", file=sys.stderr, flush=True)
+
+
+def _check_table(cfg: SweepConfig, derived: str | Path):
+    from eco_ray.derive.table import DerivedDataset
+
+    ds = DerivedDataset.open(derived)
+    for split in (cfg.train_split, cfg.eval_split):
+        ds.split(split)
+    for budget in cfg.budgets():
+        ds.costs(budget.cost_measure)  # a clear error when the table has no latency
+    if cfg.objective_cost == "latency":
+        ds.costs("latency")
+    return ds
+
+
+def _run(cfg: SweepConfig, info: dict, storage: str, ds, sdir: Path, ctx: RunContext) -> SweepSummary:
+    from ray import tune
+
+    from eco_ray.sweep.space import load_space
+
+    name = info["name"]
+    tracker = ctx.tracker()
+    derived = str(Path(info["derived"]).resolve())
+    study = open_study(cfg, name, storage)
+    interrupted = close_interrupted(study)
+    logger = _TrialLogger(tracker, info["run_id"], name, sdir)
+    _log_missing(study, logger, cfg, sdir)  # finished before an interruption but not yet in MLflow
+    remaining = cfg.trials - counted(study)
+    t0 = time.perf_counter()
+    if remaining > 0:
+        init_ray(ctx.address, log_to_driver=False)
+        searcher = StudySearcher(study, load_space(cfg.space), ["pq", cfg.objective_key], cfg.budgets())
+        trainable = tune.with_resources(functools.partial(
+            tune_trainable, derived=derived, sweep_dir=str(sdir.resolve()), train_split=cfg.train_split,
+            eval_split=cfg.eval_split, holdout=cfg.holdout), {"cpu": cfg.cpus_per_trial})
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining,
+                                        max_concurrent_trials=cfg.concurrency, reuse_actors=True),
+            # each launch is its own Tune run: the study, not Tune's state, is what a resume continues
+            run_config=tune.RunConfig(name=f"{name}-{uuid.uuid4().hex[:8]}", storage_path=str(ctx.ray_storage.resolve()
+                                                                                            / "sweeps"),
+                                      callbacks=[_callback(logger, cfg)], verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+        print(f"[sweep] {name}: {remaining} trials to run, {cfg.concurrency} at a time, sampler {cfg.sampler}",
+              file=sys.stderr, flush=True)
+        with contextlib.redirect_stdout(sys.stderr):  # Tune prints tables to stdout; keep stdout for --json
+            tuner.fit()
+    seconds = time.perf_counter() - t0
+    study = open_study(cfg, name, storage)
+    close_interrupted(study)
+    _log_missing(study, logger, cfg, sdir)
+    summary = summarize(study, cfg, ds, sdir, name, mask_url(storage))
+    summary.run_id, summary.tracking_uri, summary.seconds = info["run_id"], ctx.tracking_uri, round(seconds, 2)
+    summary.path, summary.plot = str(sdir), str(sdir / "pareto.png")
+    summary.trials_run_now, summary.interrupted_trials_closed = max(remaining, 0), interrupted
+    summary.trials_per_minute = (remaining / seconds * 60) if remaining > 0 and seconds > 0 else None
+    _log_front(tracker, info["run_id"], summary, sdir)
+    _write_json(sdir / "summary.json", summary.to_json())
+    return summary
+
+
+def _log_missing(study, logger: _TrialLogger, cfg: SweepConfig, sdir: Path) -> None:
+    import optuna
+
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.number in logger.logged:
+            continue
+        r = read_result(sdir, t.number)
+        if r is not None:
+            logger.log(t.number, "FINISHED", r["params"], r["metrics"], _feasible(cfg, r["metrics"]))
+
+
+def summarize(study, cfg: SweepConfig, ds, sdir: Path, name: str, storage: str) -> SweepSummary:
+    """Trials, the Pareto front of feasible complete trials, and the static / oracle baselines."""
+    import optuna
+
+    from eco_ray.derive.table import relative_costs
+    from eco_ray.gate.evaluate import oracle_curve, static_baseline
+    from eco_ray.tradeoff import pareto_front
+
+    key = cfg.objective_key
+    interrupted = set(interrupted_numbers(study))
+    trials = []
+    for t in study.get_trials(deepcopy=False):
+        record = TrialRecord(t.number, t.state.name, dict(t.params), t.number in interrupted)
+        r = read_result(sdir, t.number) if t.state == optuna.trial.TrialState.COMPLETE else None
+        if r is not None:
+            record.metrics = r["metrics"]
+            record.feasible = all(b.admits(r["metrics"]) for b in cfg.budgets())
+        trials.append(record)
+    feasible = [t for t in trials if t.metrics is not None and t.feasible]
+    front_idx = pareto_front([t.metrics["pq"] for t in feasible], [t.metrics[key] for t in feasible]) \
+        if feasible else np.zeros(0, int)
+    front = [{"number": feasible[i].number, "params": feasible[i].params, **feasible[i].metrics} for i in front_idx]
+    val = ds.split(cfg.eval_split)
+    selection = ds.split(cfg.train_split).hold_out(cfg.holdout)[1] if cfg.holdout > 0 else val
+    cols = ds.cost_columns()
+    rel = relative_costs(ds.costs("gflops"))
+
+    def baselines(split) -> tuple[list[OperatingPoint], list[OperatingPoint]]:
+        return static_baseline(split, ds.categories, cols), oracle_curve(split, ds.categories, cols, rel)
+
+    (static, oracle), (static_val, oracle_val) = baselines(selection), baselines(val)
+    return SweepSummary(
+        name=name, study_name=study_name(name), storage=storage, objective_cost=key,
+        constraints={b.key: b.limit for b in cfg.budgets()}, trials=trials, front=front,
+        selection_split={"split": cfg.train_split, "held_out": cfg.holdout, "images": len(selection)}
+        if cfg.holdout > 0 else {"split": cfg.eval_split, "held_out": 0.0, "images": len(val)},
+        eval_split={"split": cfg.eval_split, "images": len(val)},
+        static=static, oracle=oracle, static_val=static_val, oracle_val=oracle_val)
+
+
+def _log_front(tracker, run_id: str, summary: SweepSummary, sdir: Path) -> None:
+    from eco_ray.plots import plot_sweep
+
+    plot = plot_sweep(summary, sdir / "pareto.png")
+    table = sdir / "pareto_front.json"
+    table.write_text(json.dumps(summary.front, indent=2, default=float))
+    tracker.log_metrics(run_id, {"trials_complete": summary.complete, "trials_feasible": summary.feasible,
+                                 "front_size": len(summary.front)})
+    tracker.log_artifact(run_id, table)
+    tracker.log_artifact(run_id, plot)
