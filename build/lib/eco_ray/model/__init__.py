@@ -1,1 +1,0 @@
-"""The early-exit Mask2Former, its gates, post-processing, weights on disk and measured cost."""

@@ -1,1 +1,0 @@
-"""Step A: train the parent with weighted stochastic depth (a Ray-free loop, run by Ray Train)."""
