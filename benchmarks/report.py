@@ -6,7 +6,7 @@ It reads what `eco-ray pipeline` produced (the parent, the derived table, the se
 <run_dir>/pipeline/<name>/state.json) and runs, one after the other on this machine:
   1. the per-exit cost table (GFLOPs counted, latency measured) - from the derived table's manifest;
   2. the trade-off on the validation split, exact from the derived statistics: static depth at every exit,
-     the classification gate and the budget-conditioned gate at the same betas, the oracle, and the
+     the classification gate and the quality gate at the same betas, the oracle, and the
      selected ECO model;
   3. the derive ratio and the beta-change ratio (benchmarks/derive_gate.py);
   4. sweep throughput, TPE (benchmarks/sweep.py);
@@ -257,7 +257,7 @@ def main() -> None:
     state_path = Path(args.run_dir) / "pipeline" / args.pipeline / "state.json"
     if not state_path.is_file():
         sys.exit(f"no pipeline state at {state_path}: run `eco-ray pipeline` first")
-    state = {k: v["output"] for k, v in json.loads(state_path.read_text()).items()}
+    state = {k: v["output"] for k, v in json.loads(state_path.read_text()).items() if isinstance(v, dict) and "output" in v}
     for stage in ("train", "derive", "select"):
         if stage not in state:
             sys.exit(f"the pipeline has not finished its {stage} stage ({state_path})")

@@ -41,9 +41,11 @@ class Budget:
     def __post_init__(self):
         if self.metric not in METRICS:
             raise BudgetError(f"budget metric must be one of {list(METRICS)}, got {self.metric!r}")
+        if self.relative and self.metric == "pq":
+            raise BudgetError("a PQ budget cannot be relative to full depth: use min_pq")
         if not (isinstance(self.limit, (int, float)) and math.isfinite(self.limit)) or self.limit < 0:
             raise BudgetError(f"{self.name} must be a finite number >= 0, got {self.limit!r}")
-        if self.relative and (self.metric == "pq" or not 0 < self.limit <= 1):
+        if self.relative and not 0 < self.limit <= 1:
             raise BudgetError(f"{self.name} must be a share in (0, 1] of the full-depth cost, got {self.limit}")
 
     @classmethod

@@ -143,3 +143,43 @@ def test_one_budget_type():
                                  ("max_gflops", -1, ">= 0"), ("max_relative_gflops", 1.5, "share")):
         with pytest.raises(BudgetError, match=message):
             Budget.named(name, limit)
+
+
+def test_the_diagnose_command_on_tables_on_disk(tmp_path, capsys):
+    """`eco-ray diagnose` reads a table from disk (no model, no Ray): a verdict and --json, and one clear line
+    (exit 2) for a table it cannot judge: one view, an empty split, a missing column, a newer schema."""
+    import pyarrow.parquet as pq
+
+    from eco_ray.cli import main
+    from eco_ray.derive.table import write_manifest, write_split
+
+    def table_dir(name, val, train=None):
+        root = tmp_path / name
+        root.mkdir()
+        for split in (val, train or table(200, planted=0.3, seed=1, name="train")):
+            write_split(root, split)
+        costs = {"exits": [{"exit": k, "encoder_gflops": g} for k, g in zip(EXITS, GFLOPS)]}
+        write_manifest(root, {"key": name, "exits": EXITS, "views": ["plain", "flip"], "categories": CATS.to_coco(),
+                              "costs": costs, "splits": {"val": {}, "train": {}}, "parent": {"uri": "x"}})
+        return root
+
+    good = table_dir("good", table(300, planted=0.3))
+    assert main(["diagnose", "--derived", str(good), "--resamples", "100", "--run-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "verdict: PAYS" in out and "cross-view oracle" in out and (good / "diagnosis.png").stat().st_size > 0
+    assert main(["diagnose", "--derived", str(good), "--resamples", "100", "--json", "--exits", "2,4,6"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["exits"] == [2, 4, 6] and doc["schema_version"] == 1 and set(doc["static"][0]) >= {"exit", "pq"}
+    split = table(30)
+    one_view = table_dir("one-view", replace(split, views=["plain"], stats=split.stats[:, :1]))
+    empty = table_dir("empty", split.subset(np.zeros(30, bool)))
+    missing = table_dir("missing", split)
+    pq.write_table(pq.read_table(missing / "val.parquet").drop_columns(["gate_features"]), missing / "val.parquet")
+    newer = table_dir("newer", split)
+    manifest = json.loads((newer / "manifest.json").read_text())
+    (newer / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
+    for root, message in ((one_view, "one view"), (empty, "no images"), (missing, "gate_features"),
+                          (newer, "schema version 99"), (tmp_path / "nowhere", "neither a derived-dataset")):
+        assert main(["diagnose", "--derived", str(root), "--run-dir", str(tmp_path)]) == 2, root
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (root, err)

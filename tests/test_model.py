@@ -296,3 +296,4 @@ def test_overlap_threshold_decides_a_partly_covered_query(synth_root):
     assert [s["category_id"] for s in strict] == [cats.ids[0]]
     assert [s["category_id"] for s in loose] == [cats.ids[0], cats.ids[1]]
     assert (id_map[~left] == loose[1]["id"]).all()
+

@@ -171,9 +171,10 @@ def diagnose(args) -> int:
 
     if args.resamples < 10:
         raise ConfigError(f"--resamples must be at least 10, got {args.resamples}")
+    exits = [int(k) for k in args.exits.split(",")] if args.exits else None
     d, plot = diagnose_table(args.derived, _context(args), split=args.split, probe_split=args.probe_split,
                              gate=args.gate, betas=args.betas, resamples=args.resamples, min_lead=args.min_lead,
-                             out_dir=args.out)
+                             out_dir=args.out, exits=exits)
     if args.json:
         _print_json(d.to_json())
     else:
@@ -232,8 +233,8 @@ def select(args) -> int:
     from eco_ray.cli.format import selection
     from eco_ray.sweep import select as choose_and_register
 
-    name, limit = next((n, getattr(args, n)) for n in ("max_gflops", "max_relative_gflops", "max_latency_ms", "min_pq")
-                       if getattr(args, n) is not None)
+    name, limit = next((n, getattr(args, n)) for n in ("max_gflops", "max_relative_gflops", "max_latency_ms",
+                                                        "max_relative_latency", "min_pq") if getattr(args, n) is not None)
     ctx = _context(args)
     budget = Budget.named(name, limit)
     r = choose_and_register(args.sweep, budget, ctx=ctx, registered_model=args.registered_model, alias=args.alias,
@@ -253,11 +254,7 @@ def _full_depth_of(sweep: str, ctx) -> dict:
     if not info.is_file() or "derived" not in json.loads(info.read_text()):
         raise ConfigError(f"a relative budget needs the sweep's table; {info} does not name one: give an absolute "
                           "budget (--max-gflops)")
-    table = DerivedDataset.open(json.loads(info.read_text())["derived"]).cost_table
-    full = {"encoder_gflops": float(table.measure("gflops")[-1])}
-    if table.has_latency:
-        full["latency_ms"] = float(table.measure("latency")[-1])
-    return full
+    return DerivedDataset.open(json.loads(info.read_text())["derived"]).cost_table.full_depth()
 
 
 def models(args) -> int:

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Data-parallel over Ray Train workers; checkpoints every checkpoint_every "
                                    "steps; a killed worker recovers from the last checkpoint, a stopped run "
                                    "continues with --resume NAME.")
-    t.add_argument("--data-root", help="COCO-panoptic dataset root with train and val splits (default runs/data)")
+    t.add_argument("--data-root", help="COCO-panoptic dataset root with train and val splits (default <run-dir>/data)")
     t.add_argument("--name", help="run name (default: train-<UTC time>); a new run never reuses an old name")
     t.add_argument("--resume", metavar="NAME", help="continue the stopped run NAME from its last checkpoint")
     t.set_defaults(func=c.train)
@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--parent", default="models:/eco-parent/latest",
                    help="models:/eco-parent@alias, models:/eco-parent/VERSION, runs:/ID/parent or a directory "
                         "(default models:/eco-parent/latest)")
-    d.add_argument("--data-root", help="COCO-panoptic dataset root (default runs/data)")
+    d.add_argument("--data-root", help="COCO-panoptic dataset root (default <run-dir>/data)")
     d.add_argument("--split", help="comma-separated splits (default train,val)")
     d.add_argument("--max-images", type=int, help="at most this many images per split (default all)")
     d.add_argument("--out", help="output directory (default <run-dir>/derived/<key>)")
@@ -151,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "models:/eco-gate@production")
     dg.add_argument("--betas", type=float, nargs="+", default=[0.02, 0.1, 0.3], help="trade-offs (default 0.02 0.1 0.3)")
     dg.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples (default 1000)")
+    dg.add_argument("--exits", help="judge on these exits only, e.g. 2,3,4,5,6 (default: all the table has)")
     dg.add_argument("--min-lead", type=float, default=0.005,
                     help="the smallest PQ lead worth the trouble (default 0.005)")
     dg.add_argument("--out", help="where diagnosis.json and diagnosis.png go (default: the table's directory)")
@@ -182,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          ctx, js],
                        help="Ray Tune + Optuna sweep of the trade-off (PQ up, GFLOPs down)",
                        description="Multi-objective sweep over a search space (shipped: default; format "
-                                   "docs/sweeps.md): each trial fits a gate on the derived table and evaluates it "
+                                   "docs/stages.md#sweeps-eco-ray-sweep): each trial fits a gate on the derived table and evaluates it "
                                    "exactly (seconds). The Optuna study is named eco-ray-<sweep> and stored in "
                                    "<run-dir>/sweeps/<sweep>/optuna.db (or --storage). Every trial is one MLflow "
                                    "child run of the sweep's run, which gets the Pareto front and its plot. Trials "
@@ -222,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-relative-gflops", type=float, help="mean encoder GFLOPs at most this share of full "
                                                                   "depth (0.7 = save 30%%)")
     budget.add_argument("--max-latency-ms", type=float, help="mean latency per image (ms, batch 1) at most")
+    budget.add_argument("--max-relative-latency", type=float, help="mean latency at most this share of full depth")
     budget.add_argument("--min-pq", type=float, help="PQ at least (then the cheapest)")
     sl.add_argument("--registered-model", default="eco-gate", help="registry name (default eco-gate)")
     sl.add_argument("--alias", default="production", help="alias to move (default production)")
@@ -243,8 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "stage whose inputs did not change is reused (state in <run_dir>/pipeline/<name>/state.json); "
                     "a stopped training or sweep continues where it stopped. The default takes about 45 minutes "
                     "on 2 cores; --config smoke runs every stage in a few minutes.")
-    pl.add_argument("--config", help="YAML with PipelineConfig settings (eco_ray/pipeline/config.py), or a shipped "
-                                     "one: smoke, control, depth-need; --print-config shows every key")
+    pl.add_argument("--config", help="YAML with PipelineConfig settings (eco_ray/pipeline/config.py), or the name of "
+                                     "a shipped one (smoke); --print-config shows every key")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a setting, e.g. --set train.steps=2000 --set select.budget=max_gflops "
                          "--set select.limit=0.05")

@@ -23,6 +23,7 @@ class DeriveConfig:
     chunk_size: int = 64  # images per Ray task
     batch_size: int = 16  # images per forward inside a task
     cpus_per_task: float = 1.0
+    gpus_per_task: float = 0.0  # > 0: each task gets (a share of) a GPU and runs the parent there, in bf16
     threshold: float = 0.5  # panoptic post-processing: query score threshold
     mask_threshold: float = 0.5
     overlap_threshold: float = OVERLAP_THRESHOLD  # a query keeps a segment only if it wins this share of its mask
@@ -41,8 +42,8 @@ class DeriveConfig:
         for name in ("chunk_size", "batch_size", "latency_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_images < 0 or self.cpus_per_task <= 0:
-            raise ValueError("max_images must be >= 0 and cpus_per_task > 0")
+        if self.max_images < 0 or self.cpus_per_task <= 0 or self.gpus_per_task < 0:
+            raise ValueError("max_images must be >= 0, cpus_per_task > 0 and gpus_per_task >= 0")
         if self.gate_input is not None and self.gate_input not in GATE_INPUTS:
             raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {self.gate_input!r}")
         if not all(0 <= t <= 1 for t in (self.threshold, self.mask_threshold, self.overlap_threshold)):

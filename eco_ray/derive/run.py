@@ -40,6 +40,7 @@ def _sha(path: Path) -> str:
 def _derive_chunk(blob_ref, root: str, split: str, indices: list[int], views: list[str], batch_size: int,
                   threshold: float, mask_threshold: float, overlap_threshold: float, gate_input: str) -> dict:
     """One Ray task: every exit of every view of ``indices``; plain arrays back to the driver."""
+    import ray
     import torch
 
     from eco_ray.data import CocoPanopticDataset
@@ -48,11 +49,13 @@ def _derive_chunk(blob_ref, root: str, split: str, indices: list[int], views: li
 
     torch.set_num_threads(1)
     model = _cached_parent(blob_ref)
+    on_gpu = torch.cuda.is_available() and bool(ray.get_gpu_ids())  # a task given gpus_per_task
+    model.to("cuda" if on_gpu else "cpu")
     model.config.gate_input = gate_input  # the effective one, resolved by run_derive (workers cache the model)
     ds = CocoPanopticDataset.from_root(root, split)
     per_view = [evaluate_exits(model, ds, indices=indices, batch_size=batch_size, flip=(v == "flip"),
                                threshold=threshold, mask_threshold=mask_threshold,
-                               overlap_threshold=overlap_threshold) for v in views]
+                               overlap_threshold=overlap_threshold, autocast=on_gpu) for v in views]
     stats = PanopticStats(**{k: np.stack([getattr(ev.stats, k) for ev in per_view], axis=1)
                              for k in per_view[0].stats.as_dict()})
     plain = per_view[0]
@@ -134,7 +137,7 @@ def run_derive(cfg: DeriveConfig, *, parent: str, data_root: str | Path, ctx: Ru
     out.mkdir(parents=True)
 
     init_ray(ctx.address, log_to_driver=True)
-    task = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=3)(_derive_chunk)
+    task = ray.remote(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task, max_retries=3)(_derive_chunk)
     blob_ref = ray.put(blob)
     root = str(Path(data_root).resolve())
     t_start = time.perf_counter()

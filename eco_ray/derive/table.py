@@ -209,7 +209,11 @@ class DerivedDataset:
             path = self.root / f"{name}.parquet"
             if not path.is_file():
                 raise DerivedDataError(f"{path} is missing: the derived dataset is incomplete")
-            self._splits[name] = DerivedSplit.from_arrow(name, pq.read_table(path))
+            try:
+                self._splits[name] = DerivedSplit.from_arrow(name, pq.read_table(path))
+            except (KeyError, ValueError, OSError, pa.ArrowException) as e:
+                raise DerivedDataError(f"{path} is not a derived table this eco-ray reads ({type(e).__name__}: "
+                                       f"{str(e).splitlines()[0] if str(e) else ''}): derive it again") from None
         return self._splits[name]
 
     @property
@@ -267,6 +271,13 @@ class CostTable:
         names = {"gflops": "encoder_gflops", "layers": "layers", "latency": "latency_ms"}
         return {names[m]: self.measure(m) for m in ("gflops", "layers", "latency") if m in self.measures()}
 
+    def full_depth(self) -> dict[str, float]:
+        """The deepest exit's cost per budget metric (the reference of a relative budget)."""
+        out = {"encoder_gflops": float(self.measure("gflops")[-1])}
+        if self.has_latency:
+            out["latency_ms"] = float(self.measure("latency")[-1])
+        return out
+
     def per_measure(self) -> dict[str, list[float]]:
         """``{"gflops": [...], "latency": [...], "layers": [...]}``: what a saved gate records."""
         return {m: self.measure(m).tolist() for m in self.measures()}
@@ -281,17 +292,20 @@ def relative_costs(costs: np.ndarray) -> np.ndarray:
 
 def open_derived(ref: str, tracking_uri: str | None = None) -> DerivedDataset:
     """A derived-dataset directory, or the MLflow run (``runs:/<id>`` or a bare run id) that logged one."""
+    import re
+
     if Path(ref).is_dir():
         return DerivedDataset.open(ref)
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    if not (ref.startswith("runs:/") or re.fullmatch(r"[0-9a-f]{32}", ref)):
+        raise DerivedDataError(f"{ref!r} is neither a derived-dataset directory nor an MLflow run id (runs:/<id>)")
+    from eco_ray.tracking import RegistryError, download_run_artifacts
 
     run_id = ref[len("runs:/"):].split("/")[0] if ref.startswith("runs:/") else ref
     try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="derived", tracking_uri=tracking_uri)
-    except (MlflowException, OSError) as e:
-        raise DerivedDataError(f"{ref!r} is neither a derived-dataset directory nor an MLflow run with one "
-                               f"({str(e).splitlines()[0]})") from None
+        local = download_run_artifacts(run_id, "derived", tracking_uri)
+    except RegistryError as e:
+        raise DerivedDataError(f"{ref!r} is neither a derived-dataset directory nor an MLflow run with one ({e})") \
+            from None
     return DerivedDataset.open(local)
 
 

@@ -24,18 +24,24 @@ def gate_choice_on(ds, split, gate_dir: str | Path) -> tuple:
 
 def diagnose_table(derived: str | Path, ctx: RunContext, *, split: str = "val", probe_split: str | None = "train",
                    gate: str | Path | None = None, betas=DEFAULT_BETAS, resamples: int = 1000, seed: int = 0,
-                   min_lead: float = 0.005, out_dir: str | Path | None = None,
-                   log_to_mlflow: bool = True) -> tuple[Diagnosis, Path]:
+                   min_lead: float = 0.005, out_dir: str | Path | None = None, log_to_mlflow: bool = True,
+                   exits: list[int] | None = None) -> tuple[Diagnosis, Path]:
     """Diagnose ``split`` of a derived table (probe cross-validated on ``probe_split`` when the table has it),
     optionally with a saved gate (a directory or a models:/ URI); write ``diagnosis.json`` and
     ``diagnosis.png`` into ``out_dir`` (default: the table's directory) and log both to the table's MLflow
-    run. Returns (the diagnosis, the plot's path)."""
+    run. ``exits`` judges on a subset of the table's exits (no gate then). Returns (the diagnosis, the plot)."""
     from eco_ray.plots import plot_diagnosis
 
     ds = open_derived(str(derived), ctx.tracking_uri)
     try:
         target = ds.split(split)
         probe = ds.split(probe_split) if probe_split and probe_split in ds.split_names else None
+        costs = ds.costs("gflops")
+        if exits:
+            if gate is not None:
+                raise DiagnoseError("--exits and --gate do not go together: a gate decides among all its exits")
+            target, probe = target.with_exits(exits), probe.with_exits(exits) if probe is not None else None
+            costs = costs[[ds.exits.index(k) for k in exits]]
     except DerivedDataError as e:
         raise DiagnoseError(str(e)) from None
     for s in (target, probe):
@@ -47,7 +53,7 @@ def diagnose_table(derived: str | Path, ctx: RunContext, *, split: str = "val", 
         from eco_ray.tracking import resolve_model_dir
 
         choice, label = gate_choice_on(ds, target, resolve_model_dir(str(gate), ctx.tracking_uri))
-    d = diagnose(target, ds.categories, ds.costs("gflops"), probe_split=probe, betas=betas, resamples=resamples,
+    d = diagnose(target, ds.categories, costs, probe_split=probe, betas=betas, resamples=resamples,
                  seed=seed, gate_choice=choice, gate_source=label, min_lead=min_lead)
     d.extra = {"derived": str(ds.root), "derived_key": ds.manifest.get("key"), "gate": str(gate) if gate else None}
     out = Path(out_dir) if out_dir else ds.root

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from eco_ray.bootstrap import interval, resample_counts, weighted_totals
+from eco_ray.derive.table import relative_costs
 from eco_ray.errors import EcoRayError
 from eco_ray.metrics.panoptic import CategorySet, PanopticStats, per_image_pq, totals_summary
 from eco_ray.tradeoff import choose, select_rows
@@ -142,8 +143,9 @@ def _static_line(costs: np.ndarray, static_pq: np.ndarray, cost: np.ndarray) -> 
 class _Scorer:
     """Exact dataset PQ and the static line of one split, on the full sample and on every resample."""
 
-    def __init__(self, stats: PanopticStats, costs: Sequence[float], isthing: np.ndarray, resamples: int, seed: int):
-        self.stats, self.isthing = stats, isthing  # (N, E, C): the plain view
+    def __init__(self, stats: PanopticStats, costs: Sequence[float], exits: Sequence[int], isthing: np.ndarray,
+                 resamples: int, seed: int):
+        self.stats, self.isthing, self.exits = stats, isthing, [int(k) for k in exits]  # stats: the plain view
         self.costs = np.asarray(costs, np.float64)
         n = stats.tp.shape[0]
         self.weights = np.vstack([np.ones((1, n), np.int64), resample_counts(n, resamples, seed)])  # row 0: all
@@ -159,7 +161,7 @@ class _Scorer:
         leads = pq - line
         counts = np.bincount(choice, minlength=len(self.costs))
         return Lead(float(pq[0]), float(cost[0]), float(line[0]), float(leads[0]), interval(leads[1:]),
-                    {int(e): int(c) for e, c in enumerate(counts)}, beta)
+                    dict(zip(self.exits, map(int, counts))), beta)
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -207,9 +209,9 @@ def diagnose(split, categories: CategorySet, encoder_gflops: Sequence[float], *,
     costs = np.asarray(encoder_gflops, np.float64)
     if costs.shape != (len(split.exits),):
         raise DiagnoseError(f"need one encoder GFLOPs value per exit ({len(split.exits)}), got {costs.shape}")
-    rel = costs / costs[-1]
+    rel = relative_costs(costs)
     isthing = categories.isthing
-    scorer = _Scorer(split.eval_stats, costs, isthing, resamples, seed)
+    scorer = _Scorer(split.eval_stats, costs, split.exits, isthing, resamples, seed)
     q = per_image_pq(split.stats)  # (N, V, E)
 
     static = []
@@ -267,7 +269,7 @@ def scorer_point(scorer: _Scorer, q: np.ndarray, rel: np.ndarray, beta: float) -
     chosen = select_rows(scorer.stats, choice)
     pq = float(totals_summary(chosen.sum(), scorer.isthing)["pq"])
     cost = float(scorer.costs[choice].mean())
-    line = float(np.interp(cost, scorer.costs, scorer.static_pq[0]))
+    line = float(_static_line(scorer.costs, scorer.static_pq[:1], np.asarray([cost]))[0])
     return cost, pq - line
 
 

@@ -22,7 +22,7 @@ def stats_to_arrow(image_ids: Sequence[int], stats: PanopticStats) -> pa.Table:
     inner_shape = stats.tp.shape[1:]
     columns = {"image_id": pa.array(np.asarray(image_ids, dtype=np.int64))}
     for f in fields(PanopticStats):
-        values = getattr(stats, f.name).reshape(n, -1)
+        values = getattr(stats, f.name).reshape(n, int(np.prod(inner_shape)))  # also for an empty split
         typ = _TYPES.get(f.name, pa.int64())
         flat = pa.array(values.reshape(-1), type=typ)
         columns[f.name] = pa.FixedSizeListArray.from_arrays(flat, values.shape[1])

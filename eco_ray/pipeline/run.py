@@ -24,14 +24,8 @@ from pathlib import Path
 
 from eco_ray.config import ConfigError, content_hash
 from eco_ray.context import RunContext
+from eco_ray.files import write_json as _write_json
 from eco_ray.pipeline.config import STAGES, PipelineConfig
-
-
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    tmp.replace(path)  # atomic: a killed pipeline never leaves a half-written file
 
 
 class Pipeline:
@@ -136,9 +130,9 @@ class Pipeline:
             m = run_derive(self.cfg.derive, parent=train["model_uri"], data_root=self.data_root, ctx=self.ctx)
             return {k: m[k] for k in ("path", "key", "exits", "costs", "splits", "parent", "timings", "mlflow_run_id")}
 
-        ran_before = self._fresh("derive", key) is not None
         out = self._stage("derive", key, run, lambda o: (Path(o["path"]) / "manifest.json").is_file())
-        self.diagnosis = self._diagnose(out, log_to_mlflow=not ran_before)
+        # logged with the table's MLflow run when the table was made now; a reused table's run has it already
+        self.diagnosis = self._diagnose(out, log_to_mlflow=self.timings["derive"] > 0)
         return out
 
     def _diagnose(self, derived: dict, log_to_mlflow: bool) -> dict | None:
@@ -178,12 +172,8 @@ class Pipeline:
 
         s = self.cfg.select
         budget = s.to_budget()
-        costs = CostTable(derived["costs"])
-        full = {"encoder_gflops": float(costs.measure("gflops")[-1])}
-        if costs.has_latency:
-            full["latency_ms"] = float(costs.measure("latency")[-1])
         if budget.relative:
-            budget = budget.absolute(full.get(budget.metric))
+            budget = budget.absolute(CostTable(derived["costs"]).full_depth().get(budget.metric))
         key = content_hash({"sweep": sweep["name"], "budget": str(budget), "model": s.registered_gate, "alias": s.alias})
         # registering is idempotent by this token: recorded before the registry call, so a select killed after
         # registering (before moving the alias) registers nothing new when the pipeline is run again

@@ -29,7 +29,9 @@ import numpy as np
 
 from eco_ray.cluster import init_ray
 from eco_ray.config import ConfigError, load_config, to_yaml
+from eco_ray.resources import resolve_resource
 from eco_ray.context import RunContext
+from eco_ray.files import write_json as _write_json, write_text
 from eco_ray.results import METRICS, OperatingPoint, SweepSummary, TrialRecord
 from eco_ray.sweep.config import ABSENT_IN_OLD_SWEEPS, MOVED_KEYS, SweepConfig, has_masked_password, mask_url
 from eco_ray.sweep.study import StudySearcher, close_interrupted, counted, interrupted_numbers, open_study, study_name
@@ -37,12 +39,6 @@ from eco_ray.sweep.trial import read_result, trial_dir, tune_trainable
 
 STORAGE_ENV = "OPTUNA_STORAGE"
 LOGGED_METRICS = (*METRICS, *(f"val_{k}" for k in METRICS), "fit_seconds")
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    tmp.replace(path)
 
 
 class _TrialLogger:
@@ -125,7 +121,8 @@ def run_sweep(cfg: SweepConfig, *, derived: str | Path, ctx: RunContext, name: s
     tracker = ctx.tracker()
     sdir.mkdir(parents=True, exist_ok=True)
     saved = SweepConfig(**{**asdict(cfg), "storage": mask_url(storage)})
-    (sdir / "config.yaml").write_text(to_yaml(saved))
+    write_text(sdir / "config.yaml", to_yaml(saved))
+    write_text(sdir / "space.yaml", resolve_resource("search_spaces", cfg.space).read_text())  # frozen with it
     parent = tracker.start_run(Stage.SWEEP, name, {
         Tag.SWEEP: name, Tag.DERIVED_KEY: ds.manifest["key"], Tag.PARENT_URI: ds.manifest["parent"]["uri"],
         Tag.PARENT_VERSION: ds.manifest["parent"].get("version", ""), Tag.STUDY: study_name(name)},
@@ -201,7 +198,7 @@ def _run(cfg: SweepConfig, info: dict, storage: str, ds, sdir: Path, ctx: RunCon
     t0 = time.perf_counter()
     if remaining > 0:
         init_ray(ctx.address, log_to_driver=False)
-        searcher = StudySearcher(study, load_space(cfg.space), ["pq", cfg.objective_key], cfg.budgets())
+        searcher = StudySearcher(study, _space_of(cfg, sdir), ["pq", cfg.objective_key], cfg.budgets())
         trainable = tune.with_resources(functools.partial(
             tune_trainable, derived=derived, sweep_dir=str(sdir.resolve()), train_split=cfg.train_split,
             eval_split=cfg.eval_split, holdout=cfg.holdout), {"cpu": cfg.cpus_per_trial})
@@ -230,6 +227,21 @@ def _run(cfg: SweepConfig, info: dict, storage: str, ds, sdir: Path, ctx: RunCon
     _log_front(tracker, info["run_id"], summary, sdir)
     _write_json(sdir / "summary.json", summary.to_json())
     return summary
+
+
+def _space_of(cfg: SweepConfig, sdir: Path) -> dict:
+    """The space a sweep samples: the copy frozen in its directory when it started (a resumed sweep keeps the
+    space its study began with, even if the shipped one changed since), else the configured one."""
+    from eco_ray.sweep.space import load_space
+
+    frozen = sdir / "space.yaml"
+    if frozen.is_file():
+        return load_space(frozen)
+    try:
+        return load_space(cfg.space)
+    except ConfigError as e:
+        raise ConfigError(f"sweep {sdir.name!r} was started with the search space {cfg.space!r}, which is gone ({e}); "
+                          "start a new sweep (a study cannot change its space)") from None
 
 
 def _log_missing(study, logger: _TrialLogger, cfg: SweepConfig, sdir: Path) -> None:

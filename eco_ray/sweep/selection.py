@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import time
 
-from eco_ray.budget import Budget
+from eco_ray.budget import METRICS, Budget
 from eco_ray.config import content_hash
 from eco_ray.context import RunContext
 from eco_ray.results import Selection
@@ -31,8 +31,8 @@ def choose(points: list[dict], budget: Budget) -> tuple[dict, str]:
         raise RegistryError(f"{budget}: make the budget absolute first")
     if not points:
         raise RegistryError("the sweep has no finished trials to choose from")
-    ok = [p for p in points if budget.admits(p)]
     if budget.is_lower_limit:
+        ok = [p for p in points if budget.admits(p)]
         if not ok:
             best = max(points, key=lambda p: p["pq"])
             raise RegistryError(f"no trial reaches PQ >= {budget.limit:g}; the best reaches PQ {best['pq']:.4f} at "
@@ -42,9 +42,12 @@ def choose(points: list[dict], budget: Budget) -> tuple[dict, str]:
                f"mean encoder GFLOPs at PQ {chosen['pq']:.4f}")
         return chosen, why
     key = budget.key
+    if any(key not in p for p in points):
+        raise RegistryError(f"the sweep's trials have no {key}: the table was derived without it (measure_latency)")
+    ok = [p for p in points if budget.admits(p)]
     if not ok:
         cheapest = min(points, key=lambda p: p[key])
-        unit = "mean encoder GFLOPs" if key == "encoder_gflops_mean" else "ms mean latency"
+        unit = METRICS[budget.metric][2]
         raise RegistryError(f"no trial meets {key} <= {budget.limit:g}; the cheapest available point is "
                             f"{cheapest[key]:.4f} {unit} at PQ {cheapest['pq']:.4f} (trial "
                             f"{cheapest.get('optuna_trial')})")
@@ -91,13 +94,13 @@ def select(sweep: str, budget: Budget, *, ctx: RunContext, registered_model: str
     budget = budget.absolute((full_depth or {}).get(budget.metric)) if budget.relative else budget
     points = sweep_points(tracker, sweep_run_id)
     chosen, why = choose(points, budget)
-    sweep_run = tracker.client.get_run(sweep_run_id)
-    holdout = float(sweep_run.data.params.get("holdout", 0) or 0)
+    sweep_run = tracker.run_data(sweep_run_id)
+    holdout = float(sweep_run.params.get("holdout", 0) or 0)
     why += (f" (scored on the {holdout:.0%} of the training images held out of every fit)" if holdout > 0
             else " (scored on the validation split itself)")
-    tags = {Tag.SWEEP: sweep, Tag.TRIAL: chosen["optuna_trial"], Tag.DERIVED_KEY: sweep_run.data.tags.get(Tag.DERIVED_KEY, ""),
-            Tag.PARENT_URI: sweep_run.data.tags.get(Tag.PARENT_URI, ""),
-            Tag.PARENT_VERSION: sweep_run.data.tags.get(Tag.PARENT_VERSION, ""), "budget": str(budget),
+    tags = {Tag.SWEEP: sweep, Tag.TRIAL: chosen["optuna_trial"], Tag.DERIVED_KEY: sweep_run.tags.get(Tag.DERIVED_KEY, ""),
+            Tag.PARENT_URI: sweep_run.tags.get(Tag.PARENT_URI, ""),
+            Tag.PARENT_VERSION: sweep_run.tags.get(Tag.PARENT_VERSION, ""), "budget": str(budget),
             **{k: f"{chosen[k]:.6g}" for k in TAGGED_METRICS if k in chosen},
             **{f"param.{k}": v for k, v in chosen["params"].items()}}
     token = token or content_hash({"sweep_run": sweep_run_id, "trial_run": chosen["run_id"], "budget": str(budget),
@@ -113,24 +116,12 @@ def select(sweep: str, budget: Budget, *, ctx: RunContext, registered_model: str
 
 def list_models(tracking_uri: str, names: tuple[str, ...] = ("eco-parent", "eco-gate")) -> list[dict]:
     """Registered versions of the parents and gates with their aliases and key metrics (from tags)."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
+    from eco_ray.tracking import Tracker
 
-    client = MlflowClient(tracking_uri)
     out = []
-    for name in names:
-        try:
-            model = client.get_registered_model(name)
-        except MlflowException:
-            continue
-        aliases: dict[str, list[str]] = {}
-        for alias, version in (model.aliases or {}).items():
-            aliases.setdefault(str(version), []).append(alias)
-        for v in sorted(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
-            tags = dict(v.tags)
-            metrics = {k: tags[k] for k in sorted(tags) if k.startswith(("val_pq", "pq", "encoder_gflops", "latency"))}
-            out.append({"name": name, "version": str(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
-                        "run_id": v.run_id, "created": v.creation_timestamp, "metrics": metrics,
-                        "tags": {k: tags[k] for k in ("budget", "sweep", "parent_version", "train_run", "steps")
-                                 if k in tags}})
+    for v in Tracker(tracking_uri).registered_versions(names):
+        tags = v.pop("tags")
+        v["metrics"] = {k: tags[k] for k in sorted(tags) if k.startswith(("val_pq", "pq", "encoder_gflops", "latency"))}
+        v["tags"] = {k: tags[k] for k in ("budget", "sweep", "parent_version", "train_run", "steps") if k in tags}
+        out.append(v)
     return out

@@ -59,7 +59,10 @@ def close_interrupted(study) -> int:
 
 
 def interrupted_numbers(study) -> list[int]:
-    return list(study.user_attrs.get(INTERRUPTED, []))
+    """Trials failed because a driver was interrupted (studies begun by earlier versions marked each such
+    trial with its own ``interrupted`` user attribute)."""
+    legacy = [t.number for t in study.get_trials(deepcopy=False) if t.user_attrs.get("interrupted")]
+    return sorted(set(study.user_attrs.get(INTERRUPTED, [])) | set(legacy))
 
 
 def counted(study) -> int:

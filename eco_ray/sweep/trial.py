@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from eco_ray.config import load_config
+from eco_ray.files import write_json
 from eco_ray.gate.config import GateConfig
 from eco_ray.results import METRICS
 
@@ -50,7 +51,9 @@ def run_trial(config: dict, derived: str, sweep_dir: str, train_split: str, eval
         out = {}
         for key in METRICS:
             value = getattr(point, key)
-            value = float("nan") if value is None else float(value)
+            if value is None:  # not measured (a table without latency): not reported, never reported as 0
+                continue
+            value = float(value)
             if not math.isfinite(value):  # never report a NaN: Optuna would keep the trial RUNNING
                 value = 0.0 if key.startswith(("pq", "sq", "rq", "miou")) else worst[key.rsplit("_", 1)[0]]
             out[key] = value
@@ -67,9 +70,7 @@ def run_trial(config: dict, derived: str, sweep_dir: str, train_split: str, eval
     result = {"optuna_trial": number, "params": params, "metrics": metrics,
               "exit_histogram": evaluation.gate.exit_histogram,
               "holdout_exit_histogram": evaluation.holdout_gate.exit_histogram if holdout > 0 else None}
-    tmp = out / "result.json.tmp"
-    tmp.write_text(json.dumps(result))
-    tmp.replace(out / "result.json")  # the driver reads it: never half-written
+    write_json(out / "result.json", result, indent=None)  # the driver reads it: never half-written
     return metrics
 
 

@@ -62,6 +62,10 @@ class TrainConfig:
         if self.lr <= 0 or self.cpus_per_worker <= 0:
             raise ValueError("lr and cpus_per_worker must be > 0")
         self.model.validate()
+        if 0 in self.model.exits and self.alpha in ("depth", "depth_sq"):
+            raise ValueError(f"alpha={self.alpha} weighs exit 0 by 0: it would never train; use alpha=depth_plus_one")
+        if 0 in self.model.exits and self.exit_sampling == "deep":
+            raise ValueError("exit_sampling=deep never samples exit 0; use deepest_plus_one or uniform")
 
 
 def preset_layer(preset: str) -> dict:

@@ -27,6 +27,7 @@ from eco_ray.cluster import init_ray
 from eco_ray.config import ConfigError, content_hash
 from eco_ray.context import RunContext
 from eco_ray.errors import EcoRayError
+from eco_ray.files import write_json as _write_json, write_text
 from eco_ray.train.config import TrainConfig
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
@@ -224,7 +225,7 @@ def run_training(cfg: TrainConfig, *, data_root: str | Path, ctx: RunContext, na
     cfg.model.num_labels = facts["num_labels"]
     tracker = ctx.tracker()
     base.mkdir(parents=True, exist_ok=True)
-    (base / "config.yaml").write_text(to_yaml(cfg))
+    write_text(base / "config.yaml", to_yaml(cfg))
     run_id = tracker.start_run(Stage.TRAIN, name, {Tag.DATA_HASH: facts["data_hash"],
                                                    Tag.CONFIG_HASH: content_hash(asdict(cfg))},
                                {**asdict(cfg), "data_root": data_root})
@@ -261,12 +262,6 @@ def _legacy_data_root(base: Path) -> str:
     if "data_root" not in doc:
         raise ConfigError(f"{base}: run.json names no data_root and config.yaml has none either")
     return _absolute(str(doc["data_root"]))
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    tmp.replace(path)
 
 
 def _fit(cfg: TrainConfig, name: str, base: Path, info: dict, facts: dict, ctx: RunContext) -> dict:
