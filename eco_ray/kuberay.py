@@ -13,17 +13,29 @@ import yaml
 from eco_ray.config import ConfigError
 
 RAYSERVICE = Path("deploy") / "kuberay" / "rayservice.yaml"  # relative to the repository root
-# what differs on a cluster, and why: the proxy must listen on the pod's address, not loopback
-CLUSTER_OVERRIDES = {("http_options", "host"): "0.0.0.0"}
+API_KEY_ENV = "ECO_RAY_API_KEY"  # set in every serving pod from the Secret eco-ray-api-key
+# what differs on a cluster, and why; a path step that is a string after "deployments" names a deployment
+CLUSTER_OVERRIDES = {
+    ("http_options", "host"): "0.0.0.0",  # the proxy listens on the pod's address, not loopback
+    ("deployments", "Ingress", "user_config", "api_key_env"): API_KEY_ENV,  # a cluster API is never open
+}
 
 
 def cluster_serve_config(serve_doc: dict) -> dict:
     doc = copy.deepcopy(serve_doc)
     for path, value in CLUSTER_OVERRIDES.items():
-        node = doc
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = value
+        if path[0] == "deployments":
+            nodes = [d for app in doc.get("applications", []) for d in app.get("deployments", [])
+                     if d.get("name") == path[1]]
+            if not nodes:
+                raise ConfigError(f"the Serve config has no deployment {path[1]!r} to override for the cluster")
+            path = path[2:]
+        else:
+            nodes = [doc]
+        for node in nodes:
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = value
     return doc
 
 

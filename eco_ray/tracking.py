@@ -210,10 +210,13 @@ class Tracker:
                 self.client.create_registered_model(name, description=description)
             except MlflowException:
                 pass  # created meanwhile
-        for v in self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
-            if dict(v.tags).get(Tag.TOKEN) == token:
-                return v.version
         source = f"{self.client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+        default_token = token == f"{run_id}/{artifact_path}"
+        for v in self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+            tagged = dict(v.tags).get(Tag.TOKEN)
+            # versions registered before tokens existed are the same registration when their source is the same
+            if tagged == token or (tagged is None and default_token and v.source == source):
+                return v.version
         version = self.client.create_model_version(
             name, source, run_id=run_id, tags={**{k: str(v) for k, v in tags.items()}, Tag.TOKEN: token})
         return version.version
@@ -227,6 +230,28 @@ class Tracker:
             raise RegistryError(f"registered {name} version {version} but could not move alias {alias!r}: "
                                 f"{str(e).splitlines()[0]}") from None
 
+    def run_data(self, run_id: str):
+        """A run's params and tags (``.params``, ``.tags``)."""
+        return self.client.get_run(run_id).data
+
+    def registered_versions(self, names: tuple[str, ...]) -> list[dict]:
+        """Every version of the registered models ``names`` with its aliases and tags, oldest first."""
+        from mlflow.exceptions import MlflowException
+
+        out = []
+        for name in names:
+            try:
+                model = self.client.get_registered_model(name)
+            except MlflowException:
+                continue
+            aliases: dict[str, list[str]] = {}
+            for alias, version in (model.aliases or {}).items():
+                aliases.setdefault(str(version), []).append(alias)
+            for v in sorted(self.client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version)):
+                out.append({"name": name, "version": str(v.version), "aliases": sorted(aliases.get(str(v.version), [])),
+                            "run_id": v.run_id, "created": v.creation_timestamp, "tags": dict(v.tags)})
+        return out
+
     def alias_version(self, name: str, alias: str) -> str | None:
         from mlflow.exceptions import MlflowException
 
@@ -236,11 +261,65 @@ class Tracker:
             return None
 
 
+CACHE_ENV = "ECO_RAY_CACHE_DIR"
+_COMPLETE = ".eco-ray-complete"  # written last into a finished download; holds the artifact's relative path
+
+
+def cache_dir() -> Path:
+    """Where remote artifacts are downloaded: $ECO_RAY_CACHE_DIR, else $XDG_CACHE_HOME/eco-ray or ~/.cache/eco-ray."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "eco-ray"
+
+
+def download_artifact(artifact_uri: str, tracking_uri: str | None) -> Path:
+    """A local path holding ``artifact_uri``. A local store's files are returned in place; a remote one's
+    (``mlflow-artifacts:``, ``s3://``, ...) are downloaded once into the cache, keyed by the store and URI, so
+    every replica start and every resolve of the same version reuses one copy instead of leaving a new temp
+    dir behind. The download lands in a temp dir beside its cache entry and is renamed into place when whole:
+    a killed download leaves no entry that looks complete."""
+    import hashlib
+    import shutil
+    import tempfile
+    from urllib.parse import urlparse
+
+    import mlflow
+
+    scheme = urlparse(artifact_uri).scheme
+    if scheme in ("", "file"):
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, tracking_uri=tracking_uri))
+    entry = cache_dir() / "artifacts" / hashlib.sha256(f"{tracking_uri}\n{artifact_uri}".encode()).hexdigest()[:32]
+    if (entry / _COMPLETE).is_file():
+        return entry / (entry / _COMPLETE).read_text()
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=entry.parent))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(partial),
+                                                         tracking_uri=tracking_uri))
+        (partial / _COMPLETE).write_text(str(local.relative_to(partial)))
+        with contextlib.suppress(OSError):  # a concurrent download of the same URI may have won: use its copy
+            os.replace(partial, entry)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return entry / (entry / _COMPLETE).read_text()
+
+
+def download_run_artifacts(run_id: str, artifact_path: str, tracking_uri: str | None) -> Path:
+    """A run's artifact directory as a local path (see download_artifact); a RegistryError when there is none."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        root = MlflowClient(tracking_uri).get_run(run_id).info.artifact_uri
+        return download_artifact(f"{root.rstrip('/')}/{artifact_path}", tracking_uri)
+    except (MlflowException, OSError) as e:
+        raise RegistryError(f"run {run_id!r} has no artifacts {artifact_path!r} ({str(e).splitlines()[0]})") from None
+
+
 # ----------------------------------------------------------------------------------------- model URIs
 def resolve_model_dir(uri: str, tracking_uri: str) -> Path:
     """``models:/name@alias``, ``models:/name/version`` (or ``/latest``), ``runs:/id/path``, or a local directory -> a
-    local directory holding the model files (downloaded from the artifact store when remote)."""
-    import mlflow
+    local directory holding the model files (from the download cache when the store is remote)."""
     from mlflow.exceptions import MlflowException
 
     if Path(uri).is_dir():
@@ -248,11 +327,12 @@ def resolve_model_dir(uri: str, tracking_uri: str) -> Path:
     if uri.startswith("models:/"):
         source = registry_version(uri, tracking_uri).source
     elif uri.startswith("runs:/"):
-        source = uri
+        run_id, _, path = uri[len("runs:/"):].partition("/")
+        return download_run_artifacts(run_id, path, tracking_uri)
     else:
         raise RegistryError(f"{uri!r} is not a models:/ or runs:/ URI nor a local directory")
     try:
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=tracking_uri))
+        return download_artifact(source, tracking_uri)
     except (MlflowException, OSError) as e:
         raise RegistryError(f"cannot download {uri} ({source}): {str(e).splitlines()[0]}") from None
 

@@ -1,8 +1,10 @@
-"""The cluster path for real: an `mlflow server` on PostgreSQL (HTTP tracking, registry, artifacts) and the
-Optuna study in PostgreSQL (RDB storage), driven by the same sweep and select code as the embedded default.
+"""The cluster path for real: the shipped deploy/mlflow-server.sh (an `mlflow server` with basic auth and a Host
+allow-list, on PostgreSQL: HTTP tracking, registry, artifacts) and the Optuna study in PostgreSQL (RDB storage),
+driven by the same sweep and select code as the embedded default.
 
 Skips, saying why, when no PostgreSQL answers on 127.0.0.1:5432 (trust auth, database `test`)."""
 
+import os
 import socket
 import subprocess
 import sys
@@ -42,10 +44,10 @@ def _postgres_or_skip():
 
 @pytest.fixture(scope="module")
 def postgres_dbs():
-    """Two fresh databases per test run (MLflow and Optuna each keep an `alembic_version` table, so they
-    cannot share one), dropped afterwards."""
+    """Fresh databases per test run (MLflow, its users and Optuna each keep an `alembic_version` table, so
+    they cannot share one), dropped afterwards."""
     conn = _postgres_or_skip()
-    names = {role: f"eco_ray_{role}_{uuid.uuid4().hex[:8]}" for role in ("mlflow", "optuna")}
+    names = {role: f"eco_ray_{role}_{uuid.uuid4().hex[:8]}" for role in ("mlflow", "mlflow_auth", "optuna")}
     with conn.cursor() as cur:
         for name in names.values():
             cur.execute(f"CREATE DATABASE {name}")
@@ -56,38 +58,90 @@ def postgres_dbs():
     conn.close()
 
 
-@pytest.fixture(scope="module")
-def mlflow_server(postgres_dbs, tmp_path_factory):
-    art = tmp_path_factory.mktemp("mlflow-artifacts")
+ADMIN = ("eco-admin", f"pw-{uuid.uuid4().hex}")
+SERVICE_HOST = "mlflow.eco-ray.svc:5000"  # the name the pods use (deploy/kuberay/*.yaml)
+
+
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres_dbs["mlflow"], "--artifacts-destination",
-         str(art), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+        return s.getsockname()[1]
+
+
+def _server_env(postgres_dbs: dict, artifacts: Path, port: int) -> dict:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "MLFLOW_DB": postgres_dbs["mlflow"], "MLFLOW_AUTH_DB": postgres_dbs["mlflow_auth"],
+            "MLFLOW_ARTIFACTS": artifacts.as_uri(), "MLFLOW_ALLOWED_HOSTS": f"127.0.0.1:{port},{SERVICE_HOST}",
+            "MLFLOW_AUTH_ADMIN_USERNAME": ADMIN[0], "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": uuid.uuid4().hex,
+            "MLFLOW_HOST": "127.0.0.1", "MLFLOW_PORT": str(port), "MLFLOW_WORKERS": "1"}
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(postgres_dbs, tmp_path_factory):
+    """deploy/mlflow-server.sh on loopback; clients authenticate as the admin it bootstraps, through the
+    environment variables MLflow's client reads (as the pods get them from a Secret)."""
     import httpx
 
+    port = _free_port()
+    env = _server_env(postgres_dbs, tmp_path_factory.mktemp("mlflow-artifacts"), port)
+    proc = subprocess.Popen(["bash", str(ROOT / "deploy" / "mlflow-server.sh")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
     while time.time() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"mlflow server exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+        try:  # ready once an authenticated call answers: the auth app bootstraps the admin on first use
+            if httpx.post(f"{url}/api/2.0/mlflow/experiments/search", json={"max_results": 1}, auth=ADMIN,
+                          timeout=30).status_code == 200:
                 break
         except httpx.HTTPError:
-            time.sleep(1)
+            pass
+        time.sleep(1)
     else:
-        proc.kill()
+        os.killpg(proc.pid, 15)
         pytest.fail("mlflow server did not come up within 120 s")
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = ADMIN
     yield url
-    proc.terminate()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    os.killpg(proc.pid, 15)  # the script's process group: bash, mlflow and its workers
     proc.wait(timeout=30)
 
 
+def test_mlflow_server_script_refuses_anonymous_clients_and_foreign_hosts(mlflow_server):
+    import httpx
+
+    search = f"{mlflow_server}/api/2.0/mlflow/experiments/search"
+    assert httpx.post(search, json={"max_results": 1}, auth=ADMIN, timeout=10).status_code == 200
+    anonymous = httpx.post(search, json={"max_results": 1}, timeout=10)
+    assert anonymous.status_code == 401
+    assert httpx.get(f"{mlflow_server}/health", timeout=10).status_code == 200  # probes need no credentials
+    assert httpx.post(search, json={"max_results": 1}, auth=(ADMIN[0], "wrong"), timeout=10).status_code == 401
+    # the cluster's service name, allowed by the script's MLFLOW_ALLOWED_HOSTS, is served ...
+    service = httpx.post(search, json={"max_results": 1}, auth=ADMIN, headers={"Host": SERVICE_HOST}, timeout=10)
+    assert service.status_code == 200
+    # ... and a Host not in MLFLOW_ALLOWED_HOSTS (a DNS-rebinding page, say) is refused even with credentials
+    foreign = httpx.post(search, json={"max_results": 1}, auth=ADMIN, headers={"Host": "evil.example:80"},
+                         timeout=10)
+    assert foreign.status_code == 403
+
+
+def test_mlflow_server_script_refuses_a_password_in_a_database_url(tmp_path, postgres_dbs):
+    env = _server_env(postgres_dbs, tmp_path, _free_port())
+    env["MLFLOW_DB"] = "postgresql+psycopg2://mlflow:hunter2@db:5432/mlflow"
+    r = subprocess.run(["bash", str(ROOT / "deploy" / "mlflow-server.sh")], env=env, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 2 and "PGPASSWORD" in r.stderr and "hunter2" not in r.stderr
+
+
 def test_sweep_and_select_through_an_mlflow_server_and_postgres_study(tiny_derived, tmp_path, postgres_dbs,
-                                                                      mlflow_server):
+                                                                      mlflow_server, monkeypatch):
     import ray
 
     cfg = load_config(SweepConfig, overrides=[
@@ -114,5 +168,11 @@ def test_sweep_and_select_through_an_mlflow_server_and_postgres_study(tiny_deriv
     from eco_ray.model.io import load_gate
     from eco_ray.tracking import resolve_model_dir
 
-    gate, meta = load_gate(resolve_model_dir("models:/eco-gate@production", mlflow_server))
+    monkeypatch.setenv("ECO_RAY_CACHE_DIR", str(tmp_path / "cache"))
+    local = resolve_model_dir("models:/eco-gate@production", mlflow_server)
+    gate, meta = load_gate(local)
     assert meta["derived_key"] == tiny_derived["manifest"]["key"] and best >= r.chosen["pq"]
+    # a remote model is downloaded once into the cache, whole, and reused (not one new temp dir per resolve)
+    assert resolve_model_dir(f"models:/eco-gate/{r.version}", mlflow_server) == local
+    entries = list((tmp_path / "cache" / "artifacts").iterdir())
+    assert len(entries) == 1 and local.is_relative_to(entries[0])

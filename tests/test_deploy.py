@@ -32,6 +32,11 @@ def _check_cluster(cluster: dict) -> None:
             assert env["MLFLOW_TRACKING_URI"]["value"].startswith("http://")
     for g in cluster["workerGroupSpecs"]:
         assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"]
+    assert cluster["authOptions"]["mode"] == "token"  # the dashboard and job API are reachable in the cluster
+    for spec in _pod_specs(cluster):
+        env = {e["name"]: e for e in spec["containers"][0]["env"]}
+        for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):  # the server requires a user
+            assert env[name]["valueFrom"]["secretKeyRef"]["name"] == "eco-ray-mlflow"
 
 
 def test_rayservice_serve_config_is_the_local_one_rendered():
@@ -46,6 +51,20 @@ def test_rayservice_serve_config_is_the_local_one_rendered():
     module, attr = app["import_path"].split(":")
     assert callable(getattr(importlib.import_module(module), attr))
     _check_cluster(manifest["spec"]["rayClusterConfig"])
+    # every node's proxy drops client timeouts, and every replica can read the API key the Ingress requires
+    from eco_ray.serve.proxy import CALLBACK, CALLBACK_ENV
+
+    ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")
+    assert ingress["user_config"]["api_key_env"] and local_ingress_key(local) is None
+    for spec in _pod_specs(manifest["spec"]["rayClusterConfig"]):
+        env = {e["name"]: e for e in spec["containers"][0]["env"]}
+        assert env[CALLBACK_ENV]["value"] == CALLBACK
+        assert env[ingress["user_config"]["api_key_env"]]["valueFrom"]["secretKeyRef"]["name"] == "eco-ray-api-key"
+
+
+def local_ingress_key(doc: dict):
+    return next(d for d in doc["applications"][0]["deployments"] if d["name"] == "Ingress")["user_config"][
+        "api_key_env"]
 
 
 def test_render_detects_a_drifted_serve_config(tmp_path):
@@ -83,3 +102,31 @@ def test_rayjob_runs_the_pipeline_with_the_cluster_config(monkeypatch):
     # run_dir lies on the volume every pod mounts
     mounts = {m["mountPath"] for spec in _pod_specs(cluster) for m in spec["containers"][0]["volumeMounts"]}
     assert any(cfg.run_dir.startswith(m) for m in mounts)
+
+
+def test_network_policy_keeps_the_control_plane_to_ray_pods_and_the_operator():
+    policy = yaml.safe_load((DEPLOY / "kuberay" / "networkpolicy.yaml").read_text())
+    assert policy["kind"] == "NetworkPolicy" and policy["spec"]["policyTypes"] == ["Ingress"]
+    job = yaml.safe_load((DEPLOY / "kuberay" / "rayjob-pipeline.yaml").read_text())
+    service = yaml.safe_load(RAYSERVICE.read_text())
+    open_ports = set()
+    for rule in policy["spec"]["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])}
+        if "from" not in rule:
+            open_ports |= ports  # reachable by any pod
+            continue
+        for peer in rule["from"]:
+            labels = peer["podSelector"]["matchLabels"]
+            # all ports only from Ray pods; others only to the dashboard, and only the operator or the submitter
+            assert labels == {"ray.io/is-ray-node": "yes"} or (ports and ports <= {8265, 52365})
+            if "batch.kubernetes.io/job-name" in labels:
+                assert labels["batch.kubernetes.io/job-name"] == job["metadata"]["name"]
+    assert open_ports == {embedded_serve_port(service)}
+    for cluster in (job["spec"]["rayClusterSpec"], service["spec"]["rayClusterConfig"]):
+        exposed = {p["containerPort"] for spec in _pod_specs(cluster) for c in spec["containers"]
+                   for p in c.get("ports", [])}
+        assert exposed - open_ports <= {6379, 8265, 10001}  # the rest is reachable only as the policy says
+
+
+def embedded_serve_port(service: dict) -> int:
+    return yaml.safe_load(service["spec"]["serveConfigV2"])["http_options"]["port"]

@@ -1,7 +1,10 @@
 """Ray Serve over real HTTP on localhost: segmentation round trip, per-request budgets, every bad-input case
-(4xx, the service keeps answering), a gate swap under continuous requests, autoscaling 1 -> 2+ -> 1."""
+(4xx with a JSON body, the service keeps answering), bodies counted as they stream, a full queue, a gate swap
+under continuous requests, a swap that fails under load, a killed replica under load, autoscaling 1 -> 2+ -> 1.
+Load-test clients count transport errors and timeouts as failures."""
 
 import base64
+import contextlib
 import copy
 import io
 import os
@@ -44,8 +47,11 @@ def served(tiny_derived, tmp_path_factory):
     # fast autoscaling metrics, so that the autoscaling test sees 1 -> 2+ -> 1 within seconds (platform notes)
     os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
     os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    from eco_ray.serve.proxy import CALLBACK, CALLBACK_ENV
+
+    os.environ[CALLBACK_ENV] = CALLBACK  # as eco-ray serve does: the proxy drops the client's timeout header
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
+    serve.start(http_options={"host": "127.0.0.1", "port": PORT, "request_timeout_s": 60})
     doc = load_serve_config()
     ingress = next(d for d in doc["applications"][0]["deployments"] if d["name"] == "Ingress")
     ingress["user_config"]["max_pixels"] = 300 * 300  # small limits, to test them cheaply
@@ -66,6 +72,38 @@ def served(tiny_derived, tmp_path_factory):
 
 def post(data: bytes, ctype: str = "image/png", **params) -> httpx.Response:
     return httpx.post(f"{URL}/v1/segment", content=data, headers={"content-type": ctype}, params=params, timeout=60)
+
+
+@contextlib.contextmanager
+def under_load(img: bytes, clients: int):
+    """Client threads posting until the block ends; each answer is recorded as (status, response), a transport
+    error or a timeout as (its name, None): a failure, never lost. The threads stop even when the block fails."""
+    record, stop = [], threading.Event()
+
+    def client():
+        while not stop.is_set():
+            try:
+                r = post(img)
+                record.append((r.status_code, r))
+            except httpx.HTTPError as e:  # connection refused or reset, timeout: a failed request
+                record.append((type(e).__name__, None))
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield record
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+
+
+def redeploy(served, doc=None, pin=True, **overrides):
+    from ray import serve
+
+    app, _ = build_app(doc or served["doc"], {**served["overrides"], **overrides}, pin=pin)
+    serve.run(app, name="eco-ray", route_prefix="/")
 
 
 def test_segmentation_round_trip(served):
@@ -91,8 +129,9 @@ def test_segmentation_round_trip(served):
         rle = {"size": s["rle"]["size"], "counts": s["rle"]["counts"].encode()}
         assert int(mask_utils.area(rle)) == s["area"]
     models = httpx.get(f"{URL}/v1/models", timeout=30).json()
-    assert models["exits"] == [2, 3, 4, 5, 6] and models["operating_points"]
+    assert models["exits"] == [2, 3, 4, 5, 6] and models["operating_points"] and models["swap_error"] is None
     assert httpx.get(f"{URL}/healthz", timeout=30).json() == {"status": "ok"}
+    assert body["request_id"] and post(png_bytes(served["image"]), exit=2).json()["request_id"] != body["request_id"]
 
 
 def test_budgets_change_the_exit(served):
@@ -127,34 +166,127 @@ def test_bad_inputs_get_4xx_and_the_service_keeps_answering(served):
     assert post(img).status_code == 200  # still serving
 
 
+def test_bodies_are_counted_as_they_stream_and_only_real_images_are_decoded(served):
+    img = png_bytes(served["image"])
+    big = b"\x89PNG" + os.urandom(600_000)  # over the fixture's 400 kB limit
+
+    def chunked():  # no Content-Length: the limit must hold on the bytes themselves
+        for i in range(0, len(big), 65536):
+            yield big[i:i + 65536]
+
+    r = httpx.post(f"{URL}/v1/segment", content=chunked(), headers={"content-type": "image/png"}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]
+    r = httpx.post(f"{URL}/v1/segment", files={"file": ("x.png", big, "image/png")}, timeout=60)
+    assert r.status_code == 413 and r.json()["error"]
+    assert post(img).status_code == 200  # the replica still answers
+    for fmt in ("GIF", "TIFF", "BMP", "ICO", "PPM"):  # Pillow decodes these: declared as PNG, they are refused
+        buf = io.BytesIO()
+        Image.fromarray(served["image"]).save(buf, format=fmt)
+        r = post(buf.getvalue())
+        assert r.status_code == 415 and r.json()["error"], (fmt, r.text)
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, format="PNG")  # a few kB that would decode to 400 M pixels
+    r = post(bomb.getvalue())
+    assert r.status_code == 413 and r.json()["error"]
+    # every non-2xx has a JSON body, Serve's own routing errors too
+    assert httpx.get(f"{URL}/no/such/path", timeout=30).json()["error"]
+    assert httpx.get(f"{URL}/v1/segment", timeout=30).status_code == 405
+    assert httpx.get(f"{URL}/v1/segment", timeout=30).json()["error"]
+
+
 def test_gate_swap_under_continuous_requests_loses_none(served):
     from ray import serve
 
     img = png_bytes(served["image"])
-    statuses, gates_seen, stop = [], set(), threading.Event()
 
-    def client():
-        while not stop.is_set():
-            r = post(img)
-            statuses.append(r.status_code)
-            if r.status_code == 200:
-                gates_seen.add(r.json()["versions"]["gate"]["uri"])
+    def gates_seen():
+        return {r.json()["versions"]["gate"]["uri"].rsplit("/", 1)[-1] for s, r in list(record) if s == 200}
 
-    threads = [threading.Thread(target=client) for _ in range(3)]
-    for t in threads:
-        t.start()
-    time.sleep(2)
-    app, _ = build_app(served["doc"], {**served["overrides"], "gate_uri": served["gates"]["g2"], "revision": 1})
-    serve.run(app, name="eco-ray", route_prefix="/")
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(g.endswith("g2") for g in gates_seen):
-        time.sleep(0.5)
-    time.sleep(1)
-    stop.set()
-    for t in threads:
-        t.join()
-    assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
-    assert {g.rsplit("/", 1)[-1] for g in gates_seen} == {"g1", "g2"}
+    with under_load(img, 3) as record:
+        time.sleep(2)
+        app, _ = build_app(served["doc"], {**served["overrides"], "gate_uri": served["gates"]["g2"], "revision": 1})
+        serve.run(app, name="eco-ray", route_prefix="/")
+        deadline = time.time() + 60
+        while time.time() < deadline and "g2" not in gates_seen():
+            time.sleep(0.5)
+        time.sleep(1)
+    assert record and all(s == 200 for s, _ in record), sorted({str(s) for s, _ in record})
+    assert gates_seen() == {"g1", "g2"}
+
+
+def test_a_swap_to_models_that_cannot_load_loses_no_request_and_keeps_the_old_ones(served, tmp_path):
+    """Deploying: the models are loaded before anything is deployed, so a bad gate never reaches the replicas.
+    Reconfiguring a running replica in place (``serve deploy`` of a changed user_config): it keeps its models
+    and reports the error."""
+    from eco_ray.config import ConfigError
+    from eco_ray.serve.app import Segmenter
+
+    redeploy(served)
+    img = png_bytes(served["image"])
+    with under_load(img, 3) as record:
+        time.sleep(1)
+        with pytest.raises(ConfigError, match="no-such-gate"):
+            redeploy(served, gate_uri=str(tmp_path / "no-such-gate"), revision=7, pin=False)
+        time.sleep(2)
+    models = httpx.get(f"{URL}/v1/models", timeout=30).json()
+    assert models.get("gate_uri", "").endswith("g1") and models["revision"] == 0, models  # the old models
+    assert record and all(s == 200 for s, _ in record), sorted({str(s) for s, _ in record})
+    # the replica's own rollback, on the Segmenter class itself (no Serve in between)
+    replica = Segmenter.func_or_class()
+    good = {**served["overrides"], "revision": 1}
+    replica.reconfigure(good)
+    engine = replica.engine
+    replica.reconfigure({**good, "gate_uri": str(tmp_path / "no-such-gate"), "revision": 2})
+    assert replica.engine is engine and "no-such-gate" in replica.swap_error and replica.describe()["revision"] == 1
+    replica.reconfigure({**good, "revision": 3})
+    assert replica.swap_error is None and replica.describe()["revision"] == 3
+    with pytest.raises(Exception, match="no-such-gate"):  # a new replica with nothing to keep fails to start
+        Segmenter.func_or_class().reconfigure({**good, "gate_uri": str(tmp_path / "no-such-gate")})
+
+
+def test_a_full_queue_answers_429_with_retry_after(served):
+    doc = copy.deepcopy(served["doc"])
+    seg = next(d for d in doc["applications"][0]["deployments"] if d["name"] == "Segmenter")
+    seg.update(max_ongoing_requests=1, max_queued_requests=1)
+    redeploy(served, doc)
+    img = png_bytes(served["image"])
+    with under_load(img, 12) as record:
+        time.sleep(4)
+    codes = [s for s, _ in record]
+    assert set(codes) <= {200, 429}, sorted({str(c) for c in codes})  # no transport error, nothing else
+    rejected = [r for s, r in record if s == 429]
+    assert rejected and all(r.headers.get("retry-after") and r.json()["error"] for r in rejected)
+    assert codes.count(200) > 0
+    redeploy(served)
+
+
+def test_a_killed_replica_under_load_recovers_and_fails_only_with_json(served):
+    import ray
+    from ray import serve
+
+    redeploy(served)
+    img = png_bytes(served["image"])
+    with under_load(img, 4) as record:
+        time.sleep(2)
+        replica = next(a for a in ray.util.list_named_actors(all_namespaces=True)
+                       if "Segmenter" in a["name"] and "eco-ray" in a["name"])
+        ray.kill(ray.get_actor(replica["name"], namespace=replica["namespace"]), no_restart=True)
+        killed_at, before = time.time(), len(record)
+        deadline = time.time() + 90
+        recovered = None
+        while time.time() < deadline:
+            time.sleep(0.5)
+            if any(s == 200 for s, _ in record[before:][-4:]) and time.time() - killed_at > 3 and \
+                    serve.status().applications["eco-ray"].deployments["Segmenter"].status == "HEALTHY":
+                recovered = time.time() - killed_at
+                break
+        time.sleep(2)
+    assert recovered is not None, "the service did not recover from the lost replica"
+    failed = [(s, r) for s, r in record if s != 200]
+    assert all(isinstance(s, int) and s in (429, 503) and r.json()["error"] for s, r in failed), \
+        sorted({str(s) for s, _ in failed})  # every failure is an HTTP answer with a JSON body: none hangs
+    assert sum(s == 200 for s, _ in record) > len(failed)
+    print(f"killed replica: recovered in {recovered:.1f} s, {len(failed)} of {len(record)} requests failed")
 
 
 def segmenter_replicas() -> int:
@@ -176,38 +308,27 @@ def test_segmenter_autoscales_up_under_load_and_back(served):
     app, _ = build_app(doc, served["overrides"])
     serve.run(app, name="eco-ray", route_prefix="/")
     assert segmenter_replicas() == 1
-    img, stop, statuses = png_bytes(served["image"]), threading.Event(), []
-
-    def client():
-        while not stop.is_set():
-            statuses.append(post(img).status_code)
-
-    threads = [threading.Thread(target=client) for _ in range(12)]
-    for t in threads:
-        t.start()
-    peak, deadline = 1, time.time() + 60
-    while time.time() < deadline and peak < 2:
-        time.sleep(0.5)
-        peak = max(peak, segmenter_replicas())
-    stop.set()
-    for t in threads:
-        t.join()
+    img = png_bytes(served["image"])
+    with under_load(img, 12) as record:
+        peak, deadline = 1, time.time() + 60
+        while time.time() < deadline and peak < 2:
+            time.sleep(0.5)
+            peak = max(peak, segmenter_replicas())
     assert peak >= 2, "no upscale under 12 concurrent clients"
     deadline = time.time() + 60
     while time.time() < deadline and segmenter_replicas() > 1:
         time.sleep(0.5)
     assert segmenter_replicas() == 1, "no downscale after the load stopped"
-    assert statuses and all(s == 200 for s in statuses)
+    assert record and all(s == 200 for s, _ in record), sorted({str(s) for s, _ in record})
 
 
 def test_api_key_when_configured(served):
-    from ray import serve
-
     doc = copy.deepcopy(served["doc"])
     ingress = next(d for d in doc["applications"][0]["deployments"] if d["name"] == "Ingress")
-    ingress["user_config"]["api_key"] = "s3cret"
-    app, _ = build_app(doc, served["overrides"])
-    serve.run(app, name="eco-ray", route_prefix="/")
+    # the key lives in the replica's environment (on Kubernetes: from a Secret), the config names the variable
+    ingress["user_config"]["api_key_env"] = "ECO_RAY_TEST_API_KEY"
+    ingress["ray_actor_options"] = {"runtime_env": {"env_vars": {"ECO_RAY_TEST_API_KEY": "s3cret"}}}
+    redeploy(served, doc)
     img = png_bytes(served["image"])
     assert post(img).status_code == 401
     r = httpx.post(f"{URL}/v1/segment", content=img, headers={"content-type": "image/png", "x-api-key": "wrong"})
@@ -216,3 +337,12 @@ def test_api_key_when_configured(served):
                    timeout=60)
     assert r.status_code == 200
     assert httpx.get(f"{URL}/healthz", timeout=30).status_code == 200  # liveness stays open
+    assert httpx.get(f"{URL}/openapi.json", timeout=30).status_code == 404  # docs close when a key is set
+    from ray import serve
+
+    from eco_ray.serve.app import Ingress
+
+    status = serve.status().applications["eco-ray"].deployments["Ingress"].status
+    assert "s3cret" not in str(serve.status()) and status == "HEALTHY"
+    with pytest.raises(ValueError, match="REST API"):  # a key in user_config (readable through Serve) is refused
+        Ingress.func_or_class.reconfigure(Ingress.func_or_class.__new__(Ingress.func_or_class), {"api_key": "x"})

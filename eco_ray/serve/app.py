@@ -4,13 +4,23 @@
   part) -> the panoptic result, the exit used, the encoder GFLOPs spent, model versions and timing.
   Query parameters: ``max_gflops`` | ``beta`` | ``exit`` (per-request compute control), ``mask_format``
   (``png`` or ``rle``).
-- ``GET /v1/models``: the deployed parent and gate and the gate's operating points; ``GET /healthz``.
+- ``GET /v1/models``: the deployed parent and gate (pinned versions), their operating points, and the error
+  of a model swap that failed; ``GET /healthz``: the ingress and a Segmenter replica answer.
 - Requests are batched (``@serve.batch``) on the segmenter; a batch runs as one parent pass in which
   each row leaves the encoder at its own exit and the heads run once on the whole batch.
-- Models come from MLflow by URI/alias in the segmenter's ``user_config``; ``serve deploy`` of an updated
-  config (e.g. a new ``revision`` after ``eco-ray select`` moved the alias) reloads them in place: the new
-  models are loaded first and swapped in one assignment, so in-flight requests finish on the old ones.
-- Every bad input is a 4xx with a JSON body ``{"error": ...}``; nothing a client sends kills a replica.
+
+What a client can send, and what it gets (every non-2xx has a JSON body ``{"error", "request_id"}``):
+- the body is counted as it streams in, whatever Content-Length says (chunked bodies too): 413 past the limit;
+- only PNG, JPEG and WebP bytes are decoded (415 otherwise), and the pixel count is checked from the header
+  before decoding (413: no decompression bombs);
+- a bad control (422) is refused before its request joins a batch; the Segmenter's queue is bounded, and a
+  full one answers 429 with Retry-After; a Segmenter that does not answer in time (a replica lost, being
+  replaced) answers 503 with Retry-After; anything unexpected is a 503 whose request id is in the log;
+- models come from MLflow, pinned to fixed versions when the app is deployed (eco_ray/serve/run.py), so every
+  replica, also one autoscaling starts later, serves the same ones; ``serve deploy`` of a new user_config
+  (a bumped ``revision``) swaps them in place, and a swap that fails keeps the old models serving;
+- an API key, if any, comes from an environment variable named in the config (a Kubernetes Secret), never
+  from the config itself (Serve's REST API shows every user_config), and is compared in constant time.
 
 (No ``from __future__ import annotations`` here: FastAPI must see the real ``Request`` annotation of the
 ingress methods to inject the request.)
@@ -18,20 +28,41 @@ ingress methods to inject the request.)
 
 
 import asyncio
+import hmac
+import logging
 import os
 import time
+import uuid
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eco_ray.model.postprocess import OVERLAP_THRESHOLD
 from eco_ray.serve.engine import MASK_FORMATS, InputError, Limits, RequestControl, decode_image
+from eco_ray.serve.http import RETRY_AFTER_S, error_response as _error, read_image_body
 
-api = FastAPI(title="eco-ray", description="Early-exit Mask2Former: per-image encoder depth under a compute budget")
+logger = logging.getLogger("ray.serve")
+SEGMENT_TIMEOUT_S = 30.0  # the ingress's wait for a Segmenter before it answers 503
+
+api = FastAPI(title="eco-ray", description="Early-exit Mask2Former: per-image encoder depth under a compute budget",
+              docs_url=None, redoc_url=None, openapi_url=None)
 
 
-@serve.deployment(name="Segmenter", max_ongoing_requests=16, ray_actor_options={"num_cpus": 1})
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):  # unknown path, wrong method
+    return _error(exc.status_code, str(exc.detail))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    return _error(422, f"invalid request: {exc.errors()[:3]}")
+
+
+@serve.deployment(name="Segmenter", max_ongoing_requests=16, max_queued_requests=64,
+                  ray_actor_options={"num_cpus": 1}, health_check_period_s=10, health_check_timeout_s=30)
 class Segmenter:
     def __init__(self):
         from ray.serve.metrics import Counter
@@ -39,48 +70,58 @@ class Segmenter:
         self.engine = None
         self.gate_meta: dict = {}
         self.config: dict = {}
+        self.swap_error: str | None = None
         self.exits_used = Counter("eco_exits_used", description="images served per encoder exit", tag_keys=("exit",))
         self.gflops_spent = Counter("eco_encoder_gflops_spent", description="encoder GFLOPs spent on served images")
 
     def reconfigure(self, config: dict) -> None:
+        """Load the models of ``config`` and swap them in. A replica that already serves keeps its models when
+        the new ones cannot be loaded (the error is reported by /v1/models); a new replica fails to start."""
         import torch
 
         from eco_ray.serve.engine import load_engine
 
-        torch.set_num_threads(int(config.get("torch_threads", 1)))
-        tracking = config.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
-        if not tracking:
-            raise ValueError("the Segmenter needs user_config.tracking_uri or $MLFLOW_TRACKING_URI")
-        engine, gate_meta = load_engine(config["parent_uri"], config["gate_uri"], tracking,
-                                        config.get("default_beta"), float(config.get("threshold", 0.5)),
-                                        float(config.get("mask_threshold", 0.5)),
-                                        float(config.get("overlap_threshold", OVERLAP_THRESHOLD)))
+        try:
+            torch.set_num_threads(int(config.get("torch_threads", 1)))
+            tracking = config.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+            if not tracking:
+                raise ValueError("the Segmenter needs user_config.tracking_uri or $MLFLOW_TRACKING_URI")
+            engine, gate_meta = load_engine(config["parent_uri"], config["gate_uri"], tracking,
+                                            config.get("default_beta"), float(config.get("threshold", 0.5)),
+                                            float(config.get("mask_threshold", 0.5)),
+                                            float(config.get("overlap_threshold", OVERLAP_THRESHOLD)))
+        except Exception as e:  # noqa: BLE001 - any failure to load: keep what serves
+            if self.engine is None:
+                raise
+            self.swap_error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            logger.error("eco-ray: model swap to revision %s failed, still serving revision %s: %s",
+                         config.get("revision"), self.config.get("revision"), self.swap_error)
+            return
         engine.versions["revision"] = config.get("revision", 0)
         # one assignment: a batch already running keeps the engine it started with
-        self.engine, self.gate_meta, self.config = engine, gate_meta, dict(config)
+        self.engine, self.gate_meta, self.config, self.swap_error = engine, gate_meta, dict(config), None
+
+    def check_health(self) -> None:
+        """Serve's health check: a replica without a loaded engine is replaced."""
+        if self.engine is None:
+            raise RuntimeError("no models loaded")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _segment_batch(self, items: list[tuple]) -> list:
         engine = self.engine
         images, controls, formats = zip(*items)
-        try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                None, engine.segment, list(images), list(controls), list(formats))
-        except InputError:
-            # one request's control was invalid: score the batch one by one so the others still succeed
-            results = []
-            for item in items:
-                try:
-                    results.append(engine.segment([item[0]], [item[1]], [item[2]])[0])
-                except InputError as e:
-                    results.append(e)
+        results = await asyncio.get_running_loop().run_in_executor(
+            None, engine.segment, list(images), list(controls), list(formats))
         for r in results:
-            if isinstance(r, dict):
-                self.exits_used.inc(1, tags={"exit": str(r["exit"])})
-                self.gflops_spent.inc(r["encoder_gflops"])
+            self.exits_used.inc(1, tags={"exit": str(r["exit"])})
+            self.gflops_spent.inc(r["encoder_gflops"])
         return results
 
     async def segment(self, image, control: RequestControl, mask_format: str):
+        try:
+            self.engine.allowed_exits(control)  # a bad control never joins (and never costs) a batch
+        except InputError as e:
+            return e
         return await self._segment_batch((image, control, mask_format))
 
     def describe(self) -> dict:
@@ -89,77 +130,112 @@ class Segmenter:
                 "default_beta": e.default_beta, "gate_kind": e.versions.get("gate_kind"),
                 "gate_cost": e.versions.get("gate_cost"),
                 "operating_points": self.gate_meta.get("operating_points", []),
-                "parent_uri": self.config.get("parent_uri"), "gate_uri": self.config.get("gate_uri")}
+                "parent_uri": self.config.get("parent_uri"), "gate_uri": self.config.get("gate_uri"),
+                "requested": {k: self.config.get(f"{k}_requested") for k in ("parent_uri", "gate_uri")},
+                "revision": self.config.get("revision", 0), "swap_error": self.swap_error}
+
+    def ping(self) -> bool:
+        return self.engine is not None
 
 
-@serve.deployment(name="Ingress", max_ongoing_requests=64)
+@serve.deployment(name="Ingress", max_ongoing_requests=64, max_queued_requests=256)
 @serve.ingress(api)
 class Ingress:
     def __init__(self, segmenter):
         self.segmenter = segmenter
         self.limits = Limits()
         self.api_key: str | None = None
+        self.docs = True
+        self.timeout_s = SEGMENT_TIMEOUT_S
 
     def reconfigure(self, config: dict) -> None:
+        if config.get("api_key"):
+            raise ValueError("api_key in user_config would be readable through Serve's REST API: put the key in an "
+                             "environment variable of the replicas (a Kubernetes Secret) and name it in api_key_env")
         self.limits = Limits(int(config.get("max_image_bytes", Limits.max_image_bytes)),
                              int(config.get("max_pixels", Limits.max_pixels)))
-        self.api_key = config.get("api_key") or None
+        env = config.get("api_key_env")
+        self.api_key = os.environ.get(env) if env else None
+        if env and not self.api_key:
+            raise ValueError(f"api_key_env names {env!r}, but the replica has no such environment variable")
+        docs = config.get("docs", "auto")
+        self.docs = (not self.api_key) if docs in (None, "auto") else bool(docs)
+        self.timeout_s = float(config.get("segment_timeout_s", SEGMENT_TIMEOUT_S))
 
     def _check_key(self, request: Request) -> None:
-        if self.api_key and request.headers.get("x-api-key") != self.api_key:
+        if self.api_key and not hmac.compare_digest(request.headers.get("x-api-key", "").encode(),
+                                                     self.api_key.encode()):
             raise InputError(401, "missing or wrong X-API-Key header")
 
     @api.get("/healthz")
-    async def healthz(self) -> dict:
+    async def healthz(self):
+        """Liveness of the ingress and of (one replica of) the Segmenter."""
+        try:
+            await asyncio.wait_for(self.segmenter.ping.remote(), timeout=10)
+        except Exception as e:  # noqa: BLE001 - any failure: not healthy
+            return _error(503, f"the segmenter does not answer ({type(e).__name__})", retry_after=RETRY_AFTER_S)
         return {"status": "ok"}
 
     @api.get("/v1/models")
     async def models(self, request: Request):
         try:
             self._check_key(request)
+            return await asyncio.wait_for(self.segmenter.describe.remote(), timeout=self.timeout_s)
         except InputError as e:
-            return JSONResponse({"error": str(e)}, status_code=e.status)
-        return await self.segmenter.describe.remote()
+            return _error(e.status, str(e))
+        except Exception as e:  # noqa: BLE001
+            return self._unavailable(e)
+
+    @api.get("/openapi.json")
+    async def openapi(self):
+        return api.openapi() if self.docs else _error(404, "Not Found")
+
+    @api.get("/docs")
+    async def docs_page(self):
+        from fastapi.openapi.docs import get_swagger_ui_html
+
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="eco-ray") if self.docs else \
+            _error(404, "Not Found")
 
     @api.post("/v1/segment")
     async def segment(self, request: Request):
         t0 = time.perf_counter()
+        request_id = uuid.uuid4().hex[:16]
         try:
             self._check_key(request)
             control = RequestControl.parse(dict(request.query_params))
             mask_format = request.query_params.get("mask_format", "png")
             if mask_format not in MASK_FORMATS:
                 raise InputError(422, f"mask_format must be one of {list(MASK_FORMATS)}, got {mask_format!r}")
-            data, ctype = await self._read_image_body(request, self.limits)
+            data, ctype = await read_image_body(request, self.limits)
             image = decode_image(data, ctype, self.limits)
-            result = await self.segmenter.segment.remote(image, control, mask_format)
+            result = await asyncio.wait_for(self.segmenter.segment.remote(image, control, mask_format),
+                                            timeout=self.timeout_s)
             if isinstance(result, InputError):
                 raise result
         except InputError as e:
-            return JSONResponse({"error": str(e)}, status_code=e.status)
+            return _error(e.status, str(e), request_id)
+        except Exception as e:  # noqa: BLE001 - never a traceback or a hang: a JSON 429/503 and the log line
+            return self._unavailable(e, request_id)
         result["timing_ms"]["total"] = round((time.perf_counter() - t0) * 1e3, 2)
+        result["request_id"] = request_id
         return result
 
-    @staticmethod
-    async def _read_image_body(request: Request, limits: Limits) -> tuple[bytes, str]:
-        ctype = request.headers.get("content-type", "")
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limits.max_image_bytes + 1_000_000:
-            raise InputError(413, f"request of {declared} bytes exceeds the limit of {limits.max_image_bytes} bytes")
-        if ctype.startswith("multipart/form-data"):
-            try:
-                form = await request.form()
-            except Exception as e:  # malformed multipart body
-                raise InputError(400, f"malformed multipart body: {e}") from None
-            part = form.get("file")
-            if part is None or not hasattr(part, "read"):
-                raise InputError(400, "multipart body without a 'file' part")
-            return await part.read(), part.content_type or ""
-        body = await request.body()
-        return body, ctype
+    def _unavailable(self, e: Exception, request_id: str | None = None) -> JSONResponse:
+        from ray.serve.exceptions import BackPressureError
+
+        request_id = request_id or uuid.uuid4().hex[:16]
+        if isinstance(e, BackPressureError):
+            return _error(429, "the segmenter's queue is full: retry later", request_id, retry_after=RETRY_AFTER_S)
+        if isinstance(e, asyncio.TimeoutError):
+            return _error(503, f"no segmenter answered within {self.timeout_s:g} s", request_id,
+                          retry_after=RETRY_AFTER_S)
+        logger.exception("eco-ray request %s failed", request_id)
+        return _error(503, f"the request could not be served ({type(e).__name__}); request id {request_id}",
+                      request_id, retry_after=RETRY_AFTER_S)
 
 
 def app_builder(args: dict) -> serve.Application:
-    """``serve run eco_ray.serve.app:app_builder`` (or deploy/serve_config.yaml): args are unused; models and
+    """``serve run eco_ray.serve.app:app_builder`` (or the shipped Serve config): args are unused; models and
     limits come from each deployment's user_config."""
     return Ingress.bind(Segmenter.bind())

@@ -12,10 +12,13 @@ Ray Serve (eco_ray/serve/app.py) wraps this in deployments; tests and benchmarks
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
+from struct import error as struct_error
 
 import numpy as np
 import torch
@@ -23,12 +26,16 @@ from PIL import Image, UnidentifiedImageError
 
 from eco_ray.budget import Budget, BudgetError
 from eco_ray.data.collate import pixel_values
+from eco_ray.derive.table import relative_costs
 from eco_ray.metrics.panoptic import CategorySet
 from eco_ray.model.gates import gate_scores
 from eco_ray.model.postprocess import OVERLAP_THRESHOLD, to_panoptic
 from eco_ray.tradeoff import choose
 
-IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp", "image/bmp", "image/tiff")
+IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp")
+# what the bytes must be, whatever the declared type says: Pillow would otherwise decode any of its ~40 formats
+# (TIFF, GIF, ICO, PPM, EPS through Ghostscript, ...) for any client that asks
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 MASK_FORMATS = ("png", "rle")
 
 
@@ -50,31 +57,52 @@ class Limits:
 
 
 def decode_image(data: bytes, content_type: str | None, limits: Limits) -> np.ndarray:
-    """Bytes -> (H, W, 3) uint8, or an InputError with the right 4xx status."""
+    """Bytes -> (H, W, 3) uint8, or an InputError with the right 4xx status. Only PNG, JPEG and WebP are
+    decoded (by what the bytes are, not what the request says they are); the pixel count is checked from the
+    header before any pixel is decoded."""
+    import warnings
+
     ctype = (content_type or "").split(";")[0].strip().lower()
     if ctype not in IMAGE_TYPES:
-        raise InputError(415, f"content type {content_type or '(none)'!r} is not an image type; send one of "
-                              f"{list(IMAGE_TYPES)} or multipart/form-data with a 'file' part")
+        raise InputError(415, f"content type {content_type or '(none)'!r} is not an accepted image type; send one "
+                              f"of {list(IMAGE_TYPES)} or multipart/form-data with a 'file' part")
     if not data:
         raise InputError(400, "empty body: no image bytes")
     if len(data) > limits.max_image_bytes:
         raise InputError(413, f"image of {len(data)} bytes exceeds the limit of {limits.max_image_bytes} bytes")
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            w, h = probe.size
-            if w * h > limits.max_pixels:
-                raise InputError(413, f"image of {w}x{h} pixels exceeds the limit of {limits.max_pixels} pixels")
-            probe.verify()  # structure and checksums, without decoding the pixels
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # a truncated file fails here
-            rgb = np.asarray(img.convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as probe:
+                w, h = probe.size
+                if w * h > limits.max_pixels:
+                    raise InputError(413, f"image of {w}x{h} pixels exceeds the limit of {limits.max_pixels} pixels")
+                probe.verify()  # structure and checksums, without decoding the pixels
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+                img.load()  # a truncated file fails here
+                rgb = np.asarray(img.convert("RGB"))
     except InputError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(413, f"image exceeds the pixel limit ({e})") from None
+    except UnidentifiedImageError:
+        raise _not_accepted(data) from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct_error) as e:
         raise InputError(400, f"not a decodable image: {type(e).__name__}: {e}") from None
     if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
         raise InputError(400, f"decoded to an unusable shape {rgb.shape}")
     return rgb
+
+
+def _not_accepted(data: bytes) -> InputError:
+    """415 for an image of another format (identified from its header only: nothing is decoded), 400 for bytes
+    that are no image at all."""
+    try:
+        with Image.open(io.BytesIO(data)) as other:
+            fmt = other.format
+    except Exception:  # noqa: BLE001 - whatever Pillow makes of garbage: it is no image
+        return InputError(400, "not a decodable image: the bytes are no image format")
+    return InputError(415, f"{fmt} images are not accepted; send {', '.join(IMAGE_FORMATS)}")
 
 
 @dataclass
@@ -129,27 +157,28 @@ class Engine:
     def exits(self) -> list[int]:
         return list(self.parent.exits)
 
+    def allowed_exits(self, c: RequestControl) -> np.ndarray:
+        """The exits a request's control admits, or an InputError (422) saying why it admits none: checked for
+        each request before it joins a batch, so one bad request never costs the others their forward pass."""
+        if c.exit is not None:
+            if c.exit not in self.exits:
+                raise InputError(422, f"exit={c.exit} is not one of the model's exits {self.exits}")
+            return np.asarray(self.exits) == c.exit
+        if c.beta is not None and not self.gate.uses_beta:
+            raise InputError(422, "beta needs a quality gate; the deployed gate is a classifier trained for one "
+                                  "beta (use max_gflops)")
+        if c.budget is None:
+            return np.ones(len(self.exits), bool)
+        allowed = np.asarray([c.budget.admits_value(g) for g in self.gflops])
+        if not allowed.any():
+            raise InputError(422, f"max_gflops={c.budget.limit:g} is below the cheapest exit "
+                                  f"({self.exits[0]}: {self.gflops[0]:.4f} encoder GFLOPs)")
+        return allowed
+
     def choose_exits(self, gate_features: torch.Tensor, controls: list[RequestControl]) -> list[int]:
         """Each image's exit: forced, or the rule over the gate's scores among the exits its budget allows."""
-        n = len(controls)
-        allowed = np.ones((n, len(self.exits)), bool)
-        betas = np.full(n, self.default_beta)
-        for i, c in enumerate(controls):
-            if c.exit is not None:
-                if c.exit not in self.exits:
-                    raise InputError(422, f"exit={c.exit} is not one of the model's exits {self.exits}")
-                allowed[i] = np.asarray(self.exits) == c.exit
-                continue
-            if c.budget is not None:
-                allowed[i] = [c.budget.admits_value(g) for g in self.gflops]
-                if not allowed[i].any():
-                    raise InputError(422, f"max_gflops={c.budget.limit:g} is below the cheapest exit "
-                                          f"({self.exits[0]}: {self.gflops[0]:.4f} encoder GFLOPs)")
-            if c.beta is not None:
-                if not self.gate.uses_beta:
-                    raise InputError(422, "beta needs a quality gate; the deployed gate is a classifier trained "
-                                          "for one beta (use max_gflops)")
-                betas[i] = c.beta
+        allowed = np.stack([self.allowed_exits(c) for c in controls])
+        betas = np.asarray([self.default_beta if c.beta is None else c.beta for c in controls])
         beta = betas if self.gate.uses_beta else 0.0
         index = choose(gate_scores(self.gate, gate_features), self.relative_cost, beta, allowed)
         return [self.exits[j] for j in index]
@@ -217,8 +246,15 @@ def load_engine(parent_uri: str, gate_uri: str, tracking_uri: str, default_beta:
     from eco_ray.model.io import load_gate, load_parent
     from eco_ray.tracking import describe_model_uri, resolve_model_dir
 
-    parent, pmeta = load_parent(resolve_model_dir(parent_uri, tracking_uri))
+    parent_dir = resolve_model_dir(parent_uri, tracking_uri)
+    parent, pmeta = load_parent(parent_dir)
     gate, gmeta = load_gate(resolve_model_dir(gate_uri, tracking_uri))
+    fitted_on = (gmeta.get("parent") or {}).get("weights_sha256")
+    if fitted_on:  # a gate scores the gate input of the parent it was fitted on, not of another one
+        actual = hashlib.sha256((Path(parent_dir) / "model.safetensors").read_bytes()).hexdigest()
+        if actual != fitted_on:
+            raise ValueError(f"the gate {gate_uri} was fitted on the parent with weights {fitted_on[:12]}..., but "
+                             f"{parent_uri} has weights {actual[:12]}...")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     return engine_from(parent, pmeta, gate, gmeta, {"parent": describe_model_uri(parent_uri, tracking_uri),
                                                     "gate": describe_model_uri(gate_uri, tracking_uri)},
@@ -241,7 +277,8 @@ def engine_from(parent, pmeta: dict, gate, gmeta: dict, versions: dict | None = 
     measure = gmeta.get("cost", "gflops")
     if measure not in costs:
         raise ValueError(f"the gate was fitted with cost {measure!r} but records only {sorted(costs)}")
-    relative = (np.asarray(costs[measure], np.float64) / float(costs[measure][-1])).tolist()
+    # never falling with depth (the decision rule needs ordered costs; older gates saved raw timings)
+    relative = relative_costs(np.maximum.accumulate(np.asarray(costs[measure], np.float64))).tolist()
     beta = gmeta.get("beta", 0.05) if default_beta is None else default_beta
     versions = {**(versions or {}), "gate_kind": gate.kind, "gate_beta": gmeta.get("beta"), "gate_cost": measure}
     return Engine(parent.eval(), gate.eval(), CategorySet(pmeta["categories"]), list(costs["gflops"]), relative,

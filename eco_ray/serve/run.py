@@ -4,6 +4,7 @@ deploy/serve_config.yaml links to) on a local Ray or a cluster, against an MLflo
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import yaml
@@ -30,17 +31,48 @@ def load_serve_config(path: str | Path | None = None) -> dict:
     return doc
 
 
-def build_app(doc: dict, overrides: dict | None = None):
-    """The application with each deployment's options (autoscaling, user_config, ...) from the config."""
+def pin_model_uri(uri: str, tracking_uri: str) -> str:
+    """``models:/name@alias`` or ``models:/name/latest`` -> ``models:/name/N``, the version it points at now; other
+    URIs as they are. Pinned when the app is deployed, every replica (also one that autoscaling starts an hour
+    later) loads the same model; moving the alias changes nothing until the app is deployed again."""
+    from eco_ray.tracking import registry_version
+
+    if not uri.startswith("models:/") or ("@" not in uri and not uri.endswith("/latest")):
+        return uri
+    v = registry_version(uri, tracking_uri)
+    return f"models:/{v.name}/{v.version}"
+
+
+def build_app(doc: dict, overrides: dict | None = None, pin: bool = True, check: bool = True):
+    """The application with each deployment's options (autoscaling, user_config, ...) from the config; the
+    model URIs pinned to the versions they point at now (``pin``), and loaded once here (``check``): a parent
+    and gate that cannot be resolved, loaded or paired fail before anything is deployed, never on the replicas
+    of a rolling update (whose failure would leave the deployment unavailable)."""
     from eco_ray.serve.app import Ingress, Segmenter
 
     doc = copy.deepcopy(doc)
     deployments = {d["name"]: d for d in doc["applications"][0]["deployments"]}
     seg_opts = {k: v for k, v in deployments["Segmenter"].items() if k != "name"}
-    seg_opts["user_config"] = {**seg_opts.get("user_config", {}), **{k: v for k, v in (overrides or {}).items()
-                                                                     if v is not None}}
+    user = {**seg_opts.get("user_config", {}), **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    if pin:
+        tracking = user.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        for key in ("parent_uri", "gate_uri"):
+            pinned = pin_model_uri(user[key], tracking) if tracking else user[key]
+            if pinned != user[key]:
+                user[f"{key}_requested"], user[key] = user[key], pinned
+    seg_opts["user_config"] = user
+    if check:
+        from eco_ray.serve.engine import load_engine
+
+        tracking = user.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
+        if not tracking:
+            raise ConfigError("the Segmenter needs user_config.tracking_uri or $MLFLOW_TRACKING_URI")
+        try:
+            load_engine(user["parent_uri"], user["gate_uri"], tracking)
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"the models cannot be served: {str(e).splitlines()[0]}") from None
     ing_opts = {k: v for k, v in deployments["Ingress"].items() if k != "name"}
-    return Ingress.options(**ing_opts).bind(Segmenter.options(**seg_opts).bind()), seg_opts["user_config"]
+    return Ingress.options(**ing_opts).bind(Segmenter.options(**seg_opts).bind()), user
 
 
 def start(config: str | None, *, parent_uri: str | None, gate_uri: str | None, ctx, host: str, port: int,
@@ -54,8 +86,13 @@ def start(config: str | None, *, parent_uri: str | None, gate_uri: str | None, c
                                        "tracking_uri": ctx.tracking_uri})
     for key in ("parent_uri", "gate_uri"):  # fail before Ray starts when the models cannot be resolved
         resolve_model_dir(user_config[key], ctx.tracking_uri)
+    from eco_ray.serve.proxy import CALLBACK, CALLBACK_ENV
+
+    os.environ.setdefault(CALLBACK_ENV, CALLBACK)  # the proxy processes inherit it from the Ray we start
     init_ray(ctx.address, log_to_driver=False)
-    serve.start(http_options={"host": host, "port": port})
+    http = doc.get("http_options") or {}
+    serve.start(http_options={"host": host, "port": port,
+                              **({"request_timeout_s": http["request_timeout_s"]} if http.get("request_timeout_s") else {})})
     serve.run(app, name=doc["applications"][0].get("name", "eco-ray"), route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
     if blocking:
