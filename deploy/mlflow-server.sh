@@ -32,13 +32,15 @@ set -euo pipefail
 : "${MLFLOW_AUTH_ADMIN_PASSWORD:?set MLFLOW_AUTH_ADMIN_PASSWORD (from a Secret)}"
 : "${MLFLOW_FLASK_SERVER_SECRET_KEY:?set MLFLOW_FLASK_SERVER_SECRET_KEY (from a Secret; the same on every replica)}"
 for url in "$MLFLOW_DB" "$MLFLOW_AUTH_DB"; do
-  if [[ "$url" =~ ://[^/@:]+:[^@]*@ ]]; then
+  # user:password@, :password@, or ?password= / &password= in the query
+  if [[ "$url" =~ ://[^/@]*:[^/@]*@ || "$url" =~ [?\&]password= ]]; then
     echo "mlflow-server.sh: a database URL carries a password; pass it as PGPASSWORD instead" >&2
     exit 2
   fi
 done
+# the auth config holds no secret (the admin's credentials stay in the environment); it outlives this shell,
+# which `exec`s the server so that the server gets the pod's signals
 auth_dir=$(mktemp -d)
-trap 'rm -rf "$auth_dir"' EXIT
 cat > "$auth_dir/basic_auth.ini" <<INI
 [mlflow]
 default_permission = NO_PERMISSIONS
@@ -46,7 +48,7 @@ database_uri = $MLFLOW_AUTH_DB
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
 export MLFLOW_AUTH_CONFIG_PATH="$auth_dir/basic_auth.ini"
-mlflow server \
+exec mlflow server \
   --app-name basic-auth \
   --backend-store-uri "$MLFLOW_DB" \
   --artifacts-destination "$MLFLOW_ARTIFACTS" \

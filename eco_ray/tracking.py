@@ -263,6 +263,7 @@ class Tracker:
 
 CACHE_ENV = "ECO_RAY_CACHE_DIR"
 _COMPLETE = ".eco-ray-complete"  # written last into a finished download; holds the artifact's relative path
+STALE_PARTIAL_S = 6 * 3600  # an unfinished download older than this was killed
 
 
 def cache_dir() -> Path:
@@ -277,7 +278,8 @@ def download_artifact(artifact_uri: str, tracking_uri: str | None) -> Path:
     (``mlflow-artifacts:``, ``s3://``, ...) are downloaded once into the cache, keyed by the store and URI, so
     every replica start and every resolve of the same version reuses one copy instead of leaving a new temp
     dir behind. The download lands in a temp dir beside its cache entry and is renamed into place when whole:
-    a killed download leaves no entry that looks complete."""
+    a killed download leaves no entry that looks complete. Entries are kept (a registered version's files do
+    not change): remove the cache directory to reclaim the space."""
     import hashlib
     import shutil
     import tempfile
@@ -292,6 +294,10 @@ def download_artifact(artifact_uri: str, tracking_uri: str | None) -> Path:
     if (entry / _COMPLETE).is_file():
         return entry / (entry / _COMPLETE).read_text()
     entry.parent.mkdir(parents=True, exist_ok=True)
+    for stale in entry.parent.glob(".partial-*"):  # left by a killed download (a live one is younger)
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > STALE_PARTIAL_S:
+                shutil.rmtree(stale, ignore_errors=True)
     partial = Path(tempfile.mkdtemp(prefix=".partial-", dir=entry.parent))
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=artifact_uri, dst_path=str(partial),

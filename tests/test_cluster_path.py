@@ -176,3 +176,38 @@ def test_sweep_and_select_through_an_mlflow_server_and_postgres_study(tiny_deriv
     assert resolve_model_dir(f"models:/eco-gate/{r.version}", mlflow_server) == local
     entries = list((tmp_path / "cache" / "artifacts").iterdir())
     assert len(entries) == 1 and local.is_relative_to(entries[0])
+
+
+def test_a_read_only_serving_user_loads_models_but_cannot_move_an_alias(mlflow_server, tmp_path, monkeypatch):
+    """The credentials the serving pods get (docs/deploy.md): READ on the registered models and on the
+    experiment that holds their files, nothing else."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.server import get_app_client
+
+    from eco_ray.tracking import resolve_model_dir
+
+    admin, client = get_app_client("basic-auth", tracking_uri=mlflow_server), MlflowClient(mlflow_server)
+    name, experiment = f"perm-{uuid.uuid4().hex[:8]}", f"perm-exp-{uuid.uuid4().hex[:8]}"
+    exp_id = client.create_experiment(experiment)
+    run = client.create_run(exp_id)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    client.log_artifacts(run.info.run_id, str(tmp_path / "model"), "model")
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id)
+    client.set_registered_model_alias(name, "production", version.version)
+    user = ("eco-serve", f"pw-{uuid.uuid4().hex}")
+    admin.create_user(*user)
+    admin.grant_user_permission(user[0], "registered_model", name, "READ")
+    admin.grant_user_permission(user[0], "experiment", exp_id, "READ")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", user[1])
+    monkeypatch.setenv("ECO_RAY_CACHE_DIR", str(tmp_path / "cache"))
+    local = resolve_model_dir(f"models:/{name}@production", mlflow_server)  # the alias and the files: readable
+    assert (local / "config.json").read_text() == "{}"
+    with pytest.raises(MlflowException, match="PERMISSION_DENIED|Permission denied"):
+        MlflowClient(mlflow_server).set_registered_model_alias(name, "production", version.version)
+    with pytest.raises(MlflowException, match="PERMISSION_DENIED|Permission denied"):
+        mlflow.MlflowClient(mlflow_server).create_run(exp_id)

@@ -7,6 +7,7 @@ import base64
 import contextlib
 import copy
 import io
+import json
 import os
 import threading
 import time
@@ -33,6 +34,10 @@ def png_bytes(array) -> bytes:
     return buf.getvalue()
 
 
+PROXY_MAX_BODY = 1_000_000  # the proxy's cap, above the fixture's Ingress limit (400 kB)
+API_KEY_ENV, API_KEY = "ECO_RAY_TEST_API_KEY", "s3cret-test-key"
+
+
 @pytest.fixture(scope="module")
 def served(tiny_derived, tmp_path_factory):
     import ray
@@ -47,9 +52,11 @@ def served(tiny_derived, tmp_path_factory):
     # fast autoscaling metrics, so that the autoscaling test sees 1 -> 2+ -> 1 within seconds (platform notes)
     os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
     os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
-    from eco_ray.serve.proxy import CALLBACK, CALLBACK_ENV
+    from eco_ray.serve.proxy import CALLBACK, CALLBACK_ENV, MAX_BODY_ENV
 
-    os.environ[CALLBACK_ENV] = CALLBACK  # as eco-ray serve does: the proxy drops the client's timeout header
+    os.environ[CALLBACK_ENV] = CALLBACK  # as eco-ray serve does: the proxy's guard (eco_ray/serve/proxy.py)
+    os.environ[MAX_BODY_ENV] = str(PROXY_MAX_BODY)
+    os.environ[API_KEY_ENV] = API_KEY  # in the replicas' environment, as a Secret puts it on Kubernetes
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT, "request_timeout_s": 60})
     doc = load_serve_config()
@@ -184,6 +191,13 @@ def test_bodies_are_counted_as_they_stream_and_only_real_images_are_decoded(serv
         Image.fromarray(served["image"]).save(buf, format=fmt)
         r = post(buf.getvalue())
         assert r.status_code == 415 and r.json()["error"], (fmt, r.text)
+    # the proxy itself refuses a body past its cap before reading it, and lets no client lift its timeout
+    r = httpx.post(f"{URL}/v1/segment", content=b"\x89PNG" + bytes(PROXY_MAX_BODY), timeout=60,
+                   headers={"content-type": "image/png"})
+    assert r.status_code == 413 and "proxy's limit" in r.json()["error"]
+    r = httpx.post(f"{URL}/v1/segment", content=png_bytes(served["image"]), timeout=60,
+                   headers={"content-type": "image/png", "x-request-timeout-seconds": "0.001"})
+    assert r.status_code == 200  # honoured, the header would have made it a 408
     bomb = io.BytesIO()
     Image.new("1", (20000, 20000)).save(bomb, format="PNG")  # a few kB that would decode to 400 M pixels
     r = post(bomb.getvalue())
@@ -242,6 +256,30 @@ def test_a_swap_to_models_that_cannot_load_loses_no_request_and_keeps_the_old_on
     assert replica.swap_error is None and replica.describe()["revision"] == 3
     with pytest.raises(Exception, match="no-such-gate"):  # a new replica with nothing to keep fails to start
         Segmenter.func_or_class().reconfigure({**good, "gate_uri": str(tmp_path / "no-such-gate")})
+
+
+def test_a_config_deployed_as_it_is_serves_one_version_per_revision(served):
+    """``serve deploy`` / the RayService deploy URIs with aliases as they are: replicas started later for the
+    same revision (here every redeploy restarts them) load what the first one pinned, after the alias moved."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(served["overrides"]["tracking_uri"])
+    name = "eco-gate-pins"
+    client.create_registered_model(name)
+    v1, v2 = (client.create_model_version(name, str(served["gates"][g])).version for g in ("g1", "g2"))
+    client.set_registered_model_alias(name, "prod", v1)
+    uri = f"models:/{name}@prod"
+
+    def deployed(revision):
+        redeploy(served, gate_uri=uri, revision=revision, pin=False)
+        return httpx.get(f"{URL}/v1/models", timeout=30).json()
+
+    first = deployed(21)
+    assert first["gate_uri"] == f"models:/{name}/{v1}" and first["requested"]["gate_uri"] == uri
+    client.set_registered_model_alias(name, "prod", v2)
+    assert deployed(21)["gate_uri"] == f"models:/{name}/{v1}"  # new replicas, same revision: same version
+    assert deployed(22)["gate_uri"] == f"models:/{name}/{v2}"  # a new revision resolves the alias anew
+    redeploy(served)
 
 
 def test_a_full_queue_answers_429_with_retry_after(served):
@@ -323,26 +361,28 @@ def test_segmenter_autoscales_up_under_load_and_back(served):
 
 
 def test_api_key_when_configured(served):
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from eco_ray.serve.app import Ingress
+
     doc = copy.deepcopy(served["doc"])
     ingress = next(d for d in doc["applications"][0]["deployments"] if d["name"] == "Ingress")
-    # the key lives in the replica's environment (on Kubernetes: from a Secret), the config names the variable
-    ingress["user_config"]["api_key_env"] = "ECO_RAY_TEST_API_KEY"
-    ingress["ray_actor_options"] = {"runtime_env": {"env_vars": {"ECO_RAY_TEST_API_KEY": "s3cret"}}}
+    ingress["user_config"]["api_key_env"] = API_KEY_ENV  # the config names the variable, never the key
     redeploy(served, doc)
     img = png_bytes(served["image"])
     assert post(img).status_code == 401
     r = httpx.post(f"{URL}/v1/segment", content=img, headers={"content-type": "image/png", "x-api-key": "wrong"})
     assert r.status_code == 401 and r.json()["error"]
-    r = httpx.post(f"{URL}/v1/segment", content=img, headers={"content-type": "image/png", "x-api-key": "s3cret"},
+    r = httpx.post(f"{URL}/v1/segment", content=img, headers={"content-type": "image/png", "x-api-key": API_KEY},
                    timeout=60)
     assert r.status_code == 200
     assert httpx.get(f"{URL}/healthz", timeout=30).status_code == 200  # liveness stays open
     assert httpx.get(f"{URL}/openapi.json", timeout=30).status_code == 404  # docs close when a key is set
-    from ray import serve
-
-    from eco_ray.serve.app import Ingress
-
-    status = serve.status().applications["eco-ray"].deployments["Ingress"].status
-    assert "s3cret" not in str(serve.status()) and status == "HEALTHY"
+    # what Serve's REST API shows (GET /api/serve/applications/): the deployed configs, without the key
+    details = json.dumps(_get_global_client().get_serve_details(), default=str)
+    assert API_KEY_ENV in details and API_KEY not in details
+    assert serve.status().applications["eco-ray"].deployments["Ingress"].status == "HEALTHY"
     with pytest.raises(ValueError, match="REST API"):  # a key in user_config (readable through Serve) is refused
         Ingress.func_or_class.reconfigure(Ingress.func_or_class.__new__(Ingress.func_or_class), {"api_key": "x"})
+    redeploy(served)

@@ -1,5 +1,5 @@
 """The Ray-free parts of serving: decoding and refusing what clients send, request controls, the proxy's
-header filter. (tests/test_serve.py drives the same through real HTTP.)"""
+header filter and body cap. (tests/test_serve.py drives the same through real HTTP.)"""
 
 import io
 
@@ -54,19 +54,74 @@ def test_request_controls():
         assert e.value.status == status, params
 
 
-def test_the_proxy_drops_the_clients_timeout_header():
-    """Serve lets a client lift the operator's request timeout with x-request-timeout-seconds: 0; the proxy
-    middleware (eco_ray/serve/proxy.py) removes the header before Serve reads it."""
+def _asgi(guard, messages, headers=()):
+    """Run an ASGI request through ``guard``: the client sends ``messages``; returns what the client got."""
     import asyncio
 
-    from eco_ray.serve.proxy import DropClientTimeout, middlewares
+    sent, incoming = [], list(messages)
 
-    seen = {}
+    async def receive():
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
 
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(guard({"type": "http", "headers": list(headers)}, receive, send))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return status, body, next(m["headers"] for m in sent if m["type"] == "http.response.start")
+
+
+def buffering_app(seen: dict):
+    """An app that reads the whole body before it answers, as Serve's proxy does."""
     async def app(scope, receive, send):
-        seen.update(scope)
+        seen["headers"], seen["bytes"] = scope["headers"], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                await send({"type": "http.response.start", "status": 499, "headers": []})
+                await send({"type": "http.response.body", "body": b"client gone"})
+                return
+            seen["bytes"] += len(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+    return app
 
-    scope = {"type": "http", "headers": [(b"x-request-timeout-seconds", b"0"), (b"content-type", b"image/png")]}
-    asyncio.run(DropClientTimeout(app)(scope, None, None))
-    assert seen["headers"] == [(b"content-type", b"image/png")]
-    assert middlewares()[0].cls is DropClientTimeout
+
+def test_the_proxy_caps_the_body_and_drops_headers_a_client_may_not_set():
+    import json
+
+    from eco_ray.serve.proxy import ProxyGuard, middlewares
+
+    assert middlewares()[0].cls is ProxyGuard
+    seen = {}
+    guard = ProxyGuard(buffering_app(seen), max_body_bytes=1000)
+    chunks = [{"type": "http.request", "body": b"x" * 300, "more_body": True} for _ in range(50)]
+    status, body, _ = _asgi(guard, chunks)  # chunked, no Content-Length: counted as it arrives
+    assert status == 413 and "proxy's limit" in json.loads(body)["error"] and seen["bytes"] <= 1000
+    status, body, _ = _asgi(guard, chunks, [(b"content-length", b"15000")])  # refused before reading
+    assert status == 413 and json.loads(body)["request_id"]
+    small = [{"type": "http.request", "body": b"x" * 900, "more_body": False}]
+    headers = [(b"x-request-timeout-seconds", b"0"), (b"X-Request-Disconnect-Disabled", b"?1"),
+               (b"content-type", b"image/png")]
+    assert _asgi(guard, small, headers)[0] == 200
+    assert seen["headers"] == [(b"content-type", b"image/png")] and seen["bytes"] == 900
+
+
+def test_the_proxys_own_errors_get_the_json_body():
+    import json
+
+    from eco_ray.serve.proxy import ProxyGuard
+
+    async def plain_error(scope, receive, send):  # as Serve's proxy answers its timeout or backpressure
+        await send({"type": "http.response.start", "status": 408,
+                    "headers": [(b"content-type", b"text/plain"), (b"x-request-id", b"abc"), (b"retry-after", b"2")]})
+        await send({"type": "http.response.body", "body": b"Request timed out", "more_body": True})
+        await send({"type": "http.response.body", "body": b" after 60 s."})
+
+    status, body, headers = _asgi(ProxyGuard(plain_error), [{"type": "http.request", "body": b""}])
+    assert status == 408 and json.loads(body) == {"error": "Request timed out after 60 s.", "request_id": "abc"}
+    assert (b"retry-after", b"2") in headers and (b"content-type", b"application/json") in headers
+    assert dict(headers)[b"content-length"] == str(len(body)).encode()

@@ -34,6 +34,7 @@ import os
 import time
 import uuid
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -46,6 +47,8 @@ from eco_ray.serve.http import RETRY_AFTER_S, error_response as _error, read_ima
 
 logger = logging.getLogger("ray.serve")
 SEGMENT_TIMEOUT_S = 30.0  # the ingress's wait for a Segmenter before it answers 503
+STUCK_BATCH_S = 300.0  # user_config.stuck_batch_s: a batch running longer than this hangs (set it well above
+# the slowest batch of the served model: about 0.3 s for `small` at 128 px on one CPU core)
 
 api = FastAPI(title="eco-ray", description="Early-exit Mask2Former: per-image encoder depth under a compute budget",
               docs_url=None, redoc_url=None, openapi_url=None)
@@ -56,9 +59,57 @@ async def _http_error(request: Request, exc: StarletteHTTPException):  # unknown
     return _error(exc.status_code, str(exc.detail))
 
 
+@api.exception_handler(Exception)
+async def _internal_error(request: Request, exc: Exception):  # anything the endpoints did not catch themselves
+    request_id = uuid.uuid4().hex[:16]
+    logger.error("eco-ray request %s failed", request_id, exc_info=exc)
+    return _error(503, f"the request could not be served ({type(exc).__name__}); request id {request_id}",
+                  request_id, retry_after=RETRY_AFTER_S)
+
+
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
     return _error(422, f"invalid request: {exc.errors()[:3]}")
+
+
+PINS_ACTOR, PINS_NAMESPACE = "eco-ray-model-pins", "eco-ray"
+
+
+@ray.remote(num_cpus=0)
+class ModelPins:
+    """The model versions each (URIs, revision) was pinned to, for the cluster's lifetime."""
+
+    def __init__(self):
+        self.pins: dict = {}
+
+    def setdefault(self, key: str, value: dict) -> dict:
+        return self.pins.setdefault(key, value)
+
+
+def pinned_model_uris(config: dict, tracking_uri: str) -> dict:
+    """The parent and gate URIs of ``config`` as fixed versions, the same for every replica of one revision:
+    the first replica to resolve ``@alias`` / ``latest`` records the versions in a named actor, and replicas
+    started later (autoscaling, a restart, a rolling update) load those, also after the alias moved; a new
+    ``revision`` resolves anew. (``eco-ray serve`` pins before it deploys; this covers ``serve deploy`` and the
+    RayService, which deploy the config file as it is.) Returns the keys to update: pinned URIs and the
+    ``*_requested`` ones."""
+    import json
+
+    from eco_ray.serve.run import pin_model_uri
+
+    uris = {k: config[k] for k in ("parent_uri", "gate_uri")}
+    local = {k: pin_model_uri(u, tracking_uri) for k, u in uris.items()}
+    if local == uris:
+        return {}
+    key = json.dumps([uris, config.get("revision", 0), tracking_uri])
+    try:
+        pins = ModelPins.options(name=PINS_ACTOR, namespace=PINS_NAMESPACE, lifetime="detached",
+                                 get_if_exists=True).remote()
+        pinned = ray.get(pins.setdefault.remote(key, local), timeout=30)
+    except Exception as e:  # noqa: BLE001 - without the record, serve what the alias points at now
+        logger.warning("eco-ray: model pins unavailable (%s): resolving the aliases on this replica", e)
+        pinned = local
+    return {**pinned, **{f"{k}_requested": u for k, u in uris.items() if pinned[k] != u}}
 
 
 @serve.deployment(name="Segmenter", max_ongoing_requests=16, max_queued_requests=64,
@@ -71,6 +122,7 @@ class Segmenter:
         self.gate_meta: dict = {}
         self.config: dict = {}
         self.swap_error: str | None = None
+        self.batch_started: float | None = None  # monotonic time the running batch began
         self.exits_used = Counter("eco_exits_used", description="images served per encoder exit", tag_keys=("exit",))
         self.gflops_spent = Counter("eco_encoder_gflops_spent", description="encoder GFLOPs spent on served images")
 
@@ -86,6 +138,7 @@ class Segmenter:
             tracking = config.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
             if not tracking:
                 raise ValueError("the Segmenter needs user_config.tracking_uri or $MLFLOW_TRACKING_URI")
+            config = {**config, **pinned_model_uris(config, tracking)}
             engine, gate_meta = load_engine(config["parent_uri"], config["gate_uri"], tracking,
                                             config.get("default_beta"), float(config.get("threshold", 0.5)),
                                             float(config.get("mask_threshold", 0.5)),
@@ -102,16 +155,23 @@ class Segmenter:
         self.engine, self.gate_meta, self.config, self.swap_error = engine, gate_meta, dict(config), None
 
     def check_health(self) -> None:
-        """Serve's health check: a replica without a loaded engine is replaced."""
-        if self.engine is None:
-            raise RuntimeError("no models loaded")
+        """Serve's health check: a replica whose batch has run for longer than any batch can (a hung forward
+        pass, a wedged thread) is replaced."""
+        started = self.batch_started
+        if started is not None and time.monotonic() - started > float(self.config.get("stuck_batch_s",
+                                                                                     STUCK_BATCH_S)):
+            raise RuntimeError(f"a batch has been running for {time.monotonic() - started:.0f} s")
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _segment_batch(self, items: list[tuple]) -> list:
         engine = self.engine
         images, controls, formats = zip(*items)
-        results = await asyncio.get_running_loop().run_in_executor(
-            None, engine.segment, list(images), list(controls), list(formats))
+        self.batch_started = time.monotonic()
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(
+                None, engine.segment, list(images), list(controls), list(formats))
+        finally:
+            self.batch_started = None
         for r in results:
             self.exits_used.inc(1, tags={"exit": str(r["exit"])})
             self.gflops_spent.inc(r["encoder_gflops"])
@@ -170,17 +230,31 @@ class Ingress:
     @api.get("/healthz")
     async def healthz(self):
         """Liveness of the ingress and of (one replica of) the Segmenter."""
+        from ray.serve.exceptions import BackPressureError
+
         try:
-            await asyncio.wait_for(self.segmenter.ping.remote(), timeout=10)
-        except Exception as e:  # noqa: BLE001 - any failure: not healthy
+            await self._call(self.segmenter.ping.remote(), 10)
+        except BackPressureError:  # alive, only busy: a load balancer must not take it out
+            return {"status": "busy"}
+        except Exception as e:  # noqa: BLE001 - any other failure: not healthy
             return _error(503, f"the segmenter does not answer ({type(e).__name__})", retry_after=RETRY_AFTER_S)
         return {"status": "ok"}
+
+    @staticmethod
+    async def _call(response, timeout_s: float):
+        """A Segmenter call's result within ``timeout_s``; past it the call is cancelled (not only the wait for
+        it), so an abandoned request does not keep a replica busy."""
+        try:
+            return await asyncio.wait_for(response, timeout=timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            raise
 
     @api.get("/v1/models")
     async def models(self, request: Request):
         try:
             self._check_key(request)
-            return await asyncio.wait_for(self.segmenter.describe.remote(), timeout=self.timeout_s)
+            return await self._call(self.segmenter.describe.remote(), self.timeout_s)
         except InputError as e:
             return _error(e.status, str(e))
         except Exception as e:  # noqa: BLE001
@@ -209,8 +283,7 @@ class Ingress:
                 raise InputError(422, f"mask_format must be one of {list(MASK_FORMATS)}, got {mask_format!r}")
             data, ctype = await read_image_body(request, self.limits)
             image = decode_image(data, ctype, self.limits)
-            result = await asyncio.wait_for(self.segmenter.segment.remote(image, control, mask_format),
-                                            timeout=self.timeout_s)
+            result = await self._call(self.segmenter.segment.remote(image, control, mask_format), self.timeout_s)
             if isinstance(result, InputError):
                 raise result
         except InputError as e:

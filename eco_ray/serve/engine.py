@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from eco_ray.metrics.panoptic import CategorySet
 from eco_ray.model.gates import gate_scores
 from eco_ray.model.postprocess import OVERLAP_THRESHOLD, to_panoptic
 from eco_ray.tradeoff import choose
+
+logger = logging.getLogger("ray.serve")
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp")
 # what the bytes must be, whatever the declared type says: Pillow would otherwise decode any of its ~40 formats
@@ -250,8 +253,12 @@ def load_engine(parent_uri: str, gate_uri: str, tracking_uri: str, default_beta:
     parent, pmeta = load_parent(parent_dir)
     gate, gmeta = load_gate(resolve_model_dir(gate_uri, tracking_uri))
     fitted_on = (gmeta.get("parent") or {}).get("weights_sha256")
-    if fitted_on:  # a gate scores the gate input of the parent it was fitted on, not of another one
-        actual = hashlib.sha256((Path(parent_dir) / "model.safetensors").read_bytes()).hexdigest()
+    if not fitted_on:
+        logger.warning("eco-ray: the gate %s records no parent weights hash: its pairing with %s is checked by "
+                       "exits and input size only", gate_uri, parent_uri)
+    else:  # a gate scores the gate input of the parent it was fitted on, not of another one
+        with open(Path(parent_dir) / "model.safetensors", "rb") as f:
+            actual = hashlib.file_digest(f, "sha256").hexdigest()
         if actual != fitted_on:
             raise ValueError(f"the gate {gate_uri} was fitted on the parent with weights {fitted_on[:12]}..., but "
                              f"{parent_uri} has weights {actual[:12]}...")

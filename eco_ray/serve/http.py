@@ -53,7 +53,10 @@ async def read_image_body(request: Request, limits: Limits) -> tuple[bytes, str]
         raise InputError(400, f"malformed multipart body: {e.message}") from None
     except Exception as e:  # noqa: BLE001 - the parser's other failures on garbage input
         raise InputError(400, f"malformed multipart body: {type(e).__name__}") from None
-    part = form.get("file")
-    if part is None or not hasattr(part, "read"):
-        raise InputError(400, "multipart body without a 'file' part")
-    return await part.read(), part.content_type or ""
+    try:
+        part = form.get("file")
+        if part is None or not hasattr(part, "read"):
+            raise InputError(400, "multipart body without a 'file' part")
+        return await part.read(), part.content_type or ""
+    finally:
+        await form.close()  # the parser's spooled temp files

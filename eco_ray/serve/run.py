@@ -79,16 +79,18 @@ def start(config: str | None, *, parent_uri: str | None, gate_uri: str | None, c
           blocking: bool = True) -> str:
     from ray import serve
 
-    from eco_ray.tracking import resolve_model_dir
-
     doc = load_serve_config(config)
-    app, user_config = build_app(doc, {"parent_uri": parent_uri, "gate_uri": gate_uri,
-                                       "tracking_uri": ctx.tracking_uri})
-    for key in ("parent_uri", "gate_uri"):  # fail before Ray starts when the models cannot be resolved
-        resolve_model_dir(user_config[key], ctx.tracking_uri)
+    # pinned and loaded here: models that cannot be served fail before Ray starts
+    app, _ = build_app(doc, {"parent_uri": parent_uri, "gate_uri": gate_uri, "tracking_uri": ctx.tracking_uri})
     from eco_ray.serve.proxy import CALLBACK, CALLBACK_ENV
 
     os.environ.setdefault(CALLBACK_ENV, CALLBACK)  # the proxy processes inherit it from the Ray we start
+    if ctx.address:  # a running cluster's proxies read their own environment, not ours
+        import sys
+
+        print(f"eco-ray serve: on an existing cluster, the proxy's guard (body cap, JSON errors, no client timeout "
+              f"override) needs {CALLBACK_ENV}={CALLBACK} in the environment the cluster was started with "
+              f"(the RayService manifest sets it)", file=sys.stderr)
     init_ray(ctx.address, log_to_driver=False)
     http = doc.get("http_options") or {}
     serve.start(http_options={"host": host, "port": port,
