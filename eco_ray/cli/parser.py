@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(image, exit) pairs whose quality moves between the two views; the reliability "
                                     "of each image's gain from depth; the cross-view oracle (exits picked on the "
                                     "flipped image, scored on the plain one) against the static line at equal "
-                                    "compute with bootstrap 95%% intervals; how much of the real gain the gate "
+                                    "compute with bootstrap 95% intervals; how much of the real gain the gate "
                                     "input predicts; optionally a gate's lead. Ends with a verdict: pays / does not "
                                     "pay / cannot tell yet. Needs a table with two views (plain + flip). How to read "
                                     "it: docs/diagnose.md.")
