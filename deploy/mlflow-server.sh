@@ -32,8 +32,8 @@ set -euo pipefail
 : "${MLFLOW_AUTH_ADMIN_PASSWORD:?set MLFLOW_AUTH_ADMIN_PASSWORD (from a Secret)}"
 : "${MLFLOW_FLASK_SERVER_SECRET_KEY:?set MLFLOW_FLASK_SERVER_SECRET_KEY (from a Secret; the same on every replica)}"
 for url in "$MLFLOW_DB" "$MLFLOW_AUTH_DB"; do
-  # user:password@, :password@, or ?password= / &password= in the query
-  if [[ "$url" =~ ://[^/@]*:[^/@]*@ || "$url" =~ [?\&]password= ]]; then
+  # user:password@ or :password@ (SQLAlchemy's split: the password may hold a /), or password= in the query
+  if [[ "$url" =~ ://[^:/@]*:[^@]*@ || "$url" =~ [?\&]password= ]]; then
     echo "mlflow-server.sh: a database URL carries a password; pass it as PGPASSWORD instead" >&2
     exit 2
   fi

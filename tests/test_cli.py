@@ -51,3 +51,10 @@ def test_help_explains_every_command():
     text = run("data", "synth", "--help").stdout
     for flag in ("--out", "--train", "--val", "--size", "--seed", "--set", "--overwrite"):
         assert flag in text
+
+
+def test_the_parser_offers_the_pipelines_stages():
+    from eco_ray.cli.parser import STAGES as offered
+    from eco_ray.pipeline.config import STAGES
+
+    assert offered == STAGES

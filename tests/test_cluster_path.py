@@ -133,11 +133,13 @@ def test_mlflow_server_script_refuses_anonymous_clients_and_foreign_hosts(mlflow
 
 
 def test_mlflow_server_script_refuses_a_password_in_a_database_url(tmp_path, postgres_dbs):
-    env = _server_env(postgres_dbs, tmp_path, _free_port())
-    env["MLFLOW_DB"] = "postgresql+psycopg2://mlflow:hunter2@db:5432/mlflow"
-    r = subprocess.run(["bash", str(ROOT / "deploy" / "mlflow-server.sh")], env=env, capture_output=True,
-                       text=True, timeout=30)
-    assert r.returncode == 2 and "PGPASSWORD" in r.stderr and "hunter2" not in r.stderr
+    for url in ("postgresql+psycopg2://mlflow:hunter2@db:5432/mlflow", "postgresql://:hunter2@db/mlflow",
+                "postgresql://mlflow:hun/ter2@db/mlflow", "postgresql://mlflow@db/mlflow?password=hunter2"):
+        env = _server_env(postgres_dbs, tmp_path, _free_port())
+        env["MLFLOW_DB"] = url
+        r = subprocess.run(["bash", str(ROOT / "deploy" / "mlflow-server.sh")], env=env, capture_output=True,
+                           text=True, timeout=30)
+        assert r.returncode == 2 and "PGPASSWORD" in r.stderr and "hunter2" not in r.stderr, url
 
 
 def test_sweep_and_select_through_an_mlflow_server_and_postgres_study(tiny_derived, tmp_path, postgres_dbs,
@@ -202,6 +204,12 @@ def test_a_read_only_serving_user_loads_models_but_cannot_move_an_alias(mlflow_s
     admin.grant_user_permission(user[0], "registered_model", name, "READ")
     admin.grant_user_permission(user[0], "experiment", exp_id, "READ")
 
+    nobody = ("eco-nobody", f"pw-{uuid.uuid4().hex}")  # a user without grants: the server's default is none
+    admin.create_user(*nobody)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", nobody[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", nobody[1])
+    with pytest.raises(Exception, match="PERMISSION_DENIED|Permission denied|403"):
+        resolve_model_dir(f"models:/{name}@production", mlflow_server)
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", user[1])
     monkeypatch.setenv("ECO_RAY_CACHE_DIR", str(tmp_path / "cache"))

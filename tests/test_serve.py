@@ -191,6 +191,14 @@ def test_bodies_are_counted_as_they_stream_and_only_real_images_are_decoded(serv
         Image.fromarray(served["image"]).save(buf, format=fmt)
         r = post(buf.getvalue())
         assert r.status_code == 415 and r.json()["error"], (fmt, r.text)
+
+    def chunked_past_the_proxy_cap():  # whichever counts first, the proxy or the replica: a JSON 413, no hang
+        for _ in range(3 * PROXY_MAX_BODY // 65536):
+            yield b"\x00" * 65536
+
+    r = httpx.post(f"{URL}/v1/segment", content=chunked_past_the_proxy_cap(), headers={"content-type": "image/png"},
+                   timeout=60)
+    assert r.status_code == 413 and r.json()["error"] and r.headers.get("x-request-id")
     # the proxy itself refuses a body past its cap before reading it, and lets no client lift its timeout
     r = httpx.post(f"{URL}/v1/segment", content=b"\x89PNG" + bytes(PROXY_MAX_BODY), timeout=60,
                    headers={"content-type": "image/png"})
@@ -280,6 +288,19 @@ def test_a_config_deployed_as_it_is_serves_one_version_per_revision(served):
     assert deployed(21)["gate_uri"] == f"models:/{name}/{v1}"  # new replicas, same revision: same version
     assert deployed(22)["gate_uri"] == f"models:/{name}/{v2}"  # a new revision resolves the alias anew
     redeploy(served)
+
+
+def test_a_replica_whose_batch_hangs_fails_its_health_check(served):
+    from eco_ray.serve.app import Segmenter
+
+    replica = Segmenter.func_or_class()
+    replica.reconfigure({**served["overrides"], "stuck_batch_s": 5})
+    replica.check_health()  # idle
+    replica.batch_started = time.monotonic() - 1  # a batch running for a second
+    replica.check_health()
+    replica.batch_started = time.monotonic() - 6  # past stuck_batch_s
+    with pytest.raises(RuntimeError, match="running for"):
+        replica.check_health()
 
 
 def test_a_full_queue_answers_429_with_retry_after(served):

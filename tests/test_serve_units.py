@@ -125,3 +125,20 @@ def test_the_proxys_own_errors_get_the_json_body():
     assert status == 408 and json.loads(body) == {"error": "Request timed out after 60 s.", "request_id": "abc"}
     assert (b"retry-after", b"2") in headers and (b"content-type", b"application/json") in headers
     assert dict(headers)[b"content-length"] == str(len(body)).encode()
+
+
+def test_a_proxy_that_fails_or_answers_nothing_still_gives_json():
+    import json
+
+    from eco_ray.serve.proxy import ProxyGuard
+
+    async def raises(scope, receive, send):  # the proxy's own failure, before any response
+        raise RuntimeError("replica lost")
+
+    async def silent(scope, receive, send):  # Serve's proxy sends nothing for some errors
+        scope["headers"].append((b"x-request-id", b"rid-1"))  # as its RequestIdMiddleware does
+
+    status, body, headers = _asgi(ProxyGuard(raises), [{"type": "http.request", "body": b""}])
+    assert status == 500 and json.loads(body)["error"] and dict(headers)[b"x-request-id"]
+    status, body, headers = _asgi(ProxyGuard(silent), [{"type": "http.request", "body": b""}])
+    assert status == 502 and json.loads(body)["request_id"] == "rid-1" and dict(headers)[b"x-request-id"] == b"rid-1"

@@ -8,6 +8,8 @@ import argparse
 
 from eco_ray.cli import commands as c
 
+# the pipeline's stages (eco_ray.pipeline.config.STAGES, which tests/test_cli.py checks this against): not
+# imported from there, because the config tree imports torch and `--help` should not wait for it
 STAGES = ("data", "train", "derive", "sweep", "select", "serve")
 
 

@@ -75,12 +75,16 @@ async def _validation_error(request: Request, exc: RequestValidationError):
 PINS_ACTOR, PINS_NAMESPACE = "eco-ray-model-pins", "eco-ray"
 
 
-@ray.remote(num_cpus=0)
+@ray.remote(num_cpus=0, max_restarts=-1)
 class ModelPins:
-    """The model versions each (URIs, revision) was pinned to, for the cluster's lifetime."""
+    """The model versions each (URIs, revision) was pinned to, for the cluster's lifetime (on the head node,
+    which the autoscaler never removes)."""
 
     def __init__(self):
         self.pins: dict = {}
+
+    def get(self, key: str) -> dict | None:
+        return self.pins.get(key)
 
     def setdefault(self, key: str, value: dict) -> dict:
         return self.pins.setdefault(key, value)
@@ -89,26 +93,33 @@ class ModelPins:
 def pinned_model_uris(config: dict, tracking_uri: str) -> dict:
     """The parent and gate URIs of ``config`` as fixed versions, the same for every replica of one revision:
     the first replica to resolve ``@alias`` / ``latest`` records the versions in a named actor, and replicas
-    started later (autoscaling, a restart, a rolling update) load those, also after the alias moved; a new
-    ``revision`` resolves anew. (``eco-ray serve`` pins before it deploys; this covers ``serve deploy`` and the
-    RayService, which deploy the config file as it is.) Returns the keys to update: pinned URIs and the
-    ``*_requested`` ones."""
+    started later (autoscaling, a restart, a rolling update) load those, also after the alias moved (or was
+    deleted); a new ``revision`` resolves anew. (``eco-ray serve`` pins before it deploys; this covers ``serve
+    deploy`` and the RayService, which deploy the config file as it is.) Returns the keys to update: pinned URIs
+    and the ``*_requested`` ones."""
     import json
 
-    from eco_ray.serve.run import pin_model_uri
+    from eco_ray.serve.run import is_pinned, pin_model_uri
 
     uris = {k: config[k] for k in ("parent_uri", "gate_uri")}
-    local = {k: pin_model_uri(u, tracking_uri) for k, u in uris.items()}
-    if local == uris:
+    if all(is_pinned(u) for u in uris.values()):
         return {}
     key = json.dumps([uris, config.get("revision", 0), tracking_uri])
-    try:
-        pins = ModelPins.options(name=PINS_ACTOR, namespace=PINS_NAMESPACE, lifetime="detached",
-                                 get_if_exists=True).remote()
-        pinned = ray.get(pins.setdefault.remote(key, local), timeout=30)
-    except Exception as e:  # noqa: BLE001 - without the record, serve what the alias points at now
-        logger.warning("eco-ray: model pins unavailable (%s): resolving the aliases on this replica", e)
-        pinned = local
+    pins = None
+    if ray.is_initialized():  # a replica; not a Segmenter built in a plain process (tests, benchmarks)
+        try:
+            pins = ModelPins.options(name=PINS_ACTOR, namespace=PINS_NAMESPACE, lifetime="detached",
+                                     get_if_exists=True, resources={"node:__internal_head__": 0.001}).remote()
+            pinned = ray.get(pins.get.remote(key), timeout=30)
+        except Exception as e:  # noqa: BLE001 - without the record, serve what the alias points at now
+            logger.warning("eco-ray: model pins unavailable (%s): resolving the aliases on this replica", e)
+            pins, pinned = None, None
+    else:
+        pinned = None
+    if pinned is None:
+        pinned = {k: pin_model_uri(u, tracking_uri) for k, u in uris.items()}
+        if pins is not None:
+            pinned = ray.get(pins.setdefault.remote(key, pinned), timeout=30)
     return {**pinned, **{f"{k}_requested": u for k, u in uris.items() if pinned[k] != u}}
 
 

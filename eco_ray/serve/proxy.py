@@ -52,7 +52,7 @@ class ProxyGuard:
         if declared.isdigit() and int(declared) > self.max_body_bytes:
             return await _send_json(send, 413, self._too_large(), request_id)
 
-        state = {"received": 0, "over": False, "started": False, "held": None, "body": []}
+        state = {"received": 0, "over": False, "started": False, "held": None, "body": [], "error": False}
 
         async def capped_receive():
             if state["over"]:
@@ -86,9 +86,21 @@ class ProxyGuard:
                 return await _send_json(send, start["status"], text or "error", answered_id, keep)
             await send(message)
 
-        await self.app(scope, capped_receive, guarded_send)
+        try:
+            await self.app(scope, capped_receive, guarded_send)
+        except Exception:  # noqa: BLE001 - the proxy failed: the client still gets a JSON answer
+            if state["started"] and state["held"] is None:
+                raise  # a response is under way: nothing valid can follow it
+            state["error"] = True
+        # RequestIdMiddleware (inside this one) wrote the id Serve logs into the scope it was given
+        request_id = _header(scope["headers"], b"x-request-id") or request_id
         if state["over"] and not state["started"]:
             await _send_json(send, 413, self._too_large(), request_id)
+        elif state["held"] is not None:  # a held error whose body never completed
+            await _send_json(send, state["held"]["status"], "error", request_id)
+        elif not state["started"]:  # Serve's proxy sends nothing for some failures (a replica lost mid-call)
+            await _send_json(send, 500 if state["error"] else 502, "the request could not be served",
+                             request_id)
 
     def _too_large(self) -> str:
         return f"request body exceeds the proxy's limit of {self.max_body_bytes} bytes"
@@ -103,9 +115,10 @@ def _header(headers, name: bytes) -> str:
 
 async def _send_json(send, status: int, message: str, request_id: str, headers=()) -> None:
     body = json.dumps({"error": message, "request_id": request_id}).encode()
+    headers = [h for h in headers if h[0].lower() != b"x-request-id"]
     await send({"type": "http.response.start", "status": status,
                 "headers": [*headers, (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
+                            (b"content-length", str(len(body)).encode()), (b"x-request-id", request_id.encode())]})
     await send({"type": "http.response.body", "body": body})
 
 

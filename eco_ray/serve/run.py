@@ -31,13 +31,18 @@ def load_serve_config(path: str | Path | None = None) -> dict:
     return doc
 
 
+def is_pinned(uri: str) -> bool:
+    """Whether ``uri`` names fixed files: anything but ``models:/name@alias`` and ``models:/name/latest``."""
+    return not uri.startswith("models:/") or ("@" not in uri and not uri.endswith("/latest"))
+
+
 def pin_model_uri(uri: str, tracking_uri: str) -> str:
     """``models:/name@alias`` or ``models:/name/latest`` -> ``models:/name/N``, the version it points at now; other
     URIs as they are. Pinned when the app is deployed, every replica (also one that autoscaling starts an hour
     later) loads the same model; moving the alias changes nothing until the app is deployed again."""
     from eco_ray.tracking import registry_version
 
-    if not uri.startswith("models:/") or ("@" not in uri and not uri.endswith("/latest")):
+    if is_pinned(uri):
         return uri
     v = registry_version(uri, tracking_uri)
     return f"models:/{v.name}/{v.version}"
