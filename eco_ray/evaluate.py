@@ -66,3 +66,44 @@ def evaluate_exits(model: EarlyExitMask2Former, dataset: CocoPanopticDataset, ex
             progress(min(start + batch_size, len(indices)), len(indices))
     return ExitEvaluation(np.asarray(ids), exits, PanopticStats.stack(all_stats),
                           np.concatenate(feats) if feats else np.zeros((0, model.config.hidden_dim), np.float32), metas)
+
+
+def write_predictions(engine, dataset: CocoPanopticDataset, out_json, control=None, batch_size: int = 8,
+                      progress: Callable[[int, int], None] | None = None) -> dict:
+    """Predict every image of ``dataset`` with a serving :class:`~eco_ray.serve.engine.Engine` (the gate's
+    decision and the forward pass a request gets, at each image's own size) and write the predictions in the
+    COCO panoptic format: ``out_json`` and, beside it, a folder of id PNGs of the same name. Each annotation
+    also records the exit the image got and its encoder GFLOPs (``eco_exit``, ``eco_encoder_gflops``)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from eco_ray import files
+    from eco_ray.data.coco_panoptic import id2rgb
+    from eco_ray.data.predictions import default_png_folder
+    from eco_ray.serve.engine import RequestControl
+
+    out_json = Path(out_json)
+    folder = default_png_folder(out_json)
+    folder.mkdir(parents=True, exist_ok=True)
+    control = control or RequestControl()
+    gflops_of = dict(zip(engine.exits, engine.gflops))
+    annotations = []
+    for start in range(0, len(dataset), batch_size):
+        batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+        for sample, (id_map, segments, k) in zip(batch, engine.predict([s.image for s in batch],
+                                                                        [control] * len(batch))):
+            name = f"{sample.image_id}.png"
+            Image.fromarray(id2rgb(id_map)).save(folder / name)
+            present = set(np.unique(id_map).tolist())
+            annotations.append({"image_id": sample.image_id, "file_name": name, "eco_exit": k,
+                                "eco_encoder_gflops": gflops_of[k],
+                                "segments_info": [{"id": int(s["id"]), "category_id": int(s["category_id"]),
+                                                   "score": round(float(s["score"]), 4)}
+                                                  for s in segments if s["id"] in present]})
+        if progress:
+            progress(min(start + batch_size, len(dataset)), len(dataset))
+    doc = {"info": {"versions": engine.versions}, "annotations": annotations,
+           "categories": engine.categories.to_coco()}
+    files.write_json(out_json, doc, indent=None)
+    return doc

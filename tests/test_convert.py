@@ -94,8 +94,8 @@ def test_round_trip_through_the_reader(tmp_path):
     (road_id,) = by_cat[(100, 0)]
     assert (s.id_map == 0).sum() > 0  # semantic void stays void
     assert set(np.unique(s.id_map).tolist()) == {0, person_id, car_id, crowd_id, road_id}
-    assert out["annotations"][1]["segments_info"][0]["category_id"] == 1
-    bbox = next(seg for seg in out["annotations"][0]["segments_info"] if seg["id"] == person_id)["bbox"]
+    assert out.panoptic["annotations"][1]["segments_info"][0]["category_id"] == 1
+    bbox = next(seg for seg in out.panoptic["annotations"][0]["segments_info"] if seg["id"] == person_id)["bbox"]
     ys, xs = np.nonzero(person)
     assert bbox == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
 
@@ -112,7 +112,7 @@ def test_min_visible_drops_hidden_instances(tmp_path):
     ]
     path.write_text(json.dumps(doc))
     out = convert_instances_to_panoptic(path, tmp_path / "p.json", tmp_path / "pngs", min_visible=0.5)
-    cats = [seg["category_id"] for seg in out["annotations"][0]["segments_info"]]
+    cats = [seg["category_id"] for seg in out.panoptic["annotations"][0]["segments_info"]]
     assert cats == [2]
 
 
@@ -124,3 +124,210 @@ def test_bad_instance_files(tmp_path):
     path.write_text(json.dumps(doc))
     with pytest.raises(DatasetError, match="unknown category 9"):
         convert_instances_to_panoptic(path, tmp_path / "p.json", tmp_path / "pngs")
+
+
+# ------------------------------------------------------------------ what labelling tools export, and mistakes
+def _doc(anns, images=None, categories=None):
+    return {"images": images or [{"id": 1, "file_name": "a.png", "width": W, "height": H}],
+            "annotations": anns,
+            "categories": categories or [{"id": 1, "name": "car"}, {"id": 2, "name": "person"}]}
+
+
+def _write(tmp_path, doc, name="instances.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(doc))
+    return path
+
+
+def _box(x0, y0, x1, y1):
+    return [x0, y0, x1, y0, x1, y1, x0, y1]
+
+
+def _cli(capsys, *args):
+    from eco_ray.cli import main
+
+    code = main(["data", "convert", *map(str, args)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _images_folder(tmp_path, doc, sizes=None):
+    folder = tmp_path / "src_images"
+    for im in doc["images"]:
+        w, h = (sizes or {}).get(im["file_name"], (im["width"], im["height"]))
+        path = folder / im["file_name"]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(path)
+    return folder
+
+
+def test_a_background_category_becomes_void_and_the_reader_accepts_the_result(tmp_path, capsys):
+    doc = _doc([{"id": 1, "image_id": 1, "category_id": 0, "segmentation": [_box(0, 0, W, H)]},
+                {"id": 2, "image_id": 1, "category_id": 1, "segmentation": [_box(5, 5, 20, 20)]},
+                {"id": 3, "image_id": 1, "category_id": 3, "segmentation": [_box(30, 5, 50, 20)]}],
+               categories=[{"id": 0, "name": "_background_"}, {"id": 1, "name": "car"},
+                           {"id": 3, "name": "__background__"}])
+    src = _write(tmp_path, doc)
+    images = _images_folder(tmp_path, doc)
+    code, out, _ = _cli(capsys, "--instances", src, "--out", tmp_path / "ds", "--split", "val", "--images", images)
+    assert code == 0 and "_background_" in out and "category (id 0 / background), left out: 2" in out
+    ds = CocoPanopticDataset.from_root(tmp_path / "ds", "val")
+    assert [c.id for c in ds.categories.categories] == [1] and ds.validate() == []
+    assert [s["category_id"] for s in ds[0].segments] == [1]
+
+
+def test_a_flat_polygon_list_is_one_polygon_and_whole_float_ids_become_ints(tmp_path):
+    nested = convert_instances_to_panoptic(
+        _write(tmp_path, _doc([{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [_box(5, 5, 20, 20)]}])),
+        tmp_path / "n.json", tmp_path / "n")
+    flat = convert_instances_to_panoptic(
+        _write(tmp_path, _doc([{"id": 1.0, "image_id": 1.0, "category_id": 1.0, "segmentation": _box(5, 5, 20, 20)}],
+                              images=[{"id": 1.0, "file_name": "a.png", "width": W, "height": H}],
+                              categories=[{"id": 1.0, "name": "car"}, {"id": 2, "name": "person"}]), "f.json"),
+        tmp_path / "f.json", tmp_path / "f")
+    assert flat.panoptic["annotations"] == nested.panoptic["annotations"]
+    assert flat.panoptic["images"][0]["id"] == 1 and type(flat.panoptic["images"][0]["id"]) is int
+    assert all(type(c["id"]) is int for c in flat.panoptic["categories"])
+    text = (tmp_path / "f.json").read_text()
+    assert "1.0" not in text
+    with pytest.raises(DatasetError, match=r"category_id must be a whole number, got 1.5"):
+        convert_instances_to_panoptic(_write(tmp_path, _doc([{"id": 1, "image_id": 1, "category_id": 1.5,
+                                                              "segmentation": _box(5, 5, 20, 20)}])),
+                                      tmp_path / "x.json", tmp_path / "x")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{}", "missing top-level key 'images'"),
+    ("[]", "a JSON object with images, annotations and categories; this one is a list"),
+    ('{"images": [], "annotations": {}, "categories": []}', "not a list: top-level key 'annotations'"),
+    ('{"images": [{"id": 1}], "annotations": [], "categories": [{"id": 1, "name": "a"}]}',
+     "needs id, file_name, height and width"),
+    ('{"images": [], "annotations": [{"id": 7, "image_id": 1}], "categories": [{"id": 1, "name": "a"}]}',
+     "annotation 7: missing 'category_id'"),
+    ('{"images": [], "annotations": [], "categories": [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}]}',
+     "category id 1 appears twice"),
+    ("not json", "not valid JSON"),
+])
+def test_malformed_instance_files_get_one_line_naming_the_file(tmp_path, capsys, content, message):
+    src = tmp_path / "instances.json"
+    src.write_text(content)
+    code, out, err = _cli(capsys, "--instances", src, "--out", tmp_path / "ds")
+    assert code == 2 and message in err and str(src) in err and "Traceback" not in err, err
+    assert err.count("\n") == 1
+
+
+def test_bad_segmentations_name_the_annotation(tmp_path):
+    for seg, message in ([[[1, 2], [3, 4]]], "a polygon is a list of numbers"), ([1, 2, 3, 4, 5], "odd number"), \
+            ({"size": [H + 1, W], "counts": "abc"}, "RLE of size"), ("x", "a segmentation is polygons"):
+        src = _write(tmp_path, _doc([{"id": 9, "image_id": 1, "category_id": 1, "segmentation": seg}]))
+        with pytest.raises(DatasetError, match=message) as e:
+            convert_instances_to_panoptic(src, tmp_path / "p.json", tmp_path / "p")
+        assert "annotation 9" in str(e.value)
+
+
+def test_a_truncated_semantic_png_and_missing_stuff_file_are_one_line(tmp_path, capsys):
+    src = _write(tmp_path, _doc([{"id": 1, "image_id": 1, "category_id": 1, "segmentation": _box(5, 5, 20, 20)}]))
+    sem = tmp_path / "sem"
+    sem.mkdir()
+    Image.fromarray(np.full((H, W), 100, np.uint8)).save(sem / "a.png")
+    (sem / "a.png").write_bytes((sem / "a.png").read_bytes()[:60])
+    stuff = _write(tmp_path, [{"id": 100, "name": "road"}], "stuff.json")
+    code, _, err = _cli(capsys, "--instances", src, "--out", tmp_path / "ds", "--semantic", sem,
+                        "--stuff-categories", stuff)
+    assert code == 2 and str(sem / "a.png") in err and "cannot decode" in err and "Traceback" not in err
+    code, _, err = _cli(capsys, "--instances", src, "--out", tmp_path / "ds", "--semantic", sem,
+                        "--stuff-categories", tmp_path / "none.json")
+    assert code == 2 and "stuff categories file not found" in err and "none.json" in err
+
+
+def test_annotations_of_unlisted_images_are_counted_or_refused(tmp_path, capsys):
+    doc = _doc([{"id": i, "image_id": 5, "category_id": 1, "segmentation": _box(5, 5, 20, 20)} for i in range(3)])
+    src = _write(tmp_path, doc)
+    code, out, _ = _cli(capsys, "--instances", src, "--out", tmp_path / "ds")
+    assert code == 0 and "annotations of an image id the file does not list, left out: 3" in out
+    assert "images without any annotation (kept: void, or stuff only): 1" in out
+    code, _, err = _cli(capsys, "--instances", src, "--out", tmp_path / "ds2", "--strict")
+    assert code == 2 and "image id 5 is not among the file's images" in err
+
+
+def test_image_files_are_checked_against_the_json_sizes(tmp_path, capsys):
+    # the JSON says 40 rows, the file has 50: segments below row 40 would be lost with the JSON's size
+    anns = [{"id": i, "image_id": 1, "category_id": 1, "segmentation": _box(2, 4 * i, 10, 4 * i + 3)}
+            for i in range(12)]
+    doc = _doc(anns)
+    src = _write(tmp_path, doc)
+    images = _images_folder(tmp_path, doc, sizes={"a.png": (W, 50)})
+    code, _, err = _cli(capsys, "--instances", src, "--out", tmp_path / "strict", "--images", images, "--strict")
+    assert code == 2 and "the JSON says 60x40" in err and "60x50" in err
+    code, out, _ = _cli(capsys, "--instances", src, "--out", tmp_path / "ds", "--images", images, "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["segments"] == 12 and summary["counts"]["size_mismatches"] == 1
+    ds = CocoPanopticDataset.from_root(tmp_path / "ds", "val")
+    assert ds.validate() == [] and ds[0].id_map.shape == (50, W) and len(ds[0].segments) == 12
+    (images / "a.png").unlink()
+    code, out, _ = _cli(capsys, "--instances", src, "--out", tmp_path / "gone", "--images", images)
+    assert code == 0 and "images whose file is missing or unreadable, left out: 1" in out and ": 0 images" in out
+
+
+def test_image_folders_in_file_names_are_placed_in_the_layout(tmp_path, capsys):
+    images = [{"id": 1, "file_name": "JPEGImages/x.png", "width": W, "height": H},
+              {"id": 2, "file_name": "other/x.png", "width": W, "height": H}]  # the same stem in two folders
+    doc = _doc([{"id": 1, "image_id": 1, "category_id": 1, "segmentation": _box(5, 5, 20, 20)},
+                {"id": 2, "image_id": 2, "category_id": 2, "segmentation": _box(5, 5, 30, 30)}], images=images)
+    src = _write(tmp_path, doc)
+    folder = _images_folder(tmp_path, doc)
+    for mode in ("copy", "symlink"):
+        root = tmp_path / mode
+        code, out, _ = _cli(capsys, "--instances", src, "--out", root, "--images", folder, "--image-mode", mode)
+        assert code == 0 and f"2 images {'copied' if mode == 'copy' else 'linked'}" in out
+        ds = CocoPanopticDataset.from_root(root, "val")
+        assert ds.validate() == [] and [s["category_id"] for i in range(2) for s in ds[i].segments] == [1, 2]
+        assert (root / "val/JPEGImages/x.png").is_symlink() == (mode == "symlink")
+    src = _write(tmp_path, _doc([], images=[{"id": 1, "file_name": "../x.png", "width": W, "height": H}]))
+    code, _, err = _cli(capsys, "--instances", src, "--out", tmp_path / "bad")
+    assert code == 2 and "must be a path relative to the image folder" in err
+
+
+def test_clipping_overlaps_and_crowds_are_counted(tmp_path):
+    anns = [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": [_box(-10, -10, 30, 30)]},  # clipped
+            {"id": 2, "image_id": 1, "category_id": 2, "segmentation": [_box(5, 5, 15, 15)]},  # in front of 1
+            {"id": 3, "image_id": 1, "category_id": 2, "segmentation": [_box(40, 5, 50, 15), [1, 1, 2, 2]]},
+            {"id": 4, "image_id": 1, "category_id": 1, "segmentation": []},  # empty
+            {"id": 5, "image_id": 1, "category_id": 2, "iscrowd": 1, "segmentation": [_box(0, 32, W, H)]}]
+    report = convert_instances_to_panoptic(_write(tmp_path, _doc(anns)), tmp_path / "p.json", tmp_path / "p")
+    c = report.to_json()["counts"]
+    assert (c["clipped_annotations"], c["occluded_instances"], c["degenerate_polygons"], c["empty_annotations"],
+            c["crowd_segments"], c["hidden_instances"]) == (1, 1, 1, 1, 1, 0)
+    assert report.segments == 4
+
+
+def test_the_reader_types_isthing_strictly_and_names_malformed_fields(tmp_path):
+    path, _, sem = _instances_file(tmp_path)
+    convert_instances_to_panoptic(path, tmp_path / "annotations/panoptic_val.json",
+                                  tmp_path / "annotations/panoptic_val", sem,
+                                  [{"id": 100, "name": "road"}, {"id": 101, "name": "sky"}])
+    ann_file = tmp_path / "annotations/panoptic_val.json"
+    good = json.loads(ann_file.read_text())
+    for mutate, message in ((lambda d: d["categories"][0].update(isthing="0"), "isthing must be 0, 1, true or false"),
+                            (lambda d: d["categories"][0].update(id="1"), "id must be an integer"),
+                            (lambda d: d["images"][0].pop("file_name"), "image #0: missing 'file_name'"),
+                            (lambda d: d["annotations"][0].pop("segments_info"), "missing 'segments_info'"),
+                            (lambda d: d["annotations"][0]["segments_info"][0].update(iscrowd="no"),
+                             "it must be 0 or 1")):
+        doc = json.loads(json.dumps(good))
+        mutate(doc)
+        ann_file.write_text(json.dumps(doc))
+        with pytest.raises(DatasetError, match=message):
+            CocoPanopticDataset.from_root(tmp_path, "val")
+
+
+def test_report_shows_generator_fields_only_for_generated_data(tmp_path, capsys):
+    from eco_ray.cli import main
+
+    path, _, sem = _instances_file(tmp_path)
+    convert_instances_to_panoptic(path, tmp_path / "annotations/panoptic_val.json",
+                                  tmp_path / "annotations/panoptic_val", sem,
+                                  [{"id": 100, "name": "road"}, {"id": 101, "name": "sky"}])
+    assert main(["data", "report", "--root", str(tmp_path), "--splits", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "[val] 2 images" in out and "kinds" not in out and "objects per image" not in out and "PQ 1.0000" in out

@@ -350,3 +350,45 @@ def test_serving_engine_picks_the_exits_the_table_evaluation_picks(env):
         capped = decide(gate, val.gate_features, rel_latency, beta, allowed=allowed)
         served = engine.choose_exits(features, [RequestControl(budget=Budget.named("max_gflops", cap))] * len(val))
         assert served == [ds.exits[i] for i in capped] and max(served) <= ds.exits[2]
+
+
+def test_evaluate_scores_a_parent_at_an_exit_and_a_gate_as_the_table_does(env, tmp_path, capsys):
+    """`eco-ray evaluate --parent`: the serving engine's predictions written in the COCO format and scored
+    against the ground truth give the derived table's figures (the images are the model's size: nothing is
+    resized, so the two must agree)."""
+    from eco_ray.gate.run import run_gate
+
+    ds = DerivedDataset.open(env["manifest"]["path"])
+    val = ds.split("val")
+    common = ["evaluate", "--gt", str(env["root"]), "--split", "val", "--threshold", str(THRESHOLD),
+              "--tracking-uri", env["tracking"], "--json"]
+    for k in (ds.exits[0], ds.exits[-1]):
+        out = tmp_path / f"exit{k}.json"
+        assert main([*common, "--parent", str(env["parent_dir"]), "--exit", str(k), "--out", str(out)]) == 0
+        got = json.loads(capsys.readouterr().out)
+        ref = aggregate(val.stats[:, 0, ds.exits.index(k)], ds.categories)
+        assert got["exits"] == {str(k): len(val)} and abs(got["pq"] - ref.pq) < 1e-6
+        assert abs(got["miou"] - ref.miou) < 1e-6 and got["encoder_gflops_mean"] > 0
+        # the folder it wrote is a prediction set like any other
+        assert main(["evaluate", "--gt", str(env["root"]), "--pred", str(out), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["pq"] == got["pq"]
+    g = run_gate(env["manifest"]["path"], GateConfig(kind="quality", epochs=30), [0.1], ctx=env["ctx"],
+                 out=str(tmp_path / "gate"), name="eval-gate")
+    gate, _ = load_gate(g.path)
+    rel = relative_costs(ds.costs("gflops"))
+    for beta in (0.0, 0.3):
+        assert main([*common, "--parent", str(env["parent_dir"]), "--gate", g.path, "--beta", str(beta),
+                     "--out", str(tmp_path / f"gate{beta}.json")]) == 0
+        got = json.loads(capsys.readouterr().out)
+        choice = decide(gate, val.gate_features, rel, beta)
+        written = json.loads((tmp_path / f"gate{beta}.json").read_text())["annotations"]
+        assert [a["eco_exit"] for a in written] == [ds.exits[c] for c in choice]
+        ref = aggregate(val.stats[np.arange(len(val)), 0, choice], ds.categories)
+        assert abs(got["pq"] - ref.pq) < 1e-6
+    # what cannot be evaluated says so in one line
+    for extra, message in ((["--parent", str(env["parent_dir"])], "give --exit K"),
+                           (["--parent", str(env["parent_dir"]), "--exit", "9"], "is not one of the model's exits"),
+                           (["--parent", str(env["parent_dir"]), "--exit", "2", "--beta", "0.1"], "need --gate"),
+                           (["--parent", str(tmp_path / "nothing"), "--exit", "2"], "nor a local directory")):
+        assert main([*common, *extra]) == 2
+        assert message in capsys.readouterr().err

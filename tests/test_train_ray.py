@@ -108,6 +108,42 @@ def test_training_registers_a_parent_that_loads_and_predicts(ray_cluster, synth_
         run_training(cfg, data_root=synth_root.name, ctx=ctx, name="t1")
 
 
+def test_training_starts_from_a_users_transformers_checkpoint_with_other_labels(ray_cluster, synth_root, tmp_path):
+    """A user's own Mask2Former (saved with save_pretrained, 3 labels) -> Step A on this data's 9 categories
+    (the class head re-initialised, every other weight loaded: with a vanishing learning rate they come out
+    of training as they went in) -> Step B and a gate on the trained parent."""
+    from eco_ray.derive.config import DeriveConfig
+    from eco_ray.derive.run import run_derive
+    from eco_ray.gate.config import GateConfig
+    from eco_ray.gate.run import run_gate
+    from eco_ray.model.config import load_model_config
+    from eco_ray.model.early_exit import EarlyExitMask2Former
+    from eco_ray.train.ray_train import run_training
+
+    torch.manual_seed(1)
+    user = EarlyExitMask2Former(load_model_config("tiny", ["num_labels=3"])).m2f
+    user.save_pretrained(tmp_path / "hf")
+    cfg = tiny_config("steps=2", "checkpoint_every=2", "eval_every=2", "lr=1e-12", "warmup_steps=0",
+                      f"model.pretrained={tmp_path / 'hf'}")
+    ctx = RunContext.create(tmp_path)
+    summary = run_training(cfg, data_root=synth_root, ctx=ctx, name="from-hf")
+    parent, meta = load_parent(resolve_model_dir(summary["model_uri"], summary["tracking_uri"]))
+    categories = CocoPanopticDataset.from_root(synth_root, "train").categories
+    trained = dict(parent.m2f.named_parameters())
+    loaded = 0
+    for name, value in user.named_parameters():
+        if name.startswith("class_predictor"):
+            assert trained[name].shape[0] == len(categories) + 1 != value.shape[0]
+            continue
+        torch.testing.assert_close(trained[name], value, atol=1e-8, rtol=0, msg=name)
+        loaded += 1
+    assert loaded > 100 and meta["model"]["pretrained"] == str(tmp_path / "hf")
+    derive = run_derive(DeriveConfig(max_images=8, views=["plain"], measure_latency=False, batch_size=4),
+                        parent=summary["model_uri"], data_root=synth_root, ctx=ctx)
+    gate = run_gate(derive["path"], GateConfig(epochs=5), [0.1], ctx=ctx, out=str(tmp_path / "gate"), name="hf-gate")
+    assert gate.path and (tmp_path / "gate").is_dir()
+
+
 def _train_worker_pids() -> list[int]:
     """PIDs of the live Ray Train worker processes of THIS test's Ray cluster (Ray titles them
     ray::RayTrainWorker...; the cluster's raylet, and so its workers, descend from this process, which

@@ -91,14 +91,120 @@ def data_report(args) -> int:
 
 
 def data_convert(args) -> int:
-    from eco_ray.data.convert import convert_instances_to_panoptic
+    from eco_ray.data import DatasetError, SplitPaths
+    from eco_ray.data.convert import IMAGE_MODES, convert_instances_to_panoptic
 
-    stuff = json.loads(Path(args.stuff_categories).read_text()) if args.stuff_categories else []
-    doc = convert_instances_to_panoptic(args.instances, args.out_json, args.out_pngs, args.semantic, stuff,
-                                        min_visible=args.min_visible)
-    n_seg = sum(len(a["segments_info"]) for a in doc["annotations"])
-    print(f"wrote {args.out_json}: {len(doc['annotations'])} images, {n_seg} segments; id PNGs in {args.out_pngs}")
+    if args.out:
+        if args.out_json or args.out_pngs:
+            raise DatasetError("give either --out (with --split) or --out-json and --out-pngs, not both")
+        paths = SplitPaths.coco_layout(args.out, args.split)
+        out_json, out_pngs, images_out = paths.annotations_json, paths.panoptic_pngs, paths.images
+    elif args.out_json and args.out_pngs:
+        out_json, out_pngs, images_out = args.out_json, args.out_pngs, None
+    else:
+        raise DatasetError("say where to write: --out ROOT [--split S], or --out-json FILE and --out-pngs DIR")
+    stuff = []
+    if args.stuff_categories:
+        try:
+            stuff = json.loads(Path(args.stuff_categories).read_text())
+        except FileNotFoundError:
+            raise DatasetError(f"stuff categories file not found: {args.stuff_categories}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DatasetError(f"{args.stuff_categories}: not valid JSON ({e})") from None
+    report = convert_instances_to_panoptic(args.instances, out_json, out_pngs, args.semantic, stuff,
+                                           min_visible=args.min_visible, images_dir=args.images,
+                                           images_out=images_out if args.images else None,
+                                           image_mode=args.image_mode, strict=args.strict)
+    if args.json:
+        _print_json({"out_json": str(out_json), "out_pngs": str(out_pngs), **report.to_json()})
+        return 0
+    print(f"wrote {out_json}: {report.images} images, {report.segments} segments; id PNGs in {out_pngs}"
+          + (f"; {report.images_placed} images {IMAGE_MODES[args.image_mode]} into {images_out}"
+             if report.images_placed else ""))
+    if report.void_categories:
+        print(f"  void (not a category): {', '.join(report.void_categories)}")
+    for line in report.warnings():
+        print(f"  {line}")
     return 0
+
+
+# --------------------------------------------------------------------------------------------- evaluate
+def evaluate(args) -> int:
+    from eco_ray.cli.format import prediction_score
+    from eco_ray.data import CocoPanopticDataset
+    from eco_ray.data.predictions import default_png_folder, score_predictions
+
+    gt = CocoPanopticDataset.from_root(args.gt, args.split)
+    pred_json, pred_pngs, exits = args.pred, args.pred_pngs, None
+    if args.parent:
+        if (args.exit is None) == (args.gate is None):
+            raise ConfigError("with --parent, give --exit K (static depth) or --gate URI")
+        if args.exit is not None and (args.beta is not None or args.max_gflops is not None):
+            raise ConfigError("--beta and --max-gflops choose among exits: they need --gate, not --exit")
+        ctx = _context(args)
+        pred_json = Path(args.out) if args.out else ctx.run_dir / "predictions" / f"{args.split}.json"
+        pred_pngs = default_png_folder(pred_json)
+        written = _predict(args, gt, pred_json, ctx.tracking_uri)
+        exits = [a["eco_exit"] for a in written["annotations"]]
+        gflops = [a["eco_encoder_gflops"] for a in written["annotations"]]
+        print(f"wrote {len(exits)} predictions to {pred_json}", file=sys.stderr)
+    elif args.exit is not None or args.gate or args.beta is not None or args.max_gflops is not None:
+        raise ConfigError("--exit, --gate, --beta and --max-gflops go with --parent, not --pred")
+    score = score_predictions(gt, pred_json, pred_pngs, progress=_eta("scored"))
+    result = score.to_json()
+    if exits is not None:
+        result["predictions"] = str(pred_json)
+        result["encoder_gflops_mean"] = float(sum(gflops) / max(len(gflops), 1))
+        result["exits"] = {str(k): exits.count(k) for k in sorted(set(exits))}
+    if args.json:
+        _print_json(result)
+    else:
+        print(prediction_score(result, per_class=args.per_class))
+    return 0
+
+
+def _predict(args, gt, pred_json: Path, tracking_uri: str) -> dict:
+    from eco_ray.evaluate import write_predictions
+    from eco_ray.model.io import load_parent
+    from eco_ray.serve.engine import InputError, RequestControl, load_engine, parent_engine
+    from eco_ray.tracking import describe_model_uri, resolve_model_dir
+
+    try:
+        control = RequestControl.parse({"exit": args.exit, "beta": args.beta, "max_gflops": args.max_gflops})
+    except InputError as e:
+        raise ConfigError(str(e)) from None
+    if args.gate:
+        try:
+            engine, _ = load_engine(args.parent, args.gate, tracking_uri, threshold=args.threshold)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    else:
+        parent, pmeta = load_parent(resolve_model_dir(args.parent, tracking_uri))
+        engine = parent_engine(parent, pmeta, {"parent": describe_model_uri(args.parent, tracking_uri)},
+                               threshold=args.threshold)
+    try:
+        engine.allowed_exits(control)
+    except InputError as e:
+        raise ConfigError(str(e)) from None
+    if list(engine.categories.ids) != list(gt.categories.ids):
+        raise ConfigError(f"the parent predicts categories {list(engine.categories.ids)}, the dataset has "
+                          f"{list(gt.categories.ids)}")
+    return write_predictions(engine, gt, pred_json, control, batch_size=args.batch_size,
+                             progress=_eta("predicted"))
+
+
+def _eta(verb: str):
+    """A progress callback printing about every 10% with an ETA, on stderr."""
+    started = time.perf_counter()
+    state = {"next": 0.1}
+
+    def progress(done, total):
+        if done < total and done / total >= state["next"]:
+            state["next"] += 0.1
+            left = (time.perf_counter() - started) / done * (total - done)
+            print(f"  {verb} {done}/{total} images, ETA {left:.0f} s", file=sys.stderr, flush=True)
+
+    return progress
 
 
 # ------------------------------------------------------------------------------------------------- cost

@@ -20,6 +20,25 @@ def dataset_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def prediction_score(score: dict, per_class: bool = False) -> str:
+    lines = [f"{score['images']} images      PQ      SQ      RQ",
+             *(f"{name:<12} {score['pq' + k]:.4f}  {score['sq' + k]:.4f}  {score['rq' + k]:.4f}"
+               for name, k in (("all", ""), ("things", "_things"), ("stuff", "_stuff"))),
+             f"mIoU {score['miou']:.4f}"]
+    if "exits" in score:
+        lines.append(f"mean encoder GFLOPs {score['encoder_gflops_mean']:.4f}; images per exit {score['exits']}; "
+                     f"predictions in {score['predictions']}")
+    if per_class:
+        def f(v):
+            return "     -" if v is None else f"{v:.4f}"
+
+        lines.append(f"{'category':<20} {'kind':<6} {'PQ':>6} {'SQ':>6} {'RQ':>6} {'IoU':>6} {'TP':>6} {'FP':>6} {'FN':>6}")
+        for c in score["per_class"]:
+            lines.append(f"{c['name'][:20]:<20} {'thing' if c['isthing'] else 'stuff':<6} {f(c['pq'])} {f(c['sq'])} "
+                         f"{f(c['rq'])} {f(c['iou'])} {c['tp']:>6} {c['fp']:>6} {c['fn']:>6}")
+    return "\n".join(lines)
+
+
 def cost_table(table: dict, height: int, width: int) -> str:
     lines = [f"model {table['model']}, input {height}x{width}; GFLOPs per image, {table['gflops_convention']}",
              f"backbone + input projections {table['backbone_gflops']:.4f}, one encoder layer "

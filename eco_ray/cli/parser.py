@@ -76,15 +76,59 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--splits", default="train,val", help="comma-separated splits (default train,val)")
     r.set_defaults(func=c.data_report)
 
-    v = dsub.add_parser("convert", help="COCO instance JSON (+ semantic PNGs for stuff) -> COCO panoptic")
+    v = dsub.add_parser("convert", parents=[js], help="COCO instance JSON (+ semantic PNGs for stuff) -> COCO panoptic",
+                        description="Writes the panoptic JSON and id PNGs of one split. With --out ROOT --split S: "
+                                    "the COCO 2017 layout that every eco-ray command reads (ROOT/annotations/"
+                                    "panoptic_S.json, ROOT/annotations/panoptic_S/, and with --images the images "
+                                    "in ROOT/S/). Id-0 and background categories become void; larger instances "
+                                    "are painted first, smaller ones on top. Every rule it applies is counted in "
+                                    "the summary (docs/data.md).")
     v.add_argument("--instances", required=True, help="COCO instances JSON (polygons and/or RLE)")
-    v.add_argument("--out-json", required=True, help="panoptic JSON to write")
-    v.add_argument("--out-pngs", required=True, help="directory for the id PNGs")
+    v.add_argument("--out", help="dataset root to write the split into (COCO 2017 layout)")
+    v.add_argument("--split", default="val", help="split name under --out (default val)")
+    v.add_argument("--out-json", help="panoptic JSON to write (instead of --out)")
+    v.add_argument("--out-pngs", help="directory for the id PNGs (instead of --out)")
+    v.add_argument("--images", help="folder the images' file_name is relative to: checks that every file exists "
+                                    "and has the JSON's size, and with --out places them in ROOT/SPLIT/")
+    v.add_argument("--image-mode", choices=["copy", "symlink"], default="copy",
+                   help="how --out receives the images (default copy; symlink for large datasets)")
     v.add_argument("--semantic", help="directory of semantic PNGs (value = stuff category id; 0/255 void)")
     v.add_argument("--stuff-categories", help="JSON list of stuff categories [{id, name}] found in --semantic")
     v.add_argument("--min-visible", type=float, default=0.0,
                    help="drop instances with less than this fraction of their area visible (default 0)")
+    v.add_argument("--strict", action="store_true",
+                   help="stop on annotations of unlisted images, missing image files and size mismatches "
+                        "(default: leave them out, or use the file's size, and say how many)")
     v.set_defaults(func=c.data_convert)
+
+    # --------------------------------------------------------------------------------------- evaluate
+    ev = sub.add_parser("evaluate", parents=[ctx_no_ray, js],
+                        help="score predictions, or a parent at one exit, or a gated model, on a dataset split",
+                        description="PQ / SQ / RQ (all, things, stuff, per class) as panopticapi's pq_compute "
+                                    "computes them, and mIoU. Either of a prediction set in the COCO panoptic "
+                                    "format (--pred: a JSON whose annotations give image_id, file_name and "
+                                    "segments_info per image, and the folder of id PNGs), or of a model that "
+                                    "predicts first (--parent with --exit K or --gate URI: the decision and the "
+                                    "forward pass that serving runs, at each image's own size; the predictions "
+                                    "are written to --out). Every image of the split needs a prediction.")
+    ev.add_argument("--gt", required=True, help="dataset root in the COCO 2017 layout")
+    ev.add_argument("--split", default="val", help="split of --gt to score (default val)")
+    src = ev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--pred", help="prediction JSON (COCO panoptic annotations)")
+    src.add_argument("--parent", help="a parent to predict with: models:/eco-parent@production, models:/NAME/N, "
+                                      "runs:/..., or a directory")
+    ev.add_argument("--pred-pngs", help="folder of the prediction id PNGs (default: the JSON's path without .json)")
+    how = ev.add_mutually_exclusive_group()
+    how.add_argument("--exit", type=int, help="with --parent: every image at this exit (static depth)")
+    how.add_argument("--gate", help="with --parent: the gate that picks each image's exit (a model URI or directory)")
+    ev.add_argument("--beta", type=float, help="with --gate (a quality gate): the trade-off (default: the gate's own)")
+    ev.add_argument("--max-gflops", type=float, help="with --gate: a per-image encoder GFLOPs budget")
+    ev.add_argument("--threshold", type=float, default=0.5, help="query score threshold of the predictions "
+                                                                  "(default 0.5, as served)")
+    ev.add_argument("--out", help="with --parent: where the predictions go (default RUN_DIR/predictions/SPLIT.json)")
+    ev.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    ev.add_argument("--per-class", action="store_true", help="print every category's PQ / SQ / RQ / IoU")
+    ev.set_defaults(func=c.evaluate)
 
     # ------------------------------------------------------------------------------------------- cost
     co = sub.add_parser("cost", parents=[js], help="GFLOPs and latency of every exit of a model config",

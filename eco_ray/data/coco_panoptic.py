@@ -77,20 +77,35 @@ class CocoPanopticDataset:
             data = json.loads(paths.annotations_json.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DatasetError(f"{paths.annotations_json}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise DatasetError(f"{paths.annotations_json}: a COCO panoptic file is a JSON object, this one is a "
+                               f"{type(data).__name__}")
         for key in ("images", "annotations", "categories"):
-            if key not in data:
-                raise DatasetError(f"{paths.annotations_json}: missing top-level key {key!r}")
+            if not isinstance(data.get(key), list):
+                raise DatasetError(f"{paths.annotations_json}: {'missing' if key not in data else 'not a list:'} "
+                                   f"top-level key {key!r}")
         try:
             self.categories = CategorySet(data["categories"])
-        except (KeyError, ValueError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise DatasetError(f"{paths.annotations_json}: bad categories ({e})") from None
-        images = {int(im["id"]): im for im in data["images"]}
+        images = {}
+        for i, im in enumerate(data["images"]):
+            _require(im, ("id", "file_name"), f"{paths.annotations_json}: image #{i}")
+            images[_integer(im["id"], f"{paths.annotations_json}: image #{i} id")] = im
         self._items: list[tuple[dict, dict]] = []
-        for ann in data["annotations"]:
-            image_id = int(ann["image_id"])
+        for i, ann in enumerate(data["annotations"]):
+            where = f"{paths.annotations_json}: annotation #{i}"
+            _require(ann, ("image_id", "file_name", "segments_info"), where)
+            image_id = _integer(ann["image_id"], f"{where} image_id")
             if image_id not in images:
                 raise DatasetError(f"{paths.annotations_json}: annotation for unknown image id {image_id}")
+            if not isinstance(ann["segments_info"], list):
+                raise DatasetError(f"{where}: segments_info must be a list")
             for seg in ann["segments_info"]:
+                _require(seg, ("id", "category_id"), f"{where} ({ann['file_name']}) segment")
+                if seg.get("iscrowd", 0) not in (0, 1) or isinstance(seg.get("iscrowd"), str):
+                    raise DatasetError(f"{where} ({ann['file_name']}): segment {seg['id']} has iscrowd "
+                                       f"{seg['iscrowd']!r}; it must be 0 or 1")
                 if seg["category_id"] not in self.categories:
                     raise DatasetError(f"{paths.annotations_json}: image {image_id} ({ann['file_name']}) has a "
                                        f"segment of unknown category {seg['category_id']}")
@@ -110,26 +125,24 @@ class CocoPanopticDataset:
         return self._items[index][0]
 
     def __getitem__(self, index: int) -> PanopticSample:
-        image_meta, ann = self._items[index]
+        image_meta, _ = self._items[index]
         image_path = self.paths.images / image_meta["file_name"]
-        png_path = self.paths.panoptic_pngs / ann["file_name"]
-        image = _read_image(image_path, "RGB")
-        id_map = rgb2id(_read_image(png_path, "RGB")).astype(np.int64)
+        image = read_image(image_path, "RGB")
+        id_map, segments = self.ground_truth(index)
         if image.shape[:2] != id_map.shape:
-            raise DatasetError(f"{png_path}: id map is {id_map.shape[1]}x{id_map.shape[0]} but the image "
-                               f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
-        segments = [dict(s) for s in ann["segments_info"]]
-        seg_ids = {int(s["id"]) for s in segments}
-        if len(seg_ids) != len(segments):
-            raise DatasetError(f"{png_path}: duplicate segment ids in segments_info")
-        present = set(np.unique(id_map).tolist()) - {VOID}
-        if present - seg_ids:
-            raise DatasetError(f"{png_path}: PNG has segment ids {sorted(present - seg_ids)[:10]} that are "
-                               f"not in the JSON's segments_info")
-        if seg_ids - present:
-            raise DatasetError(f"{png_path}: segments_info lists ids {sorted(seg_ids - present)[:10]} that do "
-                               f"not occur in the PNG")
+            raise DatasetError(f"{self.paths.panoptic_pngs / self._items[index][1]['file_name']}: id map is "
+                               f"{id_map.shape[1]}x{id_map.shape[0]} but the image {image_path.name} is "
+                               f"{image.shape[1]}x{image.shape[0]}")
         return PanopticSample(int(image_meta["id"]), image, id_map, segments, dict(image_meta))
+
+    def ground_truth(self, index: int) -> tuple[np.ndarray, list[dict]]:
+        """The id map and segments of one image, checked against each other (the image itself is not read)."""
+        _, ann = self._items[index]
+        png_path = self.paths.panoptic_pngs / ann["file_name"]
+        id_map = rgb2id(read_image(png_path, "RGB")).astype(np.int64)
+        segments = [dict(s) for s in ann["segments_info"]]
+        check_segments(png_path, id_map, segments)
+        return id_map, segments
 
     def validate(self) -> list[str]:
         """Load every sample; return one message per broken one (empty list: all good)."""
@@ -142,13 +155,43 @@ class CocoPanopticDataset:
         return problems
 
 
-def _read_image(path: Path, mode: str) -> np.ndarray:
+def check_segments(png_path: Path, id_map: np.ndarray, segments: list[dict]) -> None:
+    """The PNG's ids and the JSON's segments_info must name the same segments, each once."""
+    seg_ids = {int(s["id"]) for s in segments}
+    if len(seg_ids) != len(segments):
+        raise DatasetError(f"{png_path}: duplicate segment ids in segments_info")
+    present = set(np.unique(id_map).tolist()) - {VOID}
+    if present - seg_ids:
+        raise DatasetError(f"{png_path}: PNG has segment ids {sorted(present - seg_ids)[:10]} that are "
+                           f"not in the JSON's segments_info")
+    if seg_ids - present:
+        raise DatasetError(f"{png_path}: segments_info lists ids {sorted(seg_ids - present)[:10]} that do "
+                           f"not occur in the PNG")
+
+
+def _require(entry, keys: tuple[str, ...], where: str) -> None:
+    if not isinstance(entry, dict):
+        raise DatasetError(f"{where}: must be an object, got {type(entry).__name__}")
+    missing = [k for k in keys if k not in entry]
+    if missing:
+        raise DatasetError(f"{where}: missing {', '.join(map(repr, missing))}")
+
+
+def _integer(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise DatasetError(f"{where} must be an integer, got {value!r}")
+    return value
+
+
+def read_image(path: Path, mode: str | None = None) -> np.ndarray:
+    """The pixels of an image file, converted to ``mode`` (as stored when None); a DatasetError naming the file
+    when it is missing, truncated or not an image."""
     if not path.is_file():
         raise DatasetError(f"file not found: {path}")
     try:
         with Image.open(path) as im:
             im.load()
-            arr = np.asarray(im.convert(mode))
+            arr = np.asarray(im.convert(mode) if mode else im)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{path}: cannot decode image ({e})") from None
     if arr.size == 0 or min(arr.shape[:2]) == 0:

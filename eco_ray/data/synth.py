@@ -378,9 +378,10 @@ def ensure_dataset(out: str | Path, cfg: SynthConfig, splits: dict[str, int], *,
 
 
 def describe(images: list[dict]) -> dict:
-    """Histograms of the generated difficulty: objects per image, and kind."""
-    return {
-        "images": len(images),
-        "objects_per_image": dict(sorted(Counter(im.get("eco_num_objects", -1) for im in images).items())),
-        "kinds": dict(sorted(Counter(im.get("eco_kind", "?") for im in images).items())),
-    }
+    """The number of images and, for generated ones only, histograms of their difficulty: objects per image
+    and kind (other datasets lack those fields)."""
+    out: dict = {"images": len(images)}
+    if images and all("eco_kind" in im for im in images):
+        out["objects_per_image"] = dict(sorted(Counter(im.get("eco_num_objects", -1) for im in images).items()))
+        out["kinds"] = dict(sorted(Counter(im["eco_kind"] for im in images).items()))
+    return out

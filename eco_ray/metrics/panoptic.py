@@ -18,6 +18,8 @@ several, their areas are pooled (panopticapi would keep only the last one).
 
 from __future__ import annotations
 
+import numbers
+
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 
@@ -38,12 +40,24 @@ class Category:
     isthing: bool
 
 
+def _category(c: Mapping) -> Category:
+    """A category from its COCO entry, strictly typed: ``bool("0")`` would make every category a thing."""
+    for key in ("id", "name", "isthing"):
+        if key not in c:
+            raise ValueError(f"category {dict(c)!r} has no {key!r}")
+    cid, isthing = c["id"], c["isthing"]
+    if isinstance(cid, bool) or not isinstance(cid, numbers.Integral):
+        raise ValueError(f"category {c['name']!r}: id must be an integer, got {cid!r}")
+    if not (isinstance(isthing, (bool, numbers.Integral)) and int(isthing) in (0, 1)):
+        raise ValueError(f"category {c['name']!r}: isthing must be 0, 1, true or false, got {isthing!r}")
+    return Category(int(cid), str(c["name"]), bool(isthing))
+
+
 class CategorySet:
     """The categories of a dataset, with a contiguous index 0..C-1 used by every stats array."""
 
     def __init__(self, categories: Iterable[Category | Mapping]):
-        cats = [c if isinstance(c, Category) else Category(int(c["id"]), str(c["name"]), bool(c["isthing"]))
-                for c in categories]
+        cats = [c if isinstance(c, Category) else _category(c) for c in categories]
         if not cats:
             raise ValueError("a dataset needs at least one category")
         ids = [c.id for c in cats]

@@ -146,7 +146,7 @@ class Engine:
     """A parent, a gate and the per-exit costs, ready to segment batches."""
 
     parent: torch.nn.Module
-    gate: torch.nn.Module
+    gate: torch.nn.Module | None  # None: a parent alone (``eco-ray evaluate --exit``), every request forces its exit
     categories: CategorySet
     gflops: list[float]  # encoder GFLOPs per exit, shallow to deep (what a budget and a response count)
     relative_cost: list[float]  # the gate's own cost measure, relative to the deepest exit (what beta weighs)
@@ -167,6 +167,8 @@ class Engine:
             if c.exit not in self.exits:
                 raise InputError(422, f"exit={c.exit} is not one of the model's exits {self.exits}")
             return np.asarray(self.exits) == c.exit
+        if self.gate is None:
+            raise InputError(422, f"no gate is deployed with this parent: give exit (one of {self.exits})")
         if c.beta is not None and not self.gate.uses_beta:
             raise InputError(422, "beta needs a quality gate; the deployed gate is a classifier trained for one "
                                   "beta (use max_gflops)")
@@ -181,30 +183,45 @@ class Engine:
     def choose_exits(self, gate_features: torch.Tensor, controls: list[RequestControl]) -> list[int]:
         """Each image's exit: forced, or the rule over the gate's scores among the exits its budget allows."""
         allowed = np.stack([self.allowed_exits(c) for c in controls])
+        if self.gate is None:  # every exit forced (allowed_exits refuses anything else)
+            return [self.exits[int(np.argmax(a))] for a in allowed]
         betas = np.asarray([self.default_beta if c.beta is None else c.beta for c in controls])
         beta = betas if self.gate.uses_beta else 0.0
         index = choose(gate_scores(self.gate, gate_features), self.relative_cost, beta, allowed)
         return [self.exits[j] for j in index]
 
     @torch.no_grad()
-    def segment(self, images: list[np.ndarray], controls: list[RequestControl], mask_format: list[str]) -> list[dict]:
+    def predict(self, images: list[np.ndarray], controls: list[RequestControl]) -> list[tuple[np.ndarray, list[dict], int]]:
         """One batch: every image resized to the model's input, exits chosen per image, one parent pass in
-        which rows leave the encoder at their exit; results at each image's own size."""
-        t0 = time.perf_counter()
+        which rows leave the encoder at their exit -> (id map at the image's own size, segments, exit) each."""
         size = self.parent.config.image_size
         x = pixel_values([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
         out = self.parent.forward_gated(x, lambda feats: self.choose_exits(feats, controls))
-        exits = out.exit_per_image.tolist()
         preds = to_panoptic(out, self.categories, (size, size), self.threshold, self.mask_threshold,
                             self.overlap_threshold)
+        return [(resize_ids(id_map, im.shape[:2]), segs, int(k))
+                for im, (id_map, segs), k in zip(images, preds, out.exit_per_image.tolist())]
+
+    def segment(self, images: list[np.ndarray], controls: list[RequestControl], mask_format: list[str]) -> list[dict]:
+        """:meth:`predict`, encoded for a response (segments, PNG or RLE masks, exit, cost, versions, timing)."""
+        t0 = time.perf_counter()
+        preds = self.predict(images, controls)
         batch_ms = (time.perf_counter() - t0) * 1e3
         gflops_of = dict(zip(self.exits, self.gflops))
         results = []
-        for im, (id_map, segs), k, fmt in zip(images, preds, exits, mask_format):
-            results.append({**encode_panoptic(id_map, segs, im.shape[:2], self.categories, fmt), "exit": int(k),
-                            "encoder_gflops": gflops_of[int(k)], "versions": self.versions,
+        for im, (id_map, segs, k), fmt in zip(images, preds, mask_format):
+            results.append({**encode_panoptic(id_map, segs, im.shape[:2], self.categories, fmt), "exit": k,
+                            "encoder_gflops": gflops_of[k], "versions": self.versions,
                             "timing_ms": {"batch": round(batch_ms, 2), "batch_size": len(images)}})
         return results
+
+
+def resize_ids(id_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """An id map at ``shape`` (nearest neighbour: ids are labels, not intensities)."""
+    h, w = shape
+    if id_map.shape == (h, w):
+        return id_map
+    return np.asarray(Image.fromarray(id_map.astype(np.int32), mode="I").resize((w, h), Image.NEAREST)).astype(np.int64)
 
 
 def encode_panoptic(id_map: np.ndarray, segments: list[dict], shape: tuple[int, int], categories: CategorySet,
@@ -216,8 +233,7 @@ def encode_panoptic(id_map: np.ndarray, segments: list[dict], shape: tuple[int, 
     from eco_ray.data.coco_panoptic import id2rgb
 
     h, w = shape
-    if id_map.shape != (h, w):
-        id_map = np.asarray(Image.fromarray(id_map.astype(np.int32), mode="I").resize((w, h), Image.NEAREST)).astype(np.int64)
+    id_map = resize_ids(id_map, shape)
     names = {c.id: c for c in categories.categories}
     out_segments = []
     for s in segments:
@@ -290,3 +306,16 @@ def engine_from(parent, pmeta: dict, gate, gmeta: dict, versions: dict | None = 
     versions = {**(versions or {}), "gate_kind": gate.kind, "gate_beta": gmeta.get("beta"), "gate_cost": measure}
     return Engine(parent.eval(), gate.eval(), CategorySet(pmeta["categories"]), list(costs["gflops"]), relative,
                   float(beta), versions, threshold, mask_threshold, overlap_threshold)
+
+
+def parent_engine(parent, pmeta: dict, versions: dict | None = None, threshold: float = 0.5,
+                  mask_threshold: float = 0.5, overlap_threshold: float = OVERLAP_THRESHOLD) -> Engine:
+    """An engine of a parent alone: every request gives its exit (a static-depth baseline, ``eco-ray evaluate
+    --exit``). Exit GFLOPs are counted on the parent at its input size."""
+    from eco_ray.model.cost import count_exit_gflops
+
+    table = count_exit_gflops(parent, parent.config.image_size)
+    gflops = [next(e["encoder_gflops"] for e in table["exits"] if e["exit"] == k) for k in parent.exits]
+    return Engine(parent.eval(), None, CategorySet(pmeta["categories"]), gflops,
+                  relative_costs(np.maximum.accumulate(np.asarray(gflops, np.float64))).tolist(), 0.0,
+                  {**(versions or {}), "gate_kind": None}, threshold, mask_threshold, overlap_threshold)
