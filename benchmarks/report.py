@@ -110,7 +110,8 @@ def diagnosis(derived: str, ctx, gate_uri: str | None) -> dict:
             "cross_view_oracle_lead_ci95": list(best.lead_ci95), "cross_view_oracle_beta": best.beta,
             "probe_share": d.probes[0].share if d.probes else None,
             "gate_lead": d.gate.lead if d.gate else None, "gate_lead_ci95": list(d.gate.lead_ci95) if d.gate else None,
-            "reasons": d.reasons, "plot": str(plot), "full": d.to_json()}
+            "reasons": d.reasons, "plot": str(plot), "seconds": d.seconds, "resamples": d.resamples,
+            "images": d.images, "full": d.to_json()}
 
 
 def plot_tradeoff(points: list[dict], path: Path, title: str) -> Path:

@@ -81,7 +81,7 @@ def write_predictions(engine, dataset: CocoPanopticDataset, out_json, control=No
     from eco_ray import files
     from eco_ray.data.coco_panoptic import id2rgb
     from eco_ray.data.predictions import default_png_folder
-    from eco_ray.serve.engine import RequestControl
+    from eco_ray.serve.engine import RequestControl, resize_ids
 
     out_json = Path(out_json)
     folder = default_png_folder(out_json)
@@ -94,6 +94,7 @@ def write_predictions(engine, dataset: CocoPanopticDataset, out_json, control=No
         for sample, (id_map, segments, k) in zip(batch, engine.predict([s.image for s in batch],
                                                                         [control] * len(batch))):
             name = f"{sample.image_id}.png"
+            id_map = resize_ids(id_map, sample.image.shape[:2])
             Image.fromarray(id2rgb(id_map)).save(folder / name)
             present = set(np.unique(id_map).tolist())
             annotations.append({"image_id": sample.image_id, "file_name": name, "eco_exit": k,

@@ -211,7 +211,7 @@ def test_a_flat_polygon_list_is_one_polygon_and_whole_float_ids_become_ints(tmp_
 def test_malformed_instance_files_get_one_line_naming_the_file(tmp_path, capsys, content, message):
     src = tmp_path / "instances.json"
     src.write_text(content)
-    code, out, err = _cli(capsys, "--instances", src, "--out", tmp_path / "ds")
+    code, out, err = _cli(capsys, "--instances", src, "--out-json", tmp_path / "ds.json", "--out-pngs", tmp_path / "ds")
     assert code == 2 and message in err and str(src) in err and "Traceback" not in err, err
     assert err.count("\n") == 1
 
@@ -232,10 +232,10 @@ def test_a_truncated_semantic_png_and_missing_stuff_file_are_one_line(tmp_path, 
     Image.fromarray(np.full((H, W), 100, np.uint8)).save(sem / "a.png")
     (sem / "a.png").write_bytes((sem / "a.png").read_bytes()[:60])
     stuff = _write(tmp_path, [{"id": 100, "name": "road"}], "stuff.json")
-    code, _, err = _cli(capsys, "--instances", src, "--out", tmp_path / "ds", "--semantic", sem,
+    code, _, err = _cli(capsys, "--instances", src, "--out-json", tmp_path / "ds.json", "--out-pngs", tmp_path / "ds", "--semantic", sem,
                         "--stuff-categories", stuff)
     assert code == 2 and str(sem / "a.png") in err and "cannot decode" in err and "Traceback" not in err
-    code, _, err = _cli(capsys, "--instances", src, "--out", tmp_path / "ds", "--semantic", sem,
+    code, _, err = _cli(capsys, "--instances", src, "--out-json", tmp_path / "ds.json", "--out-pngs", tmp_path / "ds", "--semantic", sem,
                         "--stuff-categories", tmp_path / "none.json")
     assert code == 2 and "stuff categories file not found" in err and "none.json" in err
 
@@ -243,10 +243,10 @@ def test_a_truncated_semantic_png_and_missing_stuff_file_are_one_line(tmp_path, 
 def test_annotations_of_unlisted_images_are_counted_or_refused(tmp_path, capsys):
     doc = _doc([{"id": i, "image_id": 5, "category_id": 1, "segmentation": _box(5, 5, 20, 20)} for i in range(3)])
     src = _write(tmp_path, doc)
-    code, out, _ = _cli(capsys, "--instances", src, "--out", tmp_path / "ds")
+    code, out, _ = _cli(capsys, "--instances", src, "--out-json", tmp_path / "ds.json", "--out-pngs", tmp_path / "ds")
     assert code == 0 and "annotations of an image id the file does not list, left out: 3" in out
     assert "images without any annotation (kept: void, or stuff only): 1" in out
-    code, _, err = _cli(capsys, "--instances", src, "--out", tmp_path / "ds2", "--strict")
+    code, _, err = _cli(capsys, "--instances", src, "--out-json", tmp_path / "ds2.json", "--out-pngs", tmp_path / "ds2", "--strict")
     assert code == 2 and "image id 5 is not among the file's images" in err
 
 
@@ -284,7 +284,7 @@ def test_image_folders_in_file_names_are_placed_in_the_layout(tmp_path, capsys):
         assert ds.validate() == [] and [s["category_id"] for i in range(2) for s in ds[i].segments] == [1, 2]
         assert (root / "val/JPEGImages/x.png").is_symlink() == (mode == "symlink")
     src = _write(tmp_path, _doc([], images=[{"id": 1, "file_name": "../x.png", "width": W, "height": H}]))
-    code, _, err = _cli(capsys, "--instances", src, "--out", tmp_path / "bad")
+    code, _, err = _cli(capsys, "--instances", src, "--out-json", tmp_path / "bad.json", "--out-pngs", tmp_path / "bad")
     assert code == 2 and "must be a path relative to the image folder" in err
 
 
@@ -331,3 +331,104 @@ def test_report_shows_generator_fields_only_for_generated_data(tmp_path, capsys)
     assert main(["data", "report", "--root", str(tmp_path), "--splits", "val"]) == 0
     out = capsys.readouterr().out
     assert "[val] 2 images" in out and "kinds" not in out and "objects per image" not in out and "PQ 1.0000" in out
+
+
+def test_what_would_corrupt_a_dataset_is_refused(tmp_path, capsys):
+    # two images whose id PNGs would share a name
+    doc = _doc([], images=[{"id": 1, "file_name": "a.jpg", "width": W, "height": H},
+                           {"id": 2, "file_name": "a.png", "width": W, "height": H}])
+    with pytest.raises(DatasetError, match="would share the id PNG 'a.png'"):
+        convert_instances_to_panoptic(_write(tmp_path, doc), tmp_path / "p.json", tmp_path / "p")
+    # RLE runs that do not cover the image (pycocotools would fill the rest from uninitialised memory)
+    short = {"size": [H, W], "counts": [10, 20]}
+    text = mask_utils.encode(np.asfortranarray(np.ones((H, W // 2), np.uint8)))["counts"].decode()  # wrong size
+    for seg, message in ((short, "cover 30 pixels"), ({"size": [H, W], "counts": text}, "cover 1200 pixels"),
+                         ({"size": [H, W], "counts": [H * W + 5, -5]}, "negative run lengths"),
+                         ({"size": 7, "counts": "x"}, "RLE of size 7")):
+        src = _write(tmp_path, _doc([{"id": 4, "image_id": 1, "category_id": 1, "segmentation": seg}]))
+        code, _, err = _cli(capsys, "--instances", src, "--out-json", tmp_path / "r.json", "--out-pngs", tmp_path / "r")
+        assert code == 2 and message in err and "annotation 4" in err and err.count("\n") == 1, err
+    # inputs that are not what they should be
+    code, _, err = _cli(capsys, "--instances", tmp_path, "--out-json", tmp_path / "r.json", "--out-pngs", tmp_path / "r")
+    assert code == 2 and "is a directory" in err
+    src = _write(tmp_path, _doc([]))
+    code, _, err = _cli(capsys, "--instances", src, "--out", tmp_path / "o", "--images", tmp_path / "nowhere")
+    assert code == 2 and "image folder not found" in err
+    code, _, err = _cli(capsys, "--instances", src, "--out", tmp_path / "o")
+    assert code == 2 and "give --images" in err
+    (tmp_path / "afile").write_text("x")
+    code, _, err = _cli(capsys, "--instances", src, "--out-json", tmp_path / "r.json", "--out-pngs", tmp_path / "afile")
+    assert code == 2 and "is not an id-PNG folder this command wrote" in err and (tmp_path / "afile").is_file()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "holiday.jpg").write_text("x")  # a folder of the user's is never replaced
+    code, _, err = _cli(capsys, "--instances", src, "--out-json", tmp_path / "r.json", "--out-pngs", tmp_path / "mine")
+    assert code == 2 and (tmp_path / "mine" / "holiday.jpg").is_file()
+
+
+def test_compressed_rle_runs_are_read_as_pycocotools_writes_them():
+    from eco_ray.data.convert import rle_counts_from_string
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        m = (rng.random((H, W)) < rng.random()).astype(np.uint8)
+        rle = mask_utils.encode(np.asfortranarray(m))
+        assert rle_counts_from_string(rle["counts"].decode()) == _uncompressed_counts(m)
+
+
+def test_a_failed_rerun_leaves_the_previous_output_as_it_was(tmp_path, capsys):
+    good = _doc([{"id": 1, "image_id": 1, "category_id": 1, "segmentation": _box(5, 5, 20, 20)}])
+    images = _images_folder(tmp_path, good)
+    args = ["--out", tmp_path / "ds", "--images", images]
+    assert _cli(capsys, "--instances", _write(tmp_path, good), *args)[0] == 0
+    before = (tmp_path / "ds/annotations/panoptic_val.json").read_text()
+    bad = _doc([{"id": 1, "image_id": 1, "category_id": 2, "segmentation": _box(0, 0, 30, 30)},
+                {"id": 2, "image_id": 1, "category_id": 1, "segmentation": [[1, 2, 3]]}])
+    code, _, err = _cli(capsys, "--instances", _write(tmp_path, bad, "bad.json"), *args)
+    assert code == 2 and "odd number" in err
+    assert (tmp_path / "ds/annotations/panoptic_val.json").read_text() == before
+    assert CocoPanopticDataset.from_root(tmp_path / "ds", "val").validate() == []
+    assert not list((tmp_path / "ds/annotations").glob("*.partial"))
+
+
+def test_crowds_merge_per_category_and_hidden_ones_are_counted(tmp_path):
+    anns = [{"id": 1, "image_id": 1, "category_id": 2, "iscrowd": 1, "segmentation": [_box(0, 0, 10, 10)]},
+            {"id": 2, "image_id": 1, "category_id": 2, "iscrowd": 1, "segmentation": [_box(30, 0, 40, 10)]},
+            {"id": 3, "image_id": 1, "category_id": 1, "iscrowd": 1, "segmentation": [_box(5, 20, 15, 30)]},
+            {"id": 4, "image_id": 1, "category_id": 1, "segmentation": [_box(0, 15, 20, 35)]},  # covers crowd 3
+            {"id": 5, "image_id": 1, "category_id": 1, "segmentation": [_box(-50, -50, -10, -10)]}]  # outside
+    report = convert_instances_to_panoptic(_write(tmp_path, _doc(anns)), tmp_path / "p.json", tmp_path / "p")
+    segs = report.panoptic["annotations"][0]["segments_info"]
+    assert [(s["category_id"], s["iscrowd"]) for s in segs] == [(1, 0), (2, 1)]
+    c = report.to_json()["counts"]
+    assert (c["crowd_segments"], c["hidden_crowds"], c["empty_annotations"], c["clipped_annotations"]) == (1, 1, 1, 0)
+
+
+def test_semantic_pngs_follow_the_file_names_folders(tmp_path):
+    images = [{"id": 1, "file_name": "A/x.jpg", "width": W, "height": H},
+              {"id": 2, "file_name": "B/x.jpg", "width": W, "height": H},
+              {"id": 3, "file_name": "C/y.jpg", "width": W, "height": H}]
+    src = _write(tmp_path, _doc([], images=images))
+    sem = tmp_path / "sem"
+    (sem / "A").mkdir(parents=True)
+    Image.fromarray(np.full((H, W), 100, np.uint8)).save(sem / "A/x.png")
+    Image.fromarray(np.full((H, W), 101, np.uint8)).save(sem / "y.png")  # a unique stem: found at the top
+    Image.fromarray(np.full((H, W), 101, np.uint8)).save(sem / "x.png")  # shared by A/x and B/x: never used
+    stuff = [{"id": 100, "name": "road"}, {"id": 101, "name": "sky"}]
+    with pytest.raises(DatasetError, match=r"B/x.png .*which another image shares"):
+        convert_instances_to_panoptic(src, tmp_path / "p.json", tmp_path / "p", sem, stuff)
+    Image.fromarray(np.full((H, W), 100, np.uint8)).save(sem / "B.png")
+    (sem / "B").mkdir()
+    Image.fromarray(np.full((H, W), 100, np.uint8)).save(sem / "B/x.png")
+    report = convert_instances_to_panoptic(src, tmp_path / "p.json", tmp_path / "p", sem, stuff)
+    assert [[s["category_id"] for s in a["segments_info"]] for a in report.panoptic["annotations"]] == \
+        [[100], [100], [101]]
+
+
+def test_a_copy_rerun_replaces_the_links_of_a_symlink_run(tmp_path, capsys):
+    doc = _doc([], images=[{"id": 1, "file_name": "a.png", "width": W, "height": H}])
+    src, images = _write(tmp_path, doc), _images_folder(tmp_path, doc)
+    for mode in ("symlink", "copy"):
+        assert _cli(capsys, "--instances", src, "--out", tmp_path / "ds", "--images", images,
+                    "--image-mode", mode)[0] == 0
+        assert (tmp_path / "ds/val/a.png").is_symlink() == (mode == "symlink")
+    assert (images / "a.png").is_file()  # the source is never touched

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from eco_ray.data import CocoPanopticDataset, id2rgb, rgb2id
+from eco_ray.data import CocoPanopticDataset, DatasetError, id2rgb, rgb2id
 from eco_ray.data.coco_panoptic import segments_from_id_map
 from eco_ray.data.predictions import score_predictions
 from eco_ray.data.synth import SynthConfig, ensure_dataset
@@ -141,10 +141,12 @@ def _panopticapi(items, categories):
                 continue
             n += 1
             pq_c = s["iou"] / (s["tp"] + 0.5 * s["fp"] + 0.5 * s["fn"])
-            per_class[c.id] = pq_c
+            sq_c = s["iou"] / s["tp"] if s["tp"] else 0
+            rq_c = s["tp"] / (s["tp"] + 0.5 * s["fp"] + 0.5 * s["fn"])
+            per_class[c.id] = (pq_c, sq_c, rq_c)
             pq += pq_c
-            sq += s["iou"] / s["tp"] if s["tp"] else 0
-            rq += s["tp"] / (s["tp"] + 0.5 * s["fp"] + 0.5 * s["fn"])
+            sq += sq_c
+            rq += rq_c
         out.update({"pq" + suffix: pq / n if n else 0, "sq" + suffix: sq / n if n else 0,
                     "rq" + suffix: rq / n if n else 0})
     return out, per_class
@@ -177,7 +179,7 @@ def test_scores_agree_with_panopticapis_algorithm_on_perturbed_predictions(gt_ro
     for row in score["per_class"]:
         assert (row["pq"] is None) == (row["id"] not in ref_per_class)
         if row["pq"] is not None:
-            assert row["pq"] == pytest.approx(ref_per_class[row["id"]], abs=1e-9)
+            assert (row["pq"], row["sq"], row["rq"]) == pytest.approx(ref_per_class[row["id"]], abs=1e-9)
     assert score["miou"] == pytest.approx(_miou(items, gt.categories), abs=1e-9)
 
 
@@ -217,7 +219,7 @@ def test_the_command_prints_and_refuses_bad_predictions_in_one_line(gt_root, tmp
             "not in the ground truth")
     one = json.loads(json.dumps(good))
     one["annotations"][0]["segments_info"][0]["category_id"] = 999
-    refused(one, "unknown category id 999")
+    refused(one, "unknown category 999")
     one = json.loads(json.dumps(good))
     one["annotations"][0]["segments_info"].append({"id": 77777, "category_id": 1})
     refused(one, "do not occur in the PNG")
@@ -227,5 +229,72 @@ def test_the_command_prints_and_refuses_bad_predictions_in_one_line(gt_root, tmp
     refused([], "a JSON object with an 'annotations' list")
     first.write_bytes(first.read_bytes()[:50])
     refused(good, "cannot decode image")
-    code, _, err = _cli(capsys, "--gt", gt_root, "--pred", tmp_path / "nothing.json", "--pred-pngs", tmp_path)
+    code, _, err = _cli(capsys, "--gt", gt_root, "--pred", tmp_path / "nothing.json")
     assert code == 2 and "prediction file not found" in err
+    for field, value, message in (("id", None, "segment id must be an integer"),
+                                  ("id", 1.7, "segment id must be an integer"),
+                                  ("category_id", 1.5, "category_id must be an integer"),
+                                  ("category_id", [1], "category_id must be an integer")):
+        one = json.loads(json.dumps(good))
+        one["annotations"][0]["segments_info"][0][field] = value
+        refused(one, message)
+    one = json.loads(json.dumps(good))
+    one["annotations"][0]["file_name"] = 3
+    refused(one, "file_name must be a non-empty string")
+    for extra, message in ((["--exit", "2"], "--exit go with --parent"), (["--threshold", "0.1"], "go with --parent"),
+                           (["--batch-size", "0"], "go with --parent")):
+        code, _, err = _cli(capsys, "--gt", gt_root, "--pred", pred_json, *extra)
+        assert code == 2 and message in err, err
+
+
+def test_the_ground_truth_reader_names_mistyped_fields(gt_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "gt"
+    shutil.copytree(gt_root, root)
+    path = root / "annotations" / "panoptic_val.json"
+    good = json.loads(path.read_text())
+    cases = ((lambda d: d["annotations"][0]["segments_info"][0].update(id=None), "segment id must be an integer"),
+             (lambda d: d["annotations"][0]["segments_info"][0].update(category_id=1.5), "must be an integer"),
+             (lambda d: d["annotations"][0].update(file_name=None), "file_name must be a non-empty string"),
+             (lambda d: d["images"].append(dict(d["images"][0])), "appears twice"),
+             (lambda d: d["annotations"].append(dict(d["annotations"][0])), "a second annotation for image"),
+             (lambda d: d["categories"].append(["x"]), "a category is an object"))
+    for mutate, message in cases:
+        doc = json.loads(json.dumps(good))
+        mutate(doc)
+        path.write_text(json.dumps(doc))
+        with pytest.raises(DatasetError, match=message):
+            CocoPanopticDataset.from_root(root, "val")
+
+
+def test_predictions_written_through_the_engine_are_at_each_images_size(gt_root, tmp_path):
+    """A parent whose input (64 px) is not the images' size (48 px): predictions are written at 48 px and score
+    as the same maps scored directly."""
+    import torch
+
+    from eco_ray.evaluate import write_predictions
+    from eco_ray.metrics import aggregate, image_stats
+    from eco_ray.model.config import load_model_config
+    from eco_ray.model.early_exit import EarlyExitMask2Former
+    from eco_ray.serve.engine import RequestControl, parent_engine, resize_ids
+
+    gt = CocoPanopticDataset.from_root(gt_root, "val")
+    torch.manual_seed(0)
+    parent = EarlyExitMask2Former(load_model_config("tiny", [f"num_labels={len(gt.categories)}"]))
+    assert parent.config.image_size != gt[0].image.shape[0]
+    engine = parent_engine(parent, {"categories": gt.categories.to_coco()}, threshold=0.05)
+    doc = write_predictions(engine, gt, tmp_path / "pred.json", RequestControl(exit=2), batch_size=5)
+    assert {a["eco_exit"] for a in doc["annotations"]} == {2}
+    png = np.asarray(Image.open(tmp_path / "pred" / doc["annotations"][0]["file_name"]))
+    assert png.shape[:2] == gt[0].image.shape[:2]
+    direct = []
+    for n in range(len(gt)):
+        (id_map, segs, _), = engine.predict([gt[n].image], [RequestControl(exit=2)])
+        direct.append(image_stats(*gt.ground_truth(n), resize_ids(id_map, gt[n].image.shape[:2]), segs, gt.categories))
+    from eco_ray.metrics import PanopticStats
+
+    expected = aggregate(PanopticStats.stack(direct), gt.categories).pq
+    assert score_predictions(gt, tmp_path / "pred.json").to_json()["pq"] == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(Exception, match="give exit"):
+        engine.allowed_exits(RequestControl())

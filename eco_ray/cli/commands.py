@@ -92,25 +92,23 @@ def data_report(args) -> int:
 
 def data_convert(args) -> int:
     from eco_ray.data import DatasetError, SplitPaths
+    from eco_ray.data.coco_panoptic import load_json
     from eco_ray.data.convert import IMAGE_MODES, convert_instances_to_panoptic
 
     if args.out:
         if args.out_json or args.out_pngs:
             raise DatasetError("give either --out (with --split) or --out-json and --out-pngs, not both")
+        if not args.images:
+            raise DatasetError("--out writes the whole layout, images included: give --images DIR (the folder "
+                               "file_name is relative to), or write only the annotations with --out-json and "
+                               "--out-pngs")
         paths = SplitPaths.coco_layout(args.out, args.split)
         out_json, out_pngs, images_out = paths.annotations_json, paths.panoptic_pngs, paths.images
     elif args.out_json and args.out_pngs:
         out_json, out_pngs, images_out = args.out_json, args.out_pngs, None
     else:
         raise DatasetError("say where to write: --out ROOT [--split S], or --out-json FILE and --out-pngs DIR")
-    stuff = []
-    if args.stuff_categories:
-        try:
-            stuff = json.loads(Path(args.stuff_categories).read_text())
-        except FileNotFoundError:
-            raise DatasetError(f"stuff categories file not found: {args.stuff_categories}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DatasetError(f"{args.stuff_categories}: not valid JSON ({e})") from None
+    stuff = load_json(args.stuff_categories, "stuff categories file") if args.stuff_categories else []
     report = convert_instances_to_panoptic(args.instances, out_json, out_pngs, args.semantic, stuff,
                                            min_visible=args.min_visible, images_dir=args.images,
                                            images_out=images_out if args.images else None,
@@ -134,6 +132,15 @@ def evaluate(args) -> int:
     from eco_ray.data import CocoPanopticDataset
     from eco_ray.data.predictions import default_png_folder, score_predictions
 
+    model_only = {"--exit": args.exit, "--gate": args.gate, "--beta": args.beta, "--max-gflops": args.max_gflops,
+                  "--out": args.out, "--threshold": args.threshold, "--batch-size": args.batch_size}
+    if args.pred and any(v is not None for v in model_only.values()):
+        raise ConfigError(f"{', '.join(k for k, v in model_only.items() if v is not None)} go with --parent: "
+                          f"--pred scores predictions that exist")
+    if args.parent and args.pred_pngs:
+        raise ConfigError("--pred-pngs goes with --pred; with --parent the PNGs are written beside --out")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     gt = CocoPanopticDataset.from_root(args.gt, args.split)
     pred_json, pred_pngs, exits = args.pred, args.pred_pngs, None
     if args.parent:
@@ -148,8 +155,6 @@ def evaluate(args) -> int:
         exits = [a["eco_exit"] for a in written["annotations"]]
         gflops = [a["eco_encoder_gflops"] for a in written["annotations"]]
         print(f"wrote {len(exits)} predictions to {pred_json}", file=sys.stderr)
-    elif args.exit is not None or args.gate or args.beta is not None or args.max_gflops is not None:
-        raise ConfigError("--exit, --gate, --beta and --max-gflops go with --parent, not --pred")
     score = score_predictions(gt, pred_json, pred_pngs, progress=_eta("scored"))
     result = score.to_json()
     if exits is not None:
@@ -169,19 +174,20 @@ def _predict(args, gt, pred_json: Path, tracking_uri: str) -> dict:
     from eco_ray.serve.engine import InputError, RequestControl, load_engine, parent_engine
     from eco_ray.tracking import describe_model_uri, resolve_model_dir
 
+    threshold = 0.5 if args.threshold is None else args.threshold
     try:
         control = RequestControl.parse({"exit": args.exit, "beta": args.beta, "max_gflops": args.max_gflops})
     except InputError as e:
         raise ConfigError(str(e)) from None
     if args.gate:
         try:
-            engine, _ = load_engine(args.parent, args.gate, tracking_uri, threshold=args.threshold)
+            engine, _ = load_engine(args.parent, args.gate, tracking_uri, threshold=threshold)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     else:
         parent, pmeta = load_parent(resolve_model_dir(args.parent, tracking_uri))
         engine = parent_engine(parent, pmeta, {"parent": describe_model_uri(args.parent, tracking_uri)},
-                               threshold=args.threshold)
+                               threshold=threshold)
     try:
         engine.allowed_exits(control)
     except InputError as e:
@@ -189,8 +195,11 @@ def _predict(args, gt, pred_json: Path, tracking_uri: str) -> dict:
     if list(engine.categories.ids) != list(gt.categories.ids):
         raise ConfigError(f"the parent predicts categories {list(engine.categories.ids)}, the dataset has "
                           f"{list(gt.categories.ids)}")
-    return write_predictions(engine, gt, pred_json, control, batch_size=args.batch_size,
-                             progress=_eta("predicted"))
+    try:
+        return write_predictions(engine, gt, pred_json, control, batch_size=args.batch_size or 8,
+                                 progress=_eta("predicted"))
+    except OSError as e:
+        raise ConfigError(f"cannot write the predictions ({e.filename or pred_json}: {e.strerror or e})") from None
 
 
 def _eta(verb: str):

@@ -123,10 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--gate", help="with --parent: the gate that picks each image's exit (a model URI or directory)")
     ev.add_argument("--beta", type=float, help="with --gate (a quality gate): the trade-off (default: the gate's own)")
     ev.add_argument("--max-gflops", type=float, help="with --gate: a per-image encoder GFLOPs budget")
-    ev.add_argument("--threshold", type=float, default=0.5, help="query score threshold of the predictions "
-                                                                  "(default 0.5, as served)")
+    ev.add_argument("--threshold", type=float, help="with --parent: query score threshold of the predictions "
+                                                     "(default 0.5, as served)")
     ev.add_argument("--out", help="with --parent: where the predictions go (default RUN_DIR/predictions/SPLIT.json)")
-    ev.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default 8)")
+    ev.add_argument("--batch-size", type=int, help="with --parent: images per forward pass (default 8)")
     ev.add_argument("--per-class", action="store_true", help="print every category's PQ / SQ / RQ / IoU")
     ev.set_defaults(func=c.evaluate)
 

@@ -73,10 +73,7 @@ class CocoPanopticDataset:
         for d in (paths.images, paths.panoptic_pngs):
             if not d.is_dir():
                 raise DatasetError(f"directory not found: {d}")
-        try:
-            data = json.loads(paths.annotations_json.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DatasetError(f"{paths.annotations_json}: not valid JSON ({e})") from None
+        data = load_json(paths.annotations_json, "annotation file")
         if not isinstance(data, dict):
             raise DatasetError(f"{paths.annotations_json}: a COCO panoptic file is a JSON object, this one is a "
                                f"{type(data).__name__}")
@@ -90,25 +87,26 @@ class CocoPanopticDataset:
             raise DatasetError(f"{paths.annotations_json}: bad categories ({e})") from None
         images = {}
         for i, im in enumerate(data["images"]):
-            _require(im, ("id", "file_name"), f"{paths.annotations_json}: image #{i}")
-            images[_integer(im["id"], f"{paths.annotations_json}: image #{i} id")] = im
+            where = f"{paths.annotations_json}: image #{i}"
+            _require(im, ("id", "file_name"), where)
+            image_id = integer_field(im["id"], f"{where} id")
+            if image_id in images:
+                raise DatasetError(f"{where}: image id {image_id} appears twice")
+            _file_name(im["file_name"], where)
+            images[image_id] = im
         self._items: list[tuple[dict, dict]] = []
+        annotated: set[int] = set()
         for i, ann in enumerate(data["annotations"]):
             where = f"{paths.annotations_json}: annotation #{i}"
             _require(ann, ("image_id", "file_name", "segments_info"), where)
-            image_id = _integer(ann["image_id"], f"{where} image_id")
+            image_id = integer_field(ann["image_id"], f"{where} image_id")
             if image_id not in images:
                 raise DatasetError(f"{paths.annotations_json}: annotation for unknown image id {image_id}")
-            if not isinstance(ann["segments_info"], list):
-                raise DatasetError(f"{where}: segments_info must be a list")
-            for seg in ann["segments_info"]:
-                _require(seg, ("id", "category_id"), f"{where} ({ann['file_name']}) segment")
-                if seg.get("iscrowd", 0) not in (0, 1) or isinstance(seg.get("iscrowd"), str):
-                    raise DatasetError(f"{where} ({ann['file_name']}): segment {seg['id']} has iscrowd "
-                                       f"{seg['iscrowd']!r}; it must be 0 or 1")
-                if seg["category_id"] not in self.categories:
-                    raise DatasetError(f"{paths.annotations_json}: image {image_id} ({ann['file_name']}) has a "
-                                       f"segment of unknown category {seg['category_id']}")
+            if image_id in annotated:
+                raise DatasetError(f"{where}: a second annotation for image {image_id}")
+            annotated.add(image_id)
+            where = f"{where} ({_file_name(ann['file_name'], where)})"
+            check_segments_info(ann["segments_info"], self.categories, where, crowd=True)
             self._items.append((images[image_id], ann))
         self._items.sort(key=lambda item: int(item[0]["id"]))
         self.image_ids = [int(im["id"]) for im, _ in self._items]
@@ -169,6 +167,38 @@ def check_segments(png_path: Path, id_map: np.ndarray, segments: list[dict]) -> 
                            f"not occur in the PNG")
 
 
+def check_segments_info(segments, categories: CategorySet, where: str, crowd: bool) -> None:
+    """A ``segments_info`` list: objects with an integer ``id`` (> 0, once each) and a known integer
+    ``category_id`` (and ``iscrowd`` 0 or 1 where ``crowd``); a DatasetError naming the entry otherwise."""
+    if not isinstance(segments, list):
+        raise DatasetError(f"{where}: segments_info must be a list")
+    for seg in segments:
+        _require(seg, ("id", "category_id"), f"{where} segment")
+        seg_id = integer_field(seg["id"], f"{where}: segment id")
+        if seg_id <= 0:
+            raise DatasetError(f"{where}: segment id {seg_id}: ids are > 0 (0 is void)")
+        category_id = integer_field(seg["category_id"], f"{where}: segment {seg_id} category_id")
+        if category_id not in categories:
+            raise DatasetError(f"{where}: segment {seg_id} has unknown category {category_id}")
+        if crowd and (isinstance(seg.get("iscrowd", 0), str) or seg.get("iscrowd", 0) not in (0, 1)):
+            raise DatasetError(f"{where}: segment {seg_id} has iscrowd {seg['iscrowd']!r}; it must be 0 or 1")
+
+
+def load_json(path: str | Path, what: str = "file"):
+    """A JSON file's content, or a DatasetError naming the file (missing, a directory, unreadable, not JSON)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DatasetError(f"{what} not found: {path}") from None
+    except IsADirectoryError:
+        raise DatasetError(f"{path}: is a directory; give the {what} itself") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
+
+
 def _require(entry, keys: tuple[str, ...], where: str) -> None:
     if not isinstance(entry, dict):
         raise DatasetError(f"{where}: must be an object, got {type(entry).__name__}")
@@ -177,9 +207,16 @@ def _require(entry, keys: tuple[str, ...], where: str) -> None:
         raise DatasetError(f"{where}: missing {', '.join(map(repr, missing))}")
 
 
-def _integer(value, where: str) -> int:
+def integer_field(value, where: str) -> int:
+    """An id as the JSON must hold it: an integer (not a bool, not ``1.5``, not ``"1"``)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise DatasetError(f"{where} must be an integer, got {value!r}")
+    return value
+
+
+def _file_name(value, where: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise DatasetError(f"{where}: file_name must be a non-empty string, got {value!r}")
     return value
 
 

@@ -11,9 +11,12 @@ The rules (docs/data.md lists them with every count the summary reports):
   A polygon of fewer than 3 points is dropped; points outside the image are clipped when rasterised.
 - **Overlaps.** Larger instances are painted first, smaller ones on top (a small object in front of a large
   one is the common case in real photos). An instance left with less than ``min_visible`` of its area, or
-  with none, is dropped. Crowd annotations (``iscrowd=1``) become crowd segments on the pixels no instance
-  covers. Pixels no instance covers take their stuff category from the semantic PNG (value = category id;
-  0 and 255 are void), one segment per stuff category.
+  with none, is dropped. The crowd annotations (``iscrowd=1``) of a category make one crowd segment (as COCO
+  has, and panopticapi's matching assumes) on the pixels no instance covers. Pixels no instance covers take
+  their stuff category from the semantic PNG (value = category id; 0 and 255 are void), one segment per stuff
+  category.
+- **RLE** must have the image's size and runs that cover it exactly (pycocotools fills a short one from
+  uninitialised memory).
 - **Checks.** Annotations of an image id the file does not list, and (given the image folder) image files
   that are missing or unreadable or whose size differs from the JSON's: a warning by default (the annotation
   or image left out; the file's own size used), an error with ``strict``.
@@ -37,12 +40,13 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from eco_ray import files
-from eco_ray.data.coco_panoptic import DatasetError, id2rgb, read_image, segments_from_id_map
+from eco_ray.data.coco_panoptic import DatasetError, id2rgb, load_json, read_image, segments_from_id_map
 from eco_ray.metrics.panoptic import VOID
 
 SEMANTIC_VOID = (0, 255)
 BACKGROUND_NAMES = ("_background_", "__background__")
 IMAGE_MODES = {"copy": "copied", "symlink": "linked"}
+MARKER = ".eco-ray-convert"  # in a PNG folder this module wrote, and so may replace
 
 # what each count of ConversionReport.counts means, in the order the summary prints them
 COUNTS = {
@@ -56,7 +60,8 @@ COUNTS = {
     "empty_annotations": "annotations with an empty mask, left out",
     "occluded_instances": "instances partly covered by a smaller one in front",
     "hidden_instances": "instances covered entirely or below --min-visible, dropped",
-    "crowd_segments": "crowd segments",
+    "hidden_crowds": "crowd regions covered entirely by instances, dropped",
+    "crowd_segments": "crowd segments (the crowd annotations of a category in an image make one)",
 }
 STRICT = ("orphan_annotations", "missing_images", "size_mismatches")
 
@@ -106,6 +111,10 @@ def convert_instances_to_panoptic(
         raise DatasetError(f"image mode {image_mode!r}: use one of {', '.join(IMAGE_MODES)}")
     if images_out is not None and images_dir is None:
         raise DatasetError("placing images needs the folder they are in: give images_dir (--images)")
+    if images_dir is not None and not Path(images_dir).is_dir():
+        raise DatasetError(f"image folder not found: {images_dir}")
+    if not 0 <= min_visible <= 1:
+        raise DatasetError(f"min_visible is a share of an instance's area, 0 to 1; got {min_visible!r}")
     data = _load_instances(src)
     report = ConversionReport(panoptic={})
     thing_cats, void_ids = _thing_categories(src, data["categories"], report)
@@ -126,7 +135,7 @@ def convert_instances_to_panoptic(
                                    f"category_id, segmentation)")
         image_id = _whole(ann["image_id"], f"{where}: image_id")
         category_id = _whole(ann["category_id"], f"{where}: category_id")
-        if category_id in void_ids:
+        if category_id in void_ids or category_id == VOID:
             report.counts["void_category_annotations"] += 1
             continue
         if category_id not in known:
@@ -146,44 +155,67 @@ def convert_instances_to_panoptic(
         by_image.setdefault(image_id, []).append({**ann, "category_id": category_id, "iscrowd": int(iscrowd),
                                                   "_where": where})
 
-    out_png_dir = Path(out_png_dir)
-    out_png_dir.mkdir(parents=True, exist_ok=True)
-    annotations = []
-    for image in images.values():
-        rel = PurePosixPath(image["file_name"])
-        h, w = image["height"], image["width"]
-        anns = by_image.get(image["id"], [])
-        if not anns:
-            report.counts["unannotated_images"] += 1
-        id_map, category_of, crowd = _paint(anns, h, w, min_visible, report)
-        if semantic_dir is not None:
-            _paint_stuff(id_map, category_of, *_semantic_map(Path(semantic_dir), rel, h, w), stuff_ids, known)
-        png_name = str(rel.with_suffix(".png"))
-        png_path = out_png_dir / png_name
-        png_path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(id2rgb(id_map)).save(png_path)
-        segments = segments_from_id_map(id_map, category_of, crowd)
-        report.segments += len(segments)
-        annotations.append({"image_id": image["id"], "file_name": png_name, "segments_info": segments})
+    # everything is written into a staging folder first: a conversion that stops half-way (a malformed
+    # annotation in image 9,000) leaves the previous output as it was, never new PNGs beside an old JSON
+    out_json, out_png_dir = Path(out_json), Path(out_png_dir)
+    if out_png_dir.exists() and (not out_png_dir.is_dir() or (any(out_png_dir.iterdir())
+                                                              and not (out_png_dir / MARKER).is_file())):
+        raise DatasetError(f"{out_png_dir} exists and is not an id-PNG folder this command wrote (it is replaced "
+                           f"whole); remove it or write elsewhere")
+    staging = out_png_dir.with_name(out_png_dir.name + ".partial")
+    stems = Counter(PurePosixPath(im["file_name"]).stem for im in images.values())
+    try:
+        _remove(staging)
+        staging.mkdir(parents=True)
+        (staging / MARKER).write_text("written by eco-ray data convert; replaced whole by the next conversion\n")
+        annotations = []
+        for image in images.values():
+            rel = PurePosixPath(image["file_name"])
+            h, w = image["height"], image["width"]
+            anns = by_image.get(image["id"], [])
+            if not anns:
+                report.counts["unannotated_images"] += 1
+            id_map, category_of, crowd = _paint(anns, h, w, min_visible, report)
+            if semantic_dir is not None:
+                _paint_stuff(id_map, category_of, *_semantic_map(Path(semantic_dir), rel, h, w, stems[rel.stem] == 1),
+                             stuff_ids, known)
+            png_path = staging / image["png_name"]
+            png_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(id2rgb(id_map)).save(png_path)
+            segments = segments_from_id_map(id_map, category_of, crowd)
+            report.segments += len(segments)
+            annotations.append({"image_id": image["id"], "file_name": image["png_name"], "segments_info": segments})
         if images_out is not None:
-            _place_image(Path(images_dir) / rel, Path(images_out) / rel, image_mode)
-            report.images_placed += 1
+            for image in images.values():
+                rel = PurePosixPath(image["file_name"])
+                _place_image(Path(images_dir) / rel, Path(images_out) / rel, image_mode)
+                report.images_placed += 1
+        out_json.unlink(missing_ok=True)  # no JSON rather than an old one beside the new PNGs
+        _remove(out_png_dir)
+        staging.replace(out_png_dir)
+    except OSError as e:
+        raise DatasetError(f"cannot write the output ({e.filename or out_png_dir}: {e.strerror or e})") from None
+    finally:
+        _remove(staging)
 
     categories = thing_cats + stuff_cats
     report.images = len(annotations)
+    images_out_json = [{k: v for k, v in im.items() if k != "png_name"} for im in images.values()]
     report.panoptic = {"info": data.get("info", {}), "licenses": data.get("licenses", []),
-                       "images": list(images.values()), "annotations": annotations, "categories": categories}
+                       "images": images_out_json, "annotations": annotations, "categories": categories}
     files.write_text(out_json, json.dumps(report.panoptic))
     return report
 
 
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.is_dir():
+        shutil.rmtree(path)
+
+
 def _load_instances(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(f"instance annotation file not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{path}: not valid JSON ({e})") from None
+    data = load_json(path, "instance annotation file")
     if not isinstance(data, dict):
         raise DatasetError(f"{path}: a COCO instance file is a JSON object with images, annotations and "
                            f"categories; this one is a {type(data).__name__}")
@@ -249,6 +281,7 @@ def _images(src: Path, entries: list, images_dir: Path | None, strict: bool, rep
     images left out because their file is missing."""
     images: dict[int, dict] = {}
     names: set[str] = set()
+    png_names: dict[str, str] = {}
     missing: set[int] = set()
     for i, im in enumerate(entries):
         where = f"{src}: image #{i}"
@@ -264,6 +297,11 @@ def _images(src: Path, entries: list, images_dir: Path | None, strict: bool, rep
         if name in names:
             raise DatasetError(f"{where}: file_name {name!r} appears twice")
         names.add(name)
+        png_name = str(rel.with_suffix(".png"))
+        if png_name in png_names:
+            raise DatasetError(f"{where}: {name!r} and {png_names[png_name]!r} would share the id PNG {png_name!r}; "
+                               f"rename one of them")
+        png_names[png_name] = name
         h, w = _whole(im["height"], f"{where}: height"), _whole(im["width"], f"{where}: width")
         if h <= 0 or w <= 0:
             raise DatasetError(f"{where}: size {w}x{h} is empty")
@@ -282,7 +320,7 @@ def _images(src: Path, entries: list, images_dir: Path | None, strict: bool, rep
                     raise DatasetError(f"{where}: the JSON says {w}x{h}, {images_dir / rel} is "
                                        f"{size[0]}x{size[1]} (strict); correct width and height")
                 w, h = size
-        images[image_id] = {**im, "id": image_id, "file_name": name, "height": h, "width": w}
+        images[image_id] = {**im, "id": image_id, "file_name": name, "height": h, "width": w, "png_name": png_name}
     return images, missing
 
 
@@ -319,19 +357,27 @@ def _decode(segmentation, h: int, w: int, counts: Counter, where: str = "segment
             return np.zeros((h, w), bool)
         rle = mask_utils.merge(mask_utils.frPyObjects(kept, h, w))
     elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
-        size = segmentation["size"]
-        if not isinstance(size, list) or size != [h, w]:
-            raise DatasetError(f"{where}: RLE of size {list(size)} for an image of height {h}, width {w}; an RLE "
-                               f"must have the image's [height, width]")
+        size, counts = segmentation["size"], segmentation["counts"]
+        if size != [h, w]:
+            raise DatasetError(f"{where}: RLE of size {size!r} for an image of height {h}, width {w} (the image "
+                               f"file's size where it differs from the JSON's); an RLE must have [height, width]")
         try:
-            if isinstance(segmentation["counts"], list):
-                rle = mask_utils.frPyObjects(segmentation, h, w)
-            elif isinstance(segmentation["counts"], (str, bytes)):
-                rle = {"size": [h, w], "counts": segmentation["counts"]}
-                if isinstance(rle["counts"], str):
-                    rle["counts"] = rle["counts"].encode()
+            if isinstance(counts, str):
+                counts = counts.encode()
+            if isinstance(counts, bytes):
+                runs = rle_counts_from_string(counts.decode("ascii"))
+            elif isinstance(counts, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in counts):
+                runs = counts
             else:
-                raise DatasetError(f"{where}: RLE counts must be a list or a string")
+                raise DatasetError(f"{where}: RLE counts must be a list of integers or a COCO string")
+            # pycocotools fills a mask whose runs do not cover it from uninitialised memory
+            if any(v < 0 for v in runs):
+                raise DatasetError(f"{where}: the RLE has negative run lengths")
+            if sum(runs) != h * w:
+                raise DatasetError(f"{where}: the RLE's runs cover {sum(runs)} pixels, the image has {h * w} "
+                                   f"({h}x{w})")
+            rle = mask_utils.frPyObjects({"size": [h, w], "counts": runs}, h, w) if isinstance(counts, list) \
+                else {"size": [h, w], "counts": counts}
             return mask_utils.decode(rle).astype(bool)
         except DatasetError:
             raise
@@ -343,6 +389,31 @@ def _decode(segmentation, h: int, w: int, counts: Counter, where: str = "segment
     return mask_utils.decode(rle).astype(bool)
 
 
+def rle_counts_from_string(text: str) -> list[int]:
+    """The run lengths of a compressed COCO RLE string (pycocotools' rleFrString: 5-bit groups with a
+    continuation bit, each run after the second stored as the difference to the run two before)."""
+    counts: list[int] = []
+    p = 0
+    while p < len(text):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(text):
+                raise DatasetError("a compressed RLE string ends inside a number")
+            c = ord(text[p]) - 48
+            if not 0 <= c < 64:
+                raise DatasetError(f"a compressed RLE string holds the character {text[p]!r}")
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
+
 def _paint(anns: list[dict], h: int, w: int, min_visible: float, report: ConversionReport):
     """The instances of one image as an id map: larger first, smaller on top, crowds on what is left."""
     counts = report.counts
@@ -351,10 +422,10 @@ def _paint(anns: list[dict], h: int, w: int, min_visible: float, report: Convers
         flags = Counter()
         m = _decode(ann["segmentation"], h, w, flags, ann["_where"])
         counts["degenerate_polygons"] += flags["degenerate_polygons"]
-        counts["clipped_annotations"] += flags["_clipped"]
         if not m.any():
             counts["empty_annotations"] += 1
             continue
+        counts["clipped_annotations"] += flags["_clipped"]
         decoded.append((ann, m))
     id_map = np.zeros((h, w), np.int64)
     category_of: dict[int, int] = {}
@@ -376,24 +447,33 @@ def _paint(anns: list[dict], h: int, w: int, min_visible: float, report: Convers
             category_of.pop(seg_id)
         elif seen < full:
             counts["occluded_instances"] += 1
+    crowds: dict[int, np.ndarray] = {}  # one crowd segment per category, as COCO has (and pq_compute assumes)
     for ann, m in decoded:
         if ann["iscrowd"]:
-            free = m & (id_map == VOID)
-            if free.any():
-                id_map[free] = next_id
-                category_of[next_id] = ann["category_id"]
-                crowd[next_id] = 1
-                counts["crowd_segments"] += 1
-                next_id += 1
+            crowds[ann["category_id"]] = crowds.get(ann["category_id"], np.zeros_like(m)) | m
+    for category_id, m in crowds.items():
+        free = m & (id_map == VOID)
+        if not free.any():
+            counts["hidden_crowds"] += 1
+            continue
+        id_map[free] = next_id
+        category_of[next_id] = category_id
+        crowd[next_id] = 1
+        counts["crowd_segments"] += 1
+        next_id += 1
     return id_map, category_of, crowd
 
 
-def _semantic_map(semantic_dir: Path, rel: PurePosixPath, h: int, w: int) -> tuple[Path, np.ndarray]:
+def _semantic_map(semantic_dir: Path, rel: PurePosixPath, h: int, w: int, stem_unique: bool
+                  ) -> tuple[Path, np.ndarray]:
+    """The semantic PNG of an image: at its file_name's relative path with ``.png``, or, where no other image
+    has the same stem, at ``<stem>.png`` in the folder's top (the layout most exports use)."""
     path = semantic_dir / rel.with_suffix(".png")
-    if not path.is_file() and (semantic_dir / (rel.stem + ".png")).is_file():
+    if not path.is_file() and stem_unique and (semantic_dir / (rel.stem + ".png")).is_file():
         path = semantic_dir / (rel.stem + ".png")
     if not path.is_file():
-        raise DatasetError(f"semantic PNG not found: {path} (one per image, named after its file_name)")
+        raise DatasetError(f"semantic PNG not found: {path} (one per image, at its file_name's path with .png"
+                           f"{', or its stem, which another image shares' if not stem_unique else ''})")
     sem = read_image(path)
     if sem.ndim != 2:
         raise DatasetError(f"{path}: a semantic PNG has one channel (value = stuff category id); this one has "
@@ -423,8 +503,8 @@ def _paint_stuff(id_map: np.ndarray, category_of: dict, path: Path, sem: np.ndar
 
 def _place_image(src: Path, dst: Path, mode: str) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.exists() and dst.samefile(src):
-        return
+    if dst.exists() and dst.samefile(src) and (not dst.is_symlink() or mode == "symlink"):
+        return  # the source itself (converting in place), or linked by an earlier run; a link asked to copy is replaced
     if dst.is_symlink() or dst.exists():
         dst.unlink()
     if mode == "symlink":

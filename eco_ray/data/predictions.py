@@ -10,14 +10,22 @@ mIoU of the semantic maps.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from eco_ray.data.coco_panoptic import CocoPanopticDataset, DatasetError, check_segments, read_image, rgb2id
+from eco_ray.data.coco_panoptic import (
+    CocoPanopticDataset,
+    DatasetError,
+    check_segments,
+    check_segments_info,
+    integer_field,
+    load_json,
+    read_image,
+    rgb2id,
+)
 from eco_ray.metrics.panoptic import (
     CategorySet,
     PanopticInputError,
@@ -47,8 +55,9 @@ class PredictionScore:
             tp, fp, fn = int(s.tp[i]), int(s.fp[i]), int(s.fn[i])
             denom = tp + 0.5 * fp + 0.5 * fn
             rows.append({"id": c.id, "name": c.name, "isthing": c.isthing, "tp": tp, "fp": fp, "fn": fn,
+                         # None: the category has no segment in either (pq_compute reports 0 there)
                          "pq": float(s.iou_sum[i] / denom) if denom else None,
-                         "sq": float(s.iou_sum[i] / tp) if tp else None,
+                         "sq": (float(s.iou_sum[i] / tp) if tp else 0.0) if denom else None,
                          "rq": float(tp / denom) if denom else None,
                          "iou": None if np.isnan(r.per_class_iou[i]) else float(r.per_class_iou[i])})
         return rows
@@ -62,15 +71,10 @@ def default_png_folder(pred_json: str | Path) -> Path:
     return pred_json.with_suffix("") if pred_json.suffix == ".json" else pred_json.parent / (pred_json.name + "_pngs")
 
 
-def read_prediction_index(pred_json: str | Path) -> dict[int, dict]:
-    """image id -> the prediction's annotation entry, checked for shape (a DatasetError naming the entry)."""
+def read_prediction_index(pred_json: str | Path, categories: CategorySet) -> dict[int, dict]:
+    """image id -> the prediction's annotation entry, every field checked (a DatasetError naming the entry)."""
     pred_json = Path(pred_json)
-    try:
-        data = json.loads(pred_json.read_text())
-    except FileNotFoundError:
-        raise DatasetError(f"prediction file not found: {pred_json}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{pred_json}: not valid JSON ({e})") from None
+    data = load_json(pred_json, "prediction file")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise DatasetError(f"{pred_json}: a COCO panoptic prediction file is a JSON object with an 'annotations' "
                            f"list (image_id, file_name, segments_info per image)")
@@ -79,15 +83,12 @@ def read_prediction_index(pred_json: str | Path) -> dict[int, dict]:
         where = f"{pred_json}: annotation #{i}"
         if not isinstance(ann, dict) or not all(k in ann for k in ("image_id", "file_name", "segments_info")):
             raise DatasetError(f"{where}: needs image_id, file_name and segments_info")
-        image_id = ann["image_id"]
-        if isinstance(image_id, bool) or not isinstance(image_id, int):
-            raise DatasetError(f"{where}: image_id must be an integer, got {image_id!r}")
+        image_id = integer_field(ann["image_id"], f"{where} image_id")
         if image_id in index:
             raise DatasetError(f"{where}: a second prediction for image {image_id}")
-        segments = ann["segments_info"]
-        if not isinstance(segments, list) or not all(isinstance(s, dict) and "id" in s and "category_id" in s
-                                                     for s in segments):
-            raise DatasetError(f"{where}: segments_info must be a list of {{id, category_id}}")
+        if not isinstance(ann["file_name"], str) or not ann["file_name"]:
+            raise DatasetError(f"{where}: file_name must be a non-empty string, got {ann['file_name']!r}")
+        check_segments_info(ann["segments_info"], categories, f"{where} ({ann['file_name']})", crowd=False)
         index[image_id] = ann
     return index
 
@@ -96,10 +97,10 @@ def score_predictions(gt: CocoPanopticDataset, pred_json: str | Path, pred_pngs:
                       progress: Callable[[int, int], None] | None = None) -> PredictionScore:
     """Score every image of ``gt``: each needs a prediction (as ``pq_compute`` requires); predictions of images
     outside ``gt`` are an error too, so that a wrong split is not scored as a partial one."""
+    index = read_prediction_index(pred_json, gt.categories)
     pred_pngs = Path(pred_pngs) if pred_pngs is not None else default_png_folder(pred_json)
     if not pred_pngs.is_dir():
         raise DatasetError(f"prediction PNG folder not found: {pred_pngs} (give it with --pred-pngs)")
-    index = read_prediction_index(pred_json)
     unknown = sorted(set(index) - set(gt.image_ids))
     if unknown:
         raise DatasetError(f"{pred_json}: predictions for {len(unknown)} image ids that are not in the ground "

@@ -42,6 +42,8 @@ class Category:
 
 def _category(c: Mapping) -> Category:
     """A category from its COCO entry, strictly typed: ``bool("0")`` would make every category a thing."""
+    if not isinstance(c, Mapping):
+        raise ValueError(f"a category is an object with id, name and isthing, got {c!r}")
     for key in ("id", "name", "isthing"):
         if key not in c:
             raise ValueError(f"category {dict(c)!r} has no {key!r}")
@@ -79,7 +81,7 @@ class CategorySet:
     def index(self, category_id: int) -> int:
         try:
             return self._index[int(category_id)]
-        except KeyError:
+        except (KeyError, TypeError, ValueError):
             raise PanopticInputError(f"unknown category id {category_id}; known: {sorted(self._index)}") from None
 
     def to_coco(self) -> list[dict]:

@@ -193,17 +193,18 @@ class Engine:
     @torch.no_grad()
     def predict(self, images: list[np.ndarray], controls: list[RequestControl]) -> list[tuple[np.ndarray, list[dict], int]]:
         """One batch: every image resized to the model's input, exits chosen per image, one parent pass in
-        which rows leave the encoder at their exit -> (id map at the image's own size, segments, exit) each."""
+        which rows leave the encoder at their exit -> (id map at the model's input size, segments, exit) each;
+        ``resize_ids`` takes a map to its image's size (one at a time: a batch of full-size maps is large)."""
         size = self.parent.config.image_size
         x = pixel_values([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
         out = self.parent.forward_gated(x, lambda feats: self.choose_exits(feats, controls))
         preds = to_panoptic(out, self.categories, (size, size), self.threshold, self.mask_threshold,
                             self.overlap_threshold)
-        return [(resize_ids(id_map, im.shape[:2]), segs, int(k))
-                for im, (id_map, segs), k in zip(images, preds, out.exit_per_image.tolist())]
+        return [(id_map, segs, int(k)) for (id_map, segs), k in zip(preds, out.exit_per_image.tolist())]
 
     def segment(self, images: list[np.ndarray], controls: list[RequestControl], mask_format: list[str]) -> list[dict]:
-        """:meth:`predict`, encoded for a response (segments, PNG or RLE masks, exit, cost, versions, timing)."""
+        """:meth:`predict`, encoded at each image's own size for a response (segments, PNG or RLE masks, exit,
+        cost, versions, timing)."""
         t0 = time.perf_counter()
         preds = self.predict(images, controls)
         batch_ms = (time.perf_counter() - t0) * 1e3
