@@ -198,7 +198,7 @@ def test_a_flat_polygon_list_is_one_polygon_and_whole_float_ids_become_ints(tmp_
 
 @pytest.mark.parametrize("content, message", [
     ("{}", "missing top-level key 'images'"),
-    ("[]", "a JSON object with images, annotations and categories; this one is a list"),
+    ("[]", "a JSON object with the lists images, annotations, categories; this one is a list"),
     ('{"images": [], "annotations": {}, "categories": []}', "not a list: top-level key 'annotations'"),
     ('{"images": [{"id": 1}], "annotations": [], "categories": [{"id": 1, "name": "a"}]}',
      "needs id, file_name, height and width"),

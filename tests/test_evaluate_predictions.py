@@ -226,7 +226,7 @@ def test_the_command_prints_and_refuses_bad_predictions_in_one_line(gt_root, tmp
     first = tmp_path / "pred" / good["annotations"][0]["file_name"]
     Image.fromarray(id2rgb(rgb2id(np.asarray(Image.open(first)))[:40])).save(first)
     refused(good, "the ground truth of image")
-    refused([], "a JSON object with an 'annotations' list")
+    refused([], "a JSON object with the lists annotations")
     first.write_bytes(first.read_bytes()[:50])
     refused(good, "cannot decode image")
     code, _, err = _cli(capsys, "--gt", gt_root, "--pred", tmp_path / "nothing.json")

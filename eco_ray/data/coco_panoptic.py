@@ -73,14 +73,8 @@ class CocoPanopticDataset:
         for d in (paths.images, paths.panoptic_pngs):
             if not d.is_dir():
                 raise DatasetError(f"directory not found: {d}")
-        data = load_json(paths.annotations_json, "annotation file")
-        if not isinstance(data, dict):
-            raise DatasetError(f"{paths.annotations_json}: a COCO panoptic file is a JSON object, this one is a "
-                               f"{type(data).__name__}")
-        for key in ("images", "annotations", "categories"):
-            if not isinstance(data.get(key), list):
-                raise DatasetError(f"{paths.annotations_json}: {'missing' if key not in data else 'not a list:'} "
-                                   f"top-level key {key!r}")
+        data = coco_document(paths.annotations_json, load_json(paths.annotations_json, "annotation file"),
+                             "COCO panoptic file")
         try:
             self.categories = CategorySet(data["categories"])
         except (KeyError, TypeError, ValueError) as e:
@@ -182,6 +176,19 @@ def check_segments_info(segments, categories: CategorySet, where: str, crowd: bo
             raise DatasetError(f"{where}: segment {seg_id} has unknown category {category_id}")
         if crowd and (isinstance(seg.get("iscrowd", 0), str) or seg.get("iscrowd", 0) not in (0, 1)):
             raise DatasetError(f"{where}: segment {seg_id} has iscrowd {seg['iscrowd']!r}; it must be 0 or 1")
+
+
+def coco_document(path: Path, data, what: str, keys: tuple[str, ...] = ("images", "annotations", "categories")
+                  ) -> dict:
+    """``data`` if it is a JSON object holding the lists ``keys``; a DatasetError naming the file otherwise."""
+    if not isinstance(data, dict):
+        raise DatasetError(f"{path}: a {what} is a JSON object with the lists {', '.join(keys)}; this one is a "
+                           f"{type(data).__name__}")
+    for key in keys:
+        if not isinstance(data.get(key), list):
+            raise DatasetError(f"{path}: {'missing' if key not in data else 'not a list:'} top-level key {key!r} "
+                               f"(a {what} has the lists {', '.join(keys)})")
+    return data
 
 
 def load_json(path: str | Path, what: str = "file"):

@@ -40,7 +40,14 @@ from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
 from eco_ray import files
-from eco_ray.data.coco_panoptic import DatasetError, id2rgb, load_json, read_image, segments_from_id_map
+from eco_ray.data.coco_panoptic import (
+    DatasetError,
+    coco_document,
+    id2rgb,
+    load_json,
+    read_image,
+    segments_from_id_map,
+)
 from eco_ray.metrics.panoptic import VOID
 
 SEMANTIC_VOID = (0, 255)
@@ -115,7 +122,7 @@ def convert_instances_to_panoptic(
         raise DatasetError(f"image folder not found: {images_dir}")
     if not 0 <= min_visible <= 1:
         raise DatasetError(f"min_visible is a share of an instance's area, 0 to 1; got {min_visible!r}")
-    data = _load_instances(src)
+    data = coco_document(src, load_json(src, "instance annotation file"), "COCO instance file")
     report = ConversionReport(panoptic={})
     thing_cats, void_ids = _thing_categories(src, data["categories"], report)
     stuff_cats = _stuff_categories(stuff_categories, {c["id"] for c in thing_cats})
@@ -212,18 +219,6 @@ def _remove(path: Path) -> None:
         path.unlink()
     elif path.is_dir():
         shutil.rmtree(path)
-
-
-def _load_instances(path: Path) -> dict:
-    data = load_json(path, "instance annotation file")
-    if not isinstance(data, dict):
-        raise DatasetError(f"{path}: a COCO instance file is a JSON object with images, annotations and "
-                           f"categories; this one is a {type(data).__name__}")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise DatasetError(f"{path}: {'missing' if key not in data else 'not a list:'} top-level key {key!r} "
-                               f"(a COCO instance file has images, annotations and categories lists)")
-    return data
 
 
 def _whole(value, what: str) -> int:

@@ -21,6 +21,7 @@ from eco_ray.data.coco_panoptic import (
     DatasetError,
     check_segments,
     check_segments_info,
+    coco_document,
     integer_field,
     load_json,
     read_image,
@@ -74,10 +75,8 @@ def default_png_folder(pred_json: str | Path) -> Path:
 def read_prediction_index(pred_json: str | Path, categories: CategorySet) -> dict[int, dict]:
     """image id -> the prediction's annotation entry, every field checked (a DatasetError naming the entry)."""
     pred_json = Path(pred_json)
-    data = load_json(pred_json, "prediction file")
-    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise DatasetError(f"{pred_json}: a COCO panoptic prediction file is a JSON object with an 'annotations' "
-                           f"list (image_id, file_name, segments_info per image)")
+    data = coco_document(pred_json, load_json(pred_json, "prediction file"), "COCO panoptic prediction file",
+                         ("annotations",))
     index: dict[int, dict] = {}
     for i, ann in enumerate(data["annotations"]):
         where = f"{pred_json}: annotation #{i}"
