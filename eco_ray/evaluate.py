@@ -91,7 +91,7 @@ def write_predictions(engine, dataset: CocoPanopticDataset, out_json, control=No
     annotations = []
     for start in range(0, len(dataset), batch_size):
         batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        for sample, (id_map, segments, k) in zip(batch, engine.predict([s.image for s in batch],
+        for sample, (id_map, segments, k, _) in zip(batch, engine.predict([s.image for s in batch],
                                                                         [control] * len(batch))):
             name = f"{sample.image_id}.png"
             id_map = resize_ids(id_map, sample.image.shape[:2])

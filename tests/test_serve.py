@@ -147,6 +147,15 @@ def test_budgets_change_the_exit(served):
     assert post(img, exit=6).json()["exit"] == 6
     assert post(img, max_gflops=served["costs"][0]).json()["exit"] == 2
     assert post(img, beta=0).json()["exit"] >= post(img, beta=100).json()["exit"] == 2
+    # targets no exit meets are served by the cheapest exit and said to be missed, never silently
+    missed = post(img, max_gflops=served["costs"][0] / 10).json()
+    assert missed["exit"] == 2 and missed["target"] == {"name": "max_gflops", "limit": served["costs"][0] / 10,
+                                                        "met": False}
+    latency = httpx.get(f"{URL}/v1/models", timeout=30).json()["latency_ms_per_exit"]
+    assert len(latency) == 5 and all(t > 0 for t in latency)  # measured by the replica when it started
+    assert post(img, max_latency_ms=0.001).json()["target"]["met"] is False
+    fits = post(img, max_latency_ms=10 * max(latency)).json()
+    assert fits["target"]["met"] is True and fits["exit"] in (2, 3, 4, 5, 6)
 
 
 def test_bad_inputs_get_4xx_and_the_service_keeps_answering(served):
@@ -161,7 +170,8 @@ def test_bad_inputs_get_4xx_and_the_service_keeps_answering(served):
         (post(png_bytes(noise)), 413),  # over max_image_bytes
         (post(img, max_gflops="abc"), 422),
         (post(img, beta=-1), 422),
-        (post(img, max_gflops=served["costs"][0] / 10), 422),
+        (post(img, max_gflops=0.01, beta=0.1), 422),
+        (post(img, min_quality="x"), 422),
         (post(img, exit=9), 422),
         (post(img, exit=2, beta=0.1), 422),
         (post(img, mask_format="bmp"), 422),

@@ -142,3 +142,59 @@ def test_a_proxy_that_fails_or_answers_nothing_still_gives_json():
     assert status == 500 and json.loads(body)["error"] and dict(headers)[b"x-request-id"]
     status, body, headers = _asgi(ProxyGuard(silent), [{"type": "http.request", "body": b""}])
     assert status == 502 and json.loads(body)["request_id"] == "rid-1" and dict(headers)[b"x-request-id"] == b"rid-1"
+
+
+def _engine_with_known_scores(predicted_quality):
+    """A tiny random parent behind a quality gate whose prediction is ``predicted_quality`` (one per exit) for
+    every image: the gate's weights are 0, its bias the prediction."""
+    import torch
+
+    from eco_ray.model.config import load_model_config
+    from eco_ray.model.early_exit import EarlyExitMask2Former
+    from eco_ray.model.gates import QualityGate
+    from eco_ray.serve.engine import engine_from
+
+    torch.manual_seed(0)
+    parent = EarlyExitMask2Former(load_model_config("tiny", ["num_labels=3"]))
+    gate = QualityGate(parent.config.hidden_dim, parent.exits)
+    with torch.no_grad():
+        gate.net.weight.zero_()
+        gate.net.bias.copy_(torch.as_tensor(predicted_quality))
+    cats = [{"id": i + 1, "name": f"c{i}", "isthing": int(i < 2)} for i in range(3)]
+    gflops = [0.1 * (i + 1) for i in range(len(parent.exits))]
+    meta = {"costs": {"gflops": gflops}, "cost": "gflops", "beta": 0.0, "gate_input": "stride32"}
+    return engine_from(parent, {"categories": cats}, gate, meta)
+
+
+def test_targets_in_the_clients_units_and_missed_targets_said():
+    import numpy as np
+
+    exits_quality = [0.1, 0.3, 0.5, 0.6, 0.7]  # deeper is predicted better: beta 0 takes the deepest allowed
+    engine = _engine_with_known_scores(exits_quality)
+    assert engine.exits == [2, 3, 4, 5, 6]
+    image = np.full((64, 64, 3), 90, np.uint8)
+
+    def served(**params):
+        (result,) = engine.segment([image], [RequestControl.parse(params)], ["rle"])
+        return result["exit"], result.get("target", {}).get("met")
+
+    assert engine.latency_ms is None
+    with pytest.raises(InputError, match="has not measured"):
+        engine.allowed_exits(RequestControl.parse({"max_latency_ms": "50"}))
+    table = engine.measure_latency(repeats=1)
+    assert len(table) == 5 and all(t > 0 for t in table)
+    # a latency table of this replica (set here, so that the test does not depend on this machine's timing)
+    engine.latency_ms = [10.0, 20.0, 30.0, 40.0, 50.0]
+    assert served(max_latency_ms=35) == (4, True)  # the deepest exit whose latency fits
+    assert served(max_latency_ms=5) == (2, False)  # none fits: the cheapest, and the response says so
+    assert served(max_gflops=0.001) == (2, False)
+    assert served(max_gflops=0.25) == (3, True)
+    assert served(min_quality=0.45) == (4, True)  # the cheapest exit predicted to reach it
+    assert served(min_quality=0.95) == (6, False)  # none is: the one predicted best, said
+    assert served(exit=3) == (3, None) and served() == (6, None)
+    # the table follows what single images cost now (the request above ran at exit 6)
+    assert engine.latency_ms[-1] != 50.0
+    for params in ({"max_latency_ms": "1", "beta": "0"}, {"min_quality": "x"}, {"min_quality": "-1"}):
+        with pytest.raises(InputError) as e:
+            RequestControl.parse(params)
+        assert e.value.status == 422

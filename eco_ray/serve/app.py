@@ -2,7 +2,8 @@
 
 - ``POST /v1/segment``: an image (raw bytes with an image content type, or multipart with a ``file``
   part) -> the panoptic result, the exit used, the encoder GFLOPs spent, model versions and timing.
-  Query parameters: ``max_gflops`` | ``beta`` | ``exit`` (per-request compute control), ``mask_format``
+  Query parameters: ``max_gflops`` | ``max_latency_ms`` | ``min_quality`` | ``beta`` | ``exit`` (per-request
+  compute control; a target no exit meets is served and reported as missed), ``mask_format``
   (``png`` or ``rle``).
 - ``GET /v1/models``: the deployed parent and gate (pinned versions), their operating points, and the error
   of a model swap that failed; ``GET /healthz``: the ingress and a Segmenter replica answer.
@@ -49,6 +50,7 @@ logger = logging.getLogger("ray.serve")
 SEGMENT_TIMEOUT_S = 30.0  # the ingress's wait for a Segmenter before it answers 503
 STUCK_BATCH_S = 300.0  # user_config.stuck_batch_s: a batch running longer than this hangs (set it well above
 # the slowest batch of the served model: about 0.3 s for `small` at 128 px on one CPU core)
+LATENCY_REPEATS = 3  # user_config.latency_repeats: timed runs per exit at start (0: no max_latency_ms)
 
 api = FastAPI(title="eco-ray", description="Early-exit Mask2Former: per-image encoder depth under a compute budget",
               docs_url=None, redoc_url=None, openapi_url=None)
@@ -161,6 +163,9 @@ class Segmenter:
             logger.error("eco-ray: model swap to revision %s failed, still serving revision %s: %s",
                          config.get("revision"), self.config.get("revision"), self.swap_error)
             return
+        repeats = int(config.get("latency_repeats", LATENCY_REPEATS))
+        if repeats > 0:  # on this replica's own hardware, before it serves: what max_latency_ms reads
+            engine.measure_latency(repeats)
         engine.versions["revision"] = config.get("revision", 0)
         # one assignment: a batch already running keeps the engine it started with
         self.engine, self.gate_meta, self.config, self.swap_error = engine, gate_meta, dict(config), None
@@ -198,6 +203,7 @@ class Segmenter:
     def describe(self) -> dict:
         e = self.engine
         return {"versions": e.versions, "exits": e.exits, "encoder_gflops_per_exit": e.gflops,
+                "latency_ms_per_exit": e.latency_ms,
                 "default_beta": e.default_beta, "gate_kind": e.versions.get("gate_kind"),
                 "gate_cost": e.versions.get("gate_cost"),
                 "operating_points": self.gate_meta.get("operating_points", []),

@@ -108,14 +108,33 @@ def _not_accepted(data: bytes) -> InputError:
     return InputError(415, f"{fmt} images are not accepted; send {', '.join(IMAGE_FORMATS)}")
 
 
+# a beta at which any cost difference outweighs any quality difference: choose() then takes the cheapest
+# allowed exit (how a quality target becomes the one rule's decision)
+CHEAPEST = 1e6
+CONTROLS = ("max_gflops", "max_latency_ms", "min_quality", "beta", "exit")
+
+
 @dataclass
 class RequestControl:
-    """Per-request compute control, at most one of: a per-image budget (``max_gflops``), a trade-off ``beta``
-    (a quality gate only), a forced ``exit`` (e.g. the full-depth baseline)."""
+    """Per-request compute control, at most one of: a per-image cost budget (``max_gflops``, or
+    ``max_latency_ms`` against this replica's measured latency of each exit), a quality target
+    (``min_quality``: the cheapest exit whose quality the quality gate predicts at or above it), a trade-off
+    ``beta`` (a quality gate only), a forced ``exit`` (e.g. the full-depth baseline). A target no exit meets
+    is served anyway, and the response says it was missed: a cost budget by the cheapest exit, a quality
+    target by the exit predicted best."""
 
     budget: Budget | None = None
     beta: float | None = None
     exit: int | None = None
+    min_quality: float | None = None
+
+    def target(self) -> dict | None:
+        """The request's target as its response reports it (None: no target)."""
+        if self.budget is not None:
+            return {"name": self.budget.name, "limit": self.budget.limit}
+        if self.min_quality is not None:
+            return {"name": "min_quality", "limit": self.min_quality}
+        return None
 
     @classmethod
     def parse(cls, params: dict) -> RequestControl:
@@ -131,14 +150,16 @@ class RequestControl:
                 raise InputError(422, f"{name} must be a finite number >= 0, got {raw!r}")
             return value
 
-        max_gflops, beta, exit_ = number("max_gflops"), number("beta"), number("exit", int)
-        if sum(v is not None for v in (max_gflops, beta, exit_)) > 1:
-            raise InputError(422, "give at most one of max_gflops, beta, exit")
+        given = {name: number(name, int if name == "exit" else float) for name in CONTROLS}
+        given = {k: v for k, v in given.items() if v is not None}
+        if len(given) > 1:
+            raise InputError(422, f"give at most one of {', '.join(CONTROLS)}; got {', '.join(given)}")
         try:
-            budget = Budget.named("max_gflops", max_gflops) if max_gflops is not None else None
+            budget = next((Budget.named(k, v) for k, v in given.items() if k in ("max_gflops", "max_latency_ms")),
+                          None)
         except BudgetError as e:
             raise InputError(422, str(e)) from None
-        return cls(budget, beta, exit_)
+        return cls(budget, given.get("beta"), given.get("exit"), given.get("min_quality"))
 
 
 @dataclass
@@ -155,52 +176,96 @@ class Engine:
     threshold: float = 0.5
     mask_threshold: float = 0.5
     overlap_threshold: float = OVERLAP_THRESHOLD
+    # ms for one image at each exit on this machine, the whole predict() path: measured at start
+    # (measure_latency), then kept current from the single-image batches served (what max_latency_ms reads)
+    latency_ms: list[float] | None = None
 
     @property
     def exits(self) -> list[int]:
         return list(self.parent.exits)
 
     def allowed_exits(self, c: RequestControl) -> np.ndarray:
-        """The exits a request's control admits, or an InputError (422) saying why it admits none: checked for
-        each request before it joins a batch, so one bad request never costs the others their forward pass."""
+        """The exits a request's control admits, or an InputError (422) for a control this engine cannot honour
+        (checked for each request before it joins a batch, so one bad request never costs the others their
+        forward pass). A cost budget no exit meets admits the cheapest exit (the response says so)."""
         if c.exit is not None:
             if c.exit not in self.exits:
                 raise InputError(422, f"exit={c.exit} is not one of the model's exits {self.exits}")
             return np.asarray(self.exits) == c.exit
         if self.gate is None:
             raise InputError(422, f"no gate is deployed with this parent: give exit (one of {self.exits})")
-        if c.beta is not None and not self.gate.uses_beta:
-            raise InputError(422, "beta needs a quality gate; the deployed gate is a classifier trained for one "
-                                  "beta (use max_gflops)")
+        if (c.beta is not None or c.min_quality is not None) and not self.gate.uses_beta:
+            raise InputError(422, f"{'beta' if c.beta is not None else 'min_quality'} needs a quality gate; the "
+                                  f"deployed gate is a classifier trained for one beta (use max_gflops)")
         if c.budget is None:
             return np.ones(len(self.exits), bool)
-        allowed = np.asarray([c.budget.admits_value(g) for g in self.gflops])
+        allowed = np.asarray([c.budget.admits_value(v) for v in self._costs(c.budget)])
         if not allowed.any():
-            raise InputError(422, f"max_gflops={c.budget.limit:g} is below the cheapest exit "
-                                  f"({self.exits[0]}: {self.gflops[0]:.4f} encoder GFLOPs)")
+            allowed[0] = True
         return allowed
 
-    def choose_exits(self, gate_features: torch.Tensor, controls: list[RequestControl]) -> list[int]:
-        """Each image's exit: forced, or the rule over the gate's scores among the exits its budget allows."""
+    def _costs(self, budget: Budget) -> list[float]:
+        if budget.metric == "latency_ms":
+            if self.latency_ms is None:
+                raise InputError(422, "max_latency_ms: this replica has not measured its exits' latency "
+                                      "(latency_repeats is 0); use max_gflops")
+            return self.latency_ms
+        return self.gflops
+
+    def choose_exits(self, gate_features: torch.Tensor, controls: list[RequestControl],
+                     met: list | None = None) -> list[int]:
+        """Each image's exit: forced, or the rule over the gate's scores among the exits its control allows.
+        ``met`` (one entry per request) receives whether the request's target is met (None: no target)."""
         allowed = np.stack([self.allowed_exits(c) for c in controls])
+        met = met if met is not None else [None] * len(controls)
         if self.gate is None:  # every exit forced (allowed_exits refuses anything else)
             return [self.exits[int(np.argmax(a))] for a in allowed]
-        betas = np.asarray([self.default_beta if c.beta is None else c.beta for c in controls])
-        beta = betas if self.gate.uses_beta else 0.0
-        index = choose(gate_scores(self.gate, gate_features), self.relative_cost, beta, allowed)
+        scores = gate_scores(self.gate, gate_features)
+        betas = np.asarray([self.default_beta if c.beta is None else c.beta for c in controls], np.float64)
+        for i, c in enumerate(controls):
+            if c.budget is not None:
+                met[i] = any(c.budget.admits_value(v) for v in self._costs(c.budget))
+            elif c.min_quality is not None:
+                reach = scores[i] >= c.min_quality
+                met[i] = bool(reach.any())
+                if met[i]:  # the cheapest exit predicted to reach the target
+                    allowed[i] &= reach
+                    betas[i] = CHEAPEST
+                else:  # none is predicted to: the one predicted best
+                    betas[i] = 0.0
+        index = choose(scores, self.relative_cost, betas if self.gate.uses_beta else 0.0, allowed)
         return [self.exits[j] for j in index]
 
     @torch.no_grad()
-    def predict(self, images: list[np.ndarray], controls: list[RequestControl]) -> list[tuple[np.ndarray, list[dict], int]]:
+    def predict(self, images: list[np.ndarray], controls: list[RequestControl]
+                ) -> list[tuple[np.ndarray, list[dict], int, bool | None]]:
         """One batch: every image resized to the model's input, exits chosen per image, one parent pass in
-        which rows leave the encoder at their exit -> (id map at the model's input size, segments, exit) each;
-        ``resize_ids`` takes a map to its image's size (one at a time: a batch of full-size maps is large)."""
+        which rows leave the encoder at their exit -> (id map at the model's input size, segments, exit,
+        target met) each; ``resize_ids`` takes a map to its image's size (one at a time: a batch of full-size
+        maps is large)."""
         size = self.parent.config.image_size
         x = pixel_values([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
-        out = self.parent.forward_gated(x, lambda feats: self.choose_exits(feats, controls))
+        met: list = [None] * len(controls)
+        out = self.parent.forward_gated(x, lambda feats: self.choose_exits(feats, controls, met))
         preds = to_panoptic(out, self.categories, (size, size), self.threshold, self.mask_threshold,
                             self.overlap_threshold)
-        return [(id_map, segs, int(k)) for (id_map, segs), k in zip(preds, out.exit_per_image.tolist())]
+        return [(id_map, segs, int(k), m) for (id_map, segs), k, m in zip(preds, out.exit_per_image.tolist(), met)]
+
+    def measure_latency(self, repeats: int = 3) -> list[float]:
+        """Time one image at every exit through :meth:`predict` (median of ``repeats`` after one warm-up) on
+        this machine, and serve ``max_latency_ms`` from it."""
+        size = self.parent.config.image_size
+        image = np.full((size, size, 3), 127, np.uint8)
+        table = []
+        for k in self.exits:
+            times = []
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                self.predict([image], [RequestControl(exit=k)])
+                times.append((time.perf_counter() - t0) * 1e3)
+            table.append(float(np.median(times[1:])))
+        self.latency_ms = table
+        return table
 
     def segment(self, images: list[np.ndarray], controls: list[RequestControl], mask_format: list[str]) -> list[dict]:
         """:meth:`predict`, encoded at each image's own size for a response (segments, PNG or RLE masks, exit,
@@ -208,12 +273,18 @@ class Engine:
         t0 = time.perf_counter()
         preds = self.predict(images, controls)
         batch_ms = (time.perf_counter() - t0) * 1e3
+        if self.latency_ms is not None and len(images) == 1:  # the table follows what one image costs now
+            j = self.exits.index(preds[0][2])
+            self.latency_ms[j] = round(0.8 * self.latency_ms[j] + 0.2 * batch_ms, 3)
         gflops_of = dict(zip(self.exits, self.gflops))
         results = []
-        for im, (id_map, segs, k), fmt in zip(images, preds, mask_format):
-            results.append({**encode_panoptic(id_map, segs, im.shape[:2], self.categories, fmt), "exit": k,
-                            "encoder_gflops": gflops_of[k], "versions": self.versions,
-                            "timing_ms": {"batch": round(batch_ms, 2), "batch_size": len(images)}})
+        for im, (id_map, segs, k, met), fmt, c in zip(images, preds, mask_format, controls):
+            result = {**encode_panoptic(id_map, segs, im.shape[:2], self.categories, fmt), "exit": k,
+                      "encoder_gflops": gflops_of[k], "versions": self.versions,
+                      "timing_ms": {"batch": round(batch_ms, 2), "batch_size": len(images)}}
+            if c.target() is not None:
+                result["target"] = {**c.target(), "met": met}
+            results.append(result)
         return results
 
 
