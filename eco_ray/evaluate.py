@@ -73,7 +73,8 @@ def write_predictions(engine, dataset: CocoPanopticDataset, out_json, control=No
     """Predict every image of ``dataset`` with a serving :class:`~eco_ray.serve.engine.Engine` (the gate's
     decision and the forward pass a request gets, at each image's own size) and write the predictions in the
     COCO panoptic format: ``out_json`` and, beside it, a folder of id PNGs of the same name. Each annotation
-    also records the exit the image got and its encoder GFLOPs (``eco_exit``, ``eco_encoder_gflops``)."""
+    also records the exit the image got, its encoder GFLOPs and whether its target was met (``eco_exit``,
+    ``eco_encoder_gflops``, ``eco_target_met``: None without a target)."""
     from pathlib import Path
 
     from PIL import Image
@@ -91,14 +92,14 @@ def write_predictions(engine, dataset: CocoPanopticDataset, out_json, control=No
     annotations = []
     for start in range(0, len(dataset), batch_size):
         batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        for sample, (id_map, segments, k, _) in zip(batch, engine.predict([s.image for s in batch],
+        for sample, (id_map, segments, k, met) in zip(batch, engine.predict([s.image for s in batch],
                                                                         [control] * len(batch))):
             name = f"{sample.image_id}.png"
             id_map = resize_ids(id_map, sample.image.shape[:2])
             Image.fromarray(id2rgb(id_map)).save(folder / name)
             present = set(np.unique(id_map).tolist())
             annotations.append({"image_id": sample.image_id, "file_name": name, "eco_exit": k,
-                                "eco_encoder_gflops": gflops_of[k],
+                                "eco_encoder_gflops": gflops_of[k], "eco_target_met": met,
                                 "segments_info": [{"id": int(s["id"]), "category_id": int(s["category_id"]),
                                                    "score": round(float(s["score"]), 4)}
                                                   for s in segments if s["id"] in present]})

@@ -144,57 +144,75 @@ def test_a_proxy_that_fails_or_answers_nothing_still_gives_json():
     assert status == 502 and json.loads(body)["request_id"] == "rid-1" and dict(headers)[b"x-request-id"] == b"rid-1"
 
 
-def _engine_with_known_scores(predicted_quality):
-    """A tiny random parent behind a quality gate whose prediction is ``predicted_quality`` (one per exit) for
-    every image: the gate's weights are 0, its bias the prediction."""
+def _engine_with_known_scores(predicted_quality, default_beta=0.05, kind="quality"):
+    """A tiny random parent behind a gate whose scores are ``predicted_quality`` (one per exit, relative to the
+    deepest exit's as a fitted quality gate's are) for every image: the gate's weights are 0, its bias those."""
     import torch
 
     from eco_ray.model.config import load_model_config
     from eco_ray.model.early_exit import EarlyExitMask2Former
-    from eco_ray.model.gates import QualityGate
+    from eco_ray.model.gates import ExitClassifierGate, QualityGate
     from eco_ray.serve.engine import engine_from
 
     torch.manual_seed(0)
     parent = EarlyExitMask2Former(load_model_config("tiny", ["num_labels=3"]))
-    gate = QualityGate(parent.config.hidden_dim, parent.exits)
+    gate = QualityGate(parent.config.hidden_dim, parent.exits) if kind == "quality" else \
+        ExitClassifierGate(parent.config.hidden_dim, parent.exits)
+    layer = gate.net if kind == "quality" else gate.linear
     with torch.no_grad():
-        gate.net.weight.zero_()
-        gate.net.bias.copy_(torch.as_tensor(predicted_quality))
+        layer.weight.zero_()
+        layer.bias.copy_(torch.as_tensor(predicted_quality))
     cats = [{"id": i + 1, "name": f"c{i}", "isthing": int(i < 2)} for i in range(3)]
     gflops = [0.1 * (i + 1) for i in range(len(parent.exits))]
-    meta = {"costs": {"gflops": gflops}, "cost": "gflops", "beta": 0.0, "gate_input": "stride32"}
+    meta = {"costs": {"gflops": gflops}, "cost": "gflops", "beta": default_beta, "gate_input": "stride32"}
     return engine_from(parent, {"categories": cats}, gate, meta)
 
 
 def test_targets_in_the_clients_units_and_missed_targets_said():
     import numpy as np
 
-    exits_quality = [0.1, 0.3, 0.5, 0.6, 0.7]  # deeper is predicted better: beta 0 takes the deepest allowed
-    engine = _engine_with_known_scores(exits_quality)
+    # predicted PQ relative to full depth; with beta 0.05 and costs 0.2..1.0 the gate alone takes exit 5
+    engine = _engine_with_known_scores([-0.40, -0.20, -0.08, -0.005, 0.0])
     assert engine.exits == [2, 3, 4, 5, 6]
     image = np.full((64, 64, 3), 90, np.uint8)
+    table = [10.0, 20.0, 30.0, 40.0, 50.0]
 
     def served(**params):
+        engine.latency_ms = list(table)  # this replica's table, set so that the test is not this machine's timing
         (result,) = engine.segment([image], [RequestControl.parse(params)], ["rle"])
-        return result["exit"], result.get("target", {}).get("met")
+        return result["exit"], result.get("target")
 
-    assert engine.latency_ms is None
+    assert served() == (5, None) and served(exit=3) == (3, None) and served(beta=0) == (6, None)
+    # budgets cap the exits, the gate decides among them
+    assert served(max_latency_ms=1e6)[0] == 5 and served(max_latency_ms=1e6)[1]["met"] is True
+    assert served(max_latency_ms=35)[0] == 4 and served(max_gflops=0.25)[0] == 3
+    exit_, target = served(max_latency_ms=5)  # none fits: the cheapest, and the response says so
+    assert exit_ == 2 and target == {"name": "max_latency_ms", "limit": 5.0, "met": False, "predicted_ms": 10.0}
+    assert served(max_gflops=0.001) == (2, {"name": "max_gflops", "limit": 0.001, "met": False})
+    table = [30.0, 20.0, 25.0, 40.0, 50.0]  # a measured table need not rise with depth
+    assert served(max_latency_ms=5)[0] == 3
+    table = [10.0, 20.0, 30.0, 40.0, 50.0]
+    # the cheapest exit predicted within the drop of full depth's quality
+    assert served(max_quality_drop=0.1) == (4, {"name": "max_quality_drop", "limit": 0.1, "met": True})
+    assert served(max_quality_drop=0.0)[0] == 6 and served(max_quality_drop=1.0)[0] == 2
+    # a single image served updates its exit's figure; a batch of several does not
+    engine.latency_ms = list(table)
+    engine.segment([image], [RequestControl()], ["rle"])
+    assert engine.latency_ms[3] != 40.0 and engine.latency_ms[:3] == table[:3]
+    engine.latency_ms = list(table)
+    engine.segment([image, image], [RequestControl(), RequestControl()], ["rle", "rle"])
+    assert engine.latency_ms == table
+    # measured on this machine when a replica starts
+    assert all(t > 0 for t in engine.measure_latency(repeats=1))
+    engine.latency_ms = None
     with pytest.raises(InputError, match="has not measured"):
         engine.allowed_exits(RequestControl.parse({"max_latency_ms": "50"}))
-    table = engine.measure_latency(repeats=1)
-    assert len(table) == 5 and all(t > 0 for t in table)
-    # a latency table of this replica (set here, so that the test does not depend on this machine's timing)
-    engine.latency_ms = [10.0, 20.0, 30.0, 40.0, 50.0]
-    assert served(max_latency_ms=35) == (4, True)  # the deepest exit whose latency fits
-    assert served(max_latency_ms=5) == (2, False)  # none fits: the cheapest, and the response says so
-    assert served(max_gflops=0.001) == (2, False)
-    assert served(max_gflops=0.25) == (3, True)
-    assert served(min_quality=0.45) == (4, True)  # the cheapest exit predicted to reach it
-    assert served(min_quality=0.95) == (6, False)  # none is: the one predicted best, said
-    assert served(exit=3) == (3, None) and served() == (6, None)
-    # the table follows what single images cost now (the request above ran at exit 6)
-    assert engine.latency_ms[-1] != 50.0
-    for params in ({"max_latency_ms": "1", "beta": "0"}, {"min_quality": "x"}, {"min_quality": "-1"}):
+    classifier = _engine_with_known_scores([0.0, 0.0, 0.0, 0.0, 1.0], kind="classify")
+    with pytest.raises(InputError, match="max_quality_drop needs a quality gate"):
+        classifier.allowed_exits(RequestControl.parse({"max_quality_drop": "0.1"}))
+    for params in ({"max_latency_ms": "1", "beta": "0"}, {"max_quality_drop": "x"}, {"max_quality_drop": "2"}):
         with pytest.raises(InputError) as e:
             RequestControl.parse(params)
         assert e.value.status == 422
+    with pytest.raises(InputError, match="at most one"):
+        RequestControl(exit=6, max_quality_drop=0.1)

@@ -161,6 +161,7 @@ def evaluate(args) -> int:
         result["predictions"] = str(pred_json)
         result["encoder_gflops_mean"] = float(sum(gflops) / max(len(gflops), 1))
         result["exits"] = {str(k): exits.count(k) for k in sorted(set(exits))}
+        result["targets_missed"] = sum(a["eco_target_met"] is False for a in written["annotations"])
     if args.json:
         _print_json(result)
     else:

@@ -28,6 +28,9 @@ def prediction_score(score: dict, per_class: bool = False) -> str:
     if "exits" in score:
         lines.append(f"mean encoder GFLOPs {score['encoder_gflops_mean']:.4f}; images per exit {score['exits']}; "
                      f"predictions in {score['predictions']}")
+        if score.get("targets_missed"):
+            lines.append(f"the target was missed for {score['targets_missed']} images: no exit meets it (they ran "
+                         f"at the cheapest exit)")
     if per_class:
         def f(v):
             return "     -" if v is None else f"{v:.4f}"

@@ -2,8 +2,8 @@
 
 - ``POST /v1/segment``: an image (raw bytes with an image content type, or multipart with a ``file``
   part) -> the panoptic result, the exit used, the encoder GFLOPs spent, model versions and timing.
-  Query parameters: ``max_gflops`` | ``max_latency_ms`` | ``min_quality`` | ``beta`` | ``exit`` (per-request
-  compute control; a target no exit meets is served and reported as missed), ``mask_format``
+  Query parameters: ``max_gflops`` | ``max_latency_ms`` | ``max_quality_drop`` | ``beta`` | ``exit``
+  (per-request compute control; a cost target no exit meets is served and reported as missed), ``mask_format``
   (``png`` or ``rle``).
 - ``GET /v1/models``: the deployed parent and gate (pinned versions), their operating points, and the error
   of a model swap that failed; ``GET /healthz``: the ingress and a Segmenter replica answer.
@@ -152,10 +152,15 @@ class Segmenter:
             if not tracking:
                 raise ValueError("the Segmenter needs user_config.tracking_uri or $MLFLOW_TRACKING_URI")
             config = {**config, **pinned_model_uris(config, tracking)}
+            repeats = config.get("latency_repeats", LATENCY_REPEATS)
+            if isinstance(repeats, bool) or not isinstance(repeats, int) or not 0 <= repeats <= 50:
+                raise ValueError(f"latency_repeats must be a whole number from 0 to 50, got {repeats!r}")
             engine, gate_meta = load_engine(config["parent_uri"], config["gate_uri"], tracking,
                                             config.get("default_beta"), float(config.get("threshold", 0.5)),
                                             float(config.get("mask_threshold", 0.5)),
                                             float(config.get("overlap_threshold", OVERLAP_THRESHOLD)))
+            if repeats > 0:  # on this replica's own hardware, before it serves: what max_latency_ms reads
+                engine.measure_latency(repeats)
         except Exception as e:  # noqa: BLE001 - any failure to load: keep what serves
             if self.engine is None:
                 raise
@@ -163,9 +168,6 @@ class Segmenter:
             logger.error("eco-ray: model swap to revision %s failed, still serving revision %s: %s",
                          config.get("revision"), self.config.get("revision"), self.swap_error)
             return
-        repeats = int(config.get("latency_repeats", LATENCY_REPEATS))
-        if repeats > 0:  # on this replica's own hardware, before it serves: what max_latency_ms reads
-            engine.measure_latency(repeats)
         engine.versions["revision"] = config.get("revision", 0)
         # one assignment: a batch already running keeps the engine it started with
         self.engine, self.gate_meta, self.config, self.swap_error = engine, gate_meta, dict(config), None

@@ -3,8 +3,10 @@ control), run the parent once per batch with rows leaving the encoder at their e
 
 A request's exit is decided by the one rule, ``eco_ray.tradeoff.choose``, over the gate's scores, with the
 costs of the measure the gate was fitted with (``cost`` in its record: GFLOPs, latency or layers), so a
-served image gets exactly the exit the derived table's evaluation gave it; a per-request compute budget
-(``max_gflops``, the one Budget type) restricts the exits allowed.
+served image gets exactly the exit the derived table's evaluation gave it; a per-request target restricts
+the exits allowed: a cost budget (``max_gflops`` or ``max_latency_ms``, the one Budget type; the cheapest exit
+when none fits, and the response says the target was missed) or ``max_quality_drop`` (the quality gate's
+prediction).
 
 Ray Serve (eco_ray/serve/app.py) wraps this in deployments; tests and benchmarks can call it directly.
 """
@@ -111,29 +113,37 @@ def _not_accepted(data: bytes) -> InputError:
 # a beta at which any cost difference outweighs any quality difference: choose() then takes the cheapest
 # allowed exit (how a quality target becomes the one rule's decision)
 CHEAPEST = 1e6
-CONTROLS = ("max_gflops", "max_latency_ms", "min_quality", "beta", "exit")
+CONTROLS = ("max_gflops", "max_latency_ms", "max_quality_drop", "beta", "exit")
 
 
 @dataclass
 class RequestControl:
     """Per-request compute control, at most one of: a per-image cost budget (``max_gflops``, or
     ``max_latency_ms`` against this replica's measured latency of each exit), a quality target
-    (``min_quality``: the cheapest exit whose quality the quality gate predicts at or above it), a trade-off
-    ``beta`` (a quality gate only), a forced ``exit`` (e.g. the full-depth baseline). A target no exit meets
-    is served anyway, and the response says it was missed: a cost budget by the cheapest exit, a quality
-    target by the exit predicted best."""
+    (``max_quality_drop``: the cheapest exit whose quality the quality gate predicts within that much PQ of
+    full depth's; the gate predicts quality relative to the deepest exit, so a drop is what it can judge), a
+    trade-off ``beta`` (a quality gate only), a forced ``exit`` (e.g. the full-depth baseline). A cost budget
+    no exit meets is served by the cheapest exit, and the response says the target was missed."""
 
     budget: Budget | None = None
     beta: float | None = None
     exit: int | None = None
-    min_quality: float | None = None
+    max_quality_drop: float | None = None
+
+    def __post_init__(self):
+        given = [n for n, v in (("budget", self.budget), ("beta", self.beta), ("exit", self.exit),
+                                ("max_quality_drop", self.max_quality_drop)) if v is not None]
+        if len(given) > 1:
+            raise InputError(422, f"give at most one of {', '.join(CONTROLS)}; got {', '.join(given)}")
+        if self.max_quality_drop is not None and not 0 <= self.max_quality_drop <= 1:
+            raise InputError(422, f"max_quality_drop is a PQ difference in [0, 1], got {self.max_quality_drop}")
 
     def target(self) -> dict | None:
         """The request's target as its response reports it (None: no target)."""
         if self.budget is not None:
             return {"name": self.budget.name, "limit": self.budget.limit}
-        if self.min_quality is not None:
-            return {"name": "min_quality", "limit": self.min_quality}
+        if self.max_quality_drop is not None:
+            return {"name": "max_quality_drop", "limit": self.max_quality_drop}
         return None
 
     @classmethod
@@ -159,7 +169,7 @@ class RequestControl:
                           None)
         except BudgetError as e:
             raise InputError(422, str(e)) from None
-        return cls(budget, given.get("beta"), given.get("exit"), given.get("min_quality"))
+        return cls(budget, given.get("beta"), given.get("exit"), given.get("max_quality_drop"))
 
 
 @dataclass
@@ -194,14 +204,15 @@ class Engine:
             return np.asarray(self.exits) == c.exit
         if self.gate is None:
             raise InputError(422, f"no gate is deployed with this parent: give exit (one of {self.exits})")
-        if (c.beta is not None or c.min_quality is not None) and not self.gate.uses_beta:
-            raise InputError(422, f"{'beta' if c.beta is not None else 'min_quality'} needs a quality gate; the "
+        if (c.beta is not None or c.max_quality_drop is not None) and not self.gate.uses_beta:
+            raise InputError(422, f"{'beta' if c.beta is not None else 'max_quality_drop'} needs a quality gate; the "
                                   f"deployed gate is a classifier trained for one beta (use max_gflops)")
         if c.budget is None:
             return np.ones(len(self.exits), bool)
-        allowed = np.asarray([c.budget.admits_value(v) for v in self._costs(c.budget)])
-        if not allowed.any():
-            allowed[0] = True
+        costs = self._costs(c.budget)
+        allowed = np.asarray([c.budget.admits_value(v) for v in costs])
+        if not allowed.any():  # the cheapest (a measured latency table need not rise with depth)
+            allowed[int(np.argmin(costs))] = True
         return allowed
 
     def _costs(self, budget: Budget) -> list[float]:
@@ -225,14 +236,10 @@ class Engine:
         for i, c in enumerate(controls):
             if c.budget is not None:
                 met[i] = any(c.budget.admits_value(v) for v in self._costs(c.budget))
-            elif c.min_quality is not None:
-                reach = scores[i] >= c.min_quality
-                met[i] = bool(reach.any())
-                if met[i]:  # the cheapest exit predicted to reach the target
-                    allowed[i] &= reach
-                    betas[i] = CHEAPEST
-                else:  # none is predicted to: the one predicted best
-                    betas[i] = 0.0
+            elif c.max_quality_drop is not None:  # the cheapest exit predicted within the drop of full depth
+                allowed[i] &= scores[i] >= scores[i, -1] - c.max_quality_drop  # the deepest always is
+                betas[i] = CHEAPEST
+                met[i] = True
         index = choose(scores, self.relative_cost, betas if self.gate.uses_beta else 0.0, allowed)
         return [self.exits[j] for j in index]
 
@@ -273,6 +280,7 @@ class Engine:
         t0 = time.perf_counter()
         preds = self.predict(images, controls)
         batch_ms = (time.perf_counter() - t0) * 1e3
+        predicted = list(self.latency_ms) if self.latency_ms is not None else None  # what the decision read
         if self.latency_ms is not None and len(images) == 1:  # the table follows what one image costs now
             j = self.exits.index(preds[0][2])
             self.latency_ms[j] = round(0.8 * self.latency_ms[j] + 0.2 * batch_ms, 3)
@@ -284,6 +292,9 @@ class Engine:
                       "timing_ms": {"batch": round(batch_ms, 2), "batch_size": len(images)}}
             if c.target() is not None:
                 result["target"] = {**c.target(), "met": met}
+                if c.budget is not None and c.budget.metric == "latency_ms":  # predicted, then measured
+                    result["target"]["predicted_ms"] = predicted[self.exits.index(k)]
+                    result["target"]["met"] = bool(met and batch_ms <= c.budget.limit)
             results.append(result)
         return results
 
