@@ -91,14 +91,16 @@ def write_predictions(engine, dataset: CocoPanopticDataset, out_json, control=No
     gflops_of = dict(zip(engine.exits, engine.gflops))
     annotations = []
     for start in range(0, len(dataset), batch_size):
-        batch = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        for sample, (id_map, segments, k, met) in zip(batch, engine.predict([s.image for s in batch],
-                                                                        [control] * len(batch))):
-            name = f"{sample.image_id}.png"
-            id_map = resize_ids(id_map, sample.image.shape[:2])
+        indices = range(start, min(start + batch_size, len(dataset)))
+        images = [dataset.image(i) for i in indices]  # the ground truth is read once, when scored
+        for i, image, (id_map, segments, k, met) in zip(indices, images,
+                                                         engine.predict(images, [control] * len(images))):
+            image_id = dataset.image_ids[i]
+            name = f"{image_id}.png"
+            id_map = resize_ids(id_map, image.shape[:2])
             Image.fromarray(id2rgb(id_map)).save(folder / name)
             present = set(np.unique(id_map).tolist())
-            annotations.append({"image_id": sample.image_id, "file_name": name, "eco_exit": k,
+            annotations.append({"image_id": image_id, "file_name": name, "eco_exit": k,
                                 "eco_encoder_gflops": gflops_of[k], "eco_target_met": met,
                                 "segments_info": [{"id": int(s["id"]), "category_id": int(s["category_id"]),
                                                    "score": round(float(s["score"]), 4)}

@@ -274,7 +274,7 @@ def test_predictions_written_through_the_engine_are_at_each_images_size(gt_root,
     import torch
 
     from eco_ray.evaluate import write_predictions
-    from eco_ray.metrics import aggregate, image_stats
+    from eco_ray.metrics import PanopticStats, aggregate, image_stats
     from eco_ray.model.config import load_model_config
     from eco_ray.model.early_exit import EarlyExitMask2Former
     from eco_ray.serve.engine import RequestControl, parent_engine, resize_ids
@@ -292,8 +292,6 @@ def test_predictions_written_through_the_engine_are_at_each_images_size(gt_root,
     for n in range(len(gt)):
         (id_map, segs, _, _), = engine.predict([gt[n].image], [RequestControl(exit=2)])
         direct.append(image_stats(*gt.ground_truth(n), resize_ids(id_map, gt[n].image.shape[:2]), segs, gt.categories))
-    from eco_ray.metrics import PanopticStats
-
     expected = aggregate(PanopticStats.stack(direct), gt.categories).pq
     assert score_predictions(gt, tmp_path / "pred.json").to_json()["pq"] == pytest.approx(expected, abs=1e-12)
     with pytest.raises(Exception, match="give exit"):

@@ -119,13 +119,17 @@ class CocoPanopticDataset:
     def __getitem__(self, index: int) -> PanopticSample:
         image_meta, _ = self._items[index]
         image_path = self.paths.images / image_meta["file_name"]
-        image = read_image(image_path, "RGB")
+        image = self.image(index)
         id_map, segments = self.ground_truth(index)
         if image.shape[:2] != id_map.shape:
             raise DatasetError(f"{self.paths.panoptic_pngs / self._items[index][1]['file_name']}: id map is "
                                f"{id_map.shape[1]}x{id_map.shape[0]} but the image {image_path.name} is "
                                f"{image.shape[1]}x{image.shape[0]}")
         return PanopticSample(int(image_meta["id"]), image, id_map, segments, dict(image_meta))
+
+    def image(self, index: int) -> np.ndarray:
+        """The (H, W, 3) uint8 image alone (its ground truth is not read)."""
+        return read_image(self.paths.images / self._items[index][0]["file_name"], "RGB")
 
     def ground_truth(self, index: int) -> tuple[np.ndarray, list[dict]]:
         """The id map and segments of one image, checked against each other (the image itself is not read)."""
