@@ -26,6 +26,7 @@ from eco_ray.serve.run import build_app, load_serve_config
 pytestmark = pytest.mark.slow
 PORT = 8123
 URL = f"http://127.0.0.1:{PORT}"
+METRICS_PORT = 8124  # Ray's Prometheus endpoint (what a Prometheus server scrapes on each node)
 
 
 def png_bytes(array) -> bytes:
@@ -52,12 +53,13 @@ def served(tiny_derived, tmp_path_factory):
     # fast autoscaling metrics, so that the autoscaling test sees 1 -> 2+ -> 1 within seconds (platform notes)
     os.environ["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
     os.environ["RAY_SERVE_HANDLE_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] = "0.5"
+    os.environ["RAY_metrics_report_interval_ms"] = "1000"  # Prometheus output within seconds (default 10 s)
     from eco_ray.serve.proxy import CALLBACK, CALLBACK_ENV, MAX_BODY_ENV
 
     os.environ[CALLBACK_ENV] = CALLBACK  # as eco-ray serve does: the proxy's guard (eco_ray/serve/proxy.py)
     os.environ[MAX_BODY_ENV] = str(PROXY_MAX_BODY)
     os.environ[API_KEY_ENV] = API_KEY  # in the replicas' environment, as a Secret puts it on Kubernetes
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, _metrics_export_port=METRICS_PORT)
     serve.start(http_options={"host": "127.0.0.1", "port": PORT, "request_timeout_s": 60})
     doc = load_serve_config()
     ingress = next(d for d in doc["applications"][0]["deployments"] if d["name"] == "Ingress")
@@ -158,6 +160,63 @@ def test_budgets_change_the_exit(served):
     fits = post(img, max_latency_ms=1000 * max(latency)).json()  # every exit fits: the gate's own choice
     assert fits["target"]["met"] is True and fits["exit"] == post(img).json()["exit"]
     assert "target" not in post(img).json() and "target" not in post(img, exit=3).json()
+
+
+def prometheus_samples(prefix: str) -> dict[str, float]:
+    """``{series line without its value: value}`` of the node's Prometheus output, for metrics named prefix*."""
+    text = httpx.get(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).text
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(prefix)}
+
+
+def test_load_adaptive_depth_rises_under_load_returns_and_is_exported(served):
+    """Under a load step the level rises and caps the requests without a control of their own, never past the
+    floor; a forced exit is honoured as given; after the load the level returns to 0 (read through
+    /v1/models, no request needed); the level, exits, GFLOPs and latencies reach Ray's Prometheus output."""
+    from eco_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="floor_exit=9 is not one of the model's exits"):
+        build_app(served["doc"], {**served["overrides"], "adaptive": {"enabled": True, "floor_exit": 9}})
+    adaptive = {"enabled": True, "floor_exit": 3, "queue_high": 3, "queue_low": 1, "step_s": 0.3,
+                "relax_after_s": 1.0}
+    redeploy(served, adaptive=adaptive)
+    img = png_bytes(served["image"])
+    assert post(img).json()["load"] == {"level": 0, "exit_cap": 6, "applied": False}
+    forced = []
+    with under_load(img, 8) as record:
+        deadline = time.time() + 30
+        while time.time() < deadline and not any(s == 200 and r.json()["load"]["level"] >= 2 for s, r in record):
+            time.sleep(0.5)
+        forced.append(post(img, exit=6).json())  # under load: an explicit control wins
+    assert record and all(s == 200 for s, _ in record), sorted({str(s) for s, _ in record})
+    loads = [(r.json()["exit"], r.json()["load"]) for _, r in record]
+    assert max(lv["level"] for _, lv in loads) >= 2, "the level did not rise under 8 clients"
+    assert all(3 <= k <= lv["exit_cap"] for k, lv in loads)  # capped, never below the floor
+    assert all(lv["applied"] == (lv["level"] > 0) for _, lv in loads)
+    assert forced[0]["exit"] == 6 and forced[0]["load"]["applied"] is False
+    state, deadline = None, time.time() + 30
+    while time.time() < deadline:
+        state = httpx.get(f"{URL}/v1/models", timeout=30).json()["load"]
+        if state["level"] == 0:
+            break
+        time.sleep(0.5)
+    assert state["level"] == 0 and state["max_level"] == 3 and state["policy"]["floor_exit"] == 3, state
+    exits_seen = {str(k) for k, _ in loads}
+    deadline, samples = time.time() + 40, {}
+    while time.time() < deadline:  # the metrics agent exports every few seconds
+        samples = prometheus_samples("ray_eco_")
+        tags = {k.split('exit="')[1].split('"')[0] for k in samples if k.startswith("ray_eco_images_served") and
+                'exit="' in k}
+        if exits_seen <= tags and any(k.startswith("ray_eco_load_level") for k in samples):
+            break
+        time.sleep(1)
+    served_total = sum(v for k, v in samples.items() if k.startswith("ray_eco_encoder_gflops_served"))
+    full_total = sum(v for k, v in samples.items() if k.startswith("ray_eco_encoder_gflops_full_depth"))
+    assert exits_seen <= tags, (exits_seen, sorted(samples)[:20])
+    assert 0 < served_total < full_total  # capped requests spent less than full depth would have
+    assert any(k.startswith("ray_eco_request_latency_ms_bucket") for k in samples)
+    assert any(k.startswith("ray_eco_requests_held") for k in samples)
+    # left deployed: the tests after it either do not depend on the policy or redeploy without it
 
 
 def test_bad_inputs_get_4xx_and_the_service_keeps_answering(served):

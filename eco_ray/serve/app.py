@@ -125,19 +125,61 @@ def pinned_model_uris(config: dict, tracking_uri: str) -> dict:
     return {**pinned, **{f"{k}_requested": u for k, u in uris.items() if pinned[k] != u}}
 
 
+class ServingMetrics:
+    """What a Segmenter replica exports to Prometheus (through Ray's metrics agent, as ``ray_<name>``; Serve
+    adds the deployment, replica and application tags): images and GFLOPs served, the full-depth GFLOPs those
+    images would have cost (their difference is the compute saved), the adaptive level, the requests held, the
+    time in the replica per exit and the targets missed."""
+
+    LATENCY_BOUNDS_MS = [5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]
+
+    def __init__(self):
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        self.full_depth_gflops = 0.0
+        self.images = Counter("eco_images_served", description="images served, by the encoder exit they left at",
+                              tag_keys=("exit",))
+        self.gflops = Counter("eco_encoder_gflops_served", description="encoder GFLOPs spent on served images")
+        self.gflops_full = Counter("eco_encoder_gflops_full_depth",
+                                   description="encoder GFLOPs the served images would have cost at full depth")
+        self.missed = Counter("eco_targets_missed", description="requests whose target no exit met",
+                              tag_keys=("target",))
+        self.level = Gauge("eco_load_level", description="the load-adaptive level (0: every exit served)")
+        self.held = Gauge("eco_requests_held", description="requests on the replica, queued or in a batch")
+        self.latency = Histogram("eco_request_latency_ms", description="time in the replica (queue + batch), by exit",
+                                 boundaries=self.LATENCY_BOUNDS_MS, tag_keys=("exit",))
+
+    def served(self, result, ms: float) -> None:
+        if not isinstance(result, dict):  # an InputError returned to the ingress: nothing was served
+            return
+        exit_tag = {"exit": str(result["exit"])}
+        self.images.inc(1, tags=exit_tag)
+        self.gflops.inc(result["encoder_gflops"])
+        self.gflops_full.inc(self.full_depth_gflops)
+        self.latency.observe(ms, tags=exit_tag)
+        target = result.get("target")
+        if target is not None and target.get("met") is False:
+            self.missed.inc(1, tags={"target": target["name"]})
+
+    def observe(self, level: int, held: int) -> None:
+        self.level.set(level)
+        self.held.set(held)
+
+
 @serve.deployment(name="Segmenter", max_ongoing_requests=16, max_queued_requests=64,
                   ray_actor_options={"num_cpus": 1}, health_check_period_s=10, health_check_timeout_s=30)
 class Segmenter:
     def __init__(self):
-        from ray.serve.metrics import Counter
+        from eco_ray.serve.load import LoadController, LoadPolicy
 
         self.engine = None
         self.gate_meta: dict = {}
         self.config: dict = {}
         self.swap_error: str | None = None
         self.batch_started: float | None = None  # monotonic time the running batch began
-        self.exits_used = Counter("eco_exits_used", description="images served per encoder exit", tag_keys=("exit",))
-        self.gflops_spent = Counter("eco_encoder_gflops_spent", description="encoder GFLOPs spent on served images")
+        self.held = 0  # requests on this replica, queued for a batch or in one (the load signal)
+        self.load = LoadController(LoadPolicy(), [0])
+        self.metrics = ServingMetrics()
 
     def reconfigure(self, config: dict) -> None:
         """Load the models of ``config`` and swap them in. A replica that already serves keeps its models when
@@ -145,6 +187,7 @@ class Segmenter:
         import torch
 
         from eco_ray.serve.engine import load_engine
+        from eco_ray.serve.load import LoadController, LoadPolicy
 
         try:
             torch.set_num_threads(int(config.get("torch_threads", 1)))
@@ -159,6 +202,7 @@ class Segmenter:
                                             config.get("default_beta"), float(config.get("threshold", 0.5)),
                                             float(config.get("mask_threshold", 0.5)),
                                             float(config.get("overlap_threshold", OVERLAP_THRESHOLD)))
+            policy = LoadPolicy.parse(config.get("adaptive"), engine.exits)
             if repeats > 0:  # on this replica's own hardware, before it serves: what max_latency_ms reads
                 engine.measure_latency(repeats)
         except Exception as e:  # noqa: BLE001 - any failure to load: keep what serves
@@ -169,30 +213,43 @@ class Segmenter:
                          config.get("revision"), self.config.get("revision"), self.swap_error)
             return
         engine.versions["revision"] = config.get("revision", 0)
+        load = LoadController(policy, engine.exits, time.monotonic())
         # one assignment: a batch already running keeps the engine it started with
-        self.engine, self.gate_meta, self.config, self.swap_error = engine, gate_meta, dict(config), None
+        self.engine, self.gate_meta, self.config, self.swap_error, self.load = \
+            engine, gate_meta, dict(config), None, load
+        self.metrics.full_depth_gflops = engine.gflops[-1]
 
     def check_health(self) -> None:
         """Serve's health check: a replica whose batch has run for longer than any batch can (a hung forward
         pass, a wedged thread) is replaced."""
+        self._observe_load()  # the level relaxes while idle: the gauges follow it between requests
         started = self.batch_started
         if started is not None and time.monotonic() - started > float(self.config.get("stuck_batch_s",
                                                                                      STUCK_BATCH_S)):
             raise RuntimeError(f"a batch has been running for {time.monotonic() - started:.0f} s")
 
+    def _observe_load(self):
+        """The load cap in force now (None: adaptive depth off), the gauges set to what it saw."""
+        from eco_ray.serve.engine import LoadCap
+
+        load = self.load
+        level = load.observe(self.held, time.monotonic())
+        self.metrics.observe(level, self.held)
+        if not load.policy.enabled:
+            return None
+        return LoadCap(level, load.exit_cap, load.policy.precedence == "load")
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _segment_batch(self, items: list[tuple]) -> list:
         engine = self.engine
         images, controls, formats = zip(*items)
+        cap = self._observe_load()
         self.batch_started = time.monotonic()
         try:
             results = await asyncio.get_running_loop().run_in_executor(
-                None, engine.segment, list(images), list(controls), list(formats))
+                None, engine.segment, list(images), list(controls), list(formats), cap)
         finally:
             self.batch_started = None
-        for r in results:
-            self.exits_used.inc(1, tags={"exit": str(r["exit"])})
-            self.gflops_spent.inc(r["encoder_gflops"])
         return results
 
     async def segment(self, image, control: RequestControl, mask_format: str):
@@ -200,12 +257,23 @@ class Segmenter:
             self.engine.allowed_exits(control)  # a bad control never joins (and never costs) a batch
         except InputError as e:
             return e
-        return await self._segment_batch((image, control, mask_format))
+        t0 = time.monotonic()
+        self.held += 1
+        try:
+            result = await self._segment_batch((image, control, mask_format))
+        finally:
+            self.held -= 1
+        ms = (time.monotonic() - t0) * 1e3
+        self.load.record_latency(ms, time.monotonic())
+        self.metrics.served(result, ms)
+        self._observe_load()
+        return result
 
     def describe(self) -> dict:
         e = self.engine
+        self._observe_load()
         return {"versions": e.versions, "exits": e.exits, "encoder_gflops_per_exit": e.gflops,
-                "latency_ms_per_exit": e.latency_ms,
+                "latency_ms_per_exit": e.latency_ms, "load": {**self.load.state(), "held": self.held},
                 "default_beta": e.default_beta, "gate_kind": e.versions.get("gate_kind"),
                 "gate_cost": e.versions.get("gate_cost"),
                 "operating_points": self.gate_meta.get("operating_points", []),

@@ -138,6 +138,11 @@ class RequestControl:
         if self.max_quality_drop is not None and not 0 <= self.max_quality_drop <= 1:
             raise InputError(422, f"max_quality_drop is a PQ difference in [0, 1], got {self.max_quality_drop}")
 
+    @property
+    def explicit(self) -> bool:
+        """Whether the request carries its own control (what a load cap of precedence ``request`` leaves alone)."""
+        return any(v is not None for v in (self.budget, self.beta, self.exit, self.max_quality_drop))
+
     def target(self) -> dict | None:
         """The request's target as its response reports it (None: no target)."""
         if self.budget is not None:
@@ -170,6 +175,19 @@ class RequestControl:
         except BudgetError as e:
             raise InputError(422, str(e)) from None
         return cls(budget, given.get("beta"), given.get("exit"), given.get("max_quality_drop"))
+
+
+@dataclass(frozen=True)
+class LoadCap:
+    """The load-adaptive cap a batch runs under (eco_ray/serve/load.py): the deepest exit served at ``level``,
+    for the requests without a control of their own, or for every request (``all_requests``)."""
+
+    level: int
+    exit_cap: int
+    all_requests: bool = False
+
+    def applies_to(self, c: RequestControl) -> bool:
+        return self.level > 0 and (self.all_requests or not c.explicit)
 
 
 @dataclass
@@ -224,27 +242,36 @@ class Engine:
         return self.gflops
 
     def choose_exits(self, gate_features: torch.Tensor, controls: list[RequestControl],
-                     met: list | None = None) -> list[int]:
-        """Each image's exit: forced, or the rule over the gate's scores among the exits its control allows.
-        ``met`` (one entry per request) receives whether the request's target is met (None: no target)."""
+                     met: list | None = None, load: LoadCap | None = None) -> list[int]:
+        """Each image's exit: forced, or the rule over the gate's scores among the exits its control allows,
+        under the load cap where it applies. ``met`` (one entry per request) receives whether the request's
+        target is met (None: no target)."""
         allowed = np.stack([self.allowed_exits(c) for c in controls])
         met = met if met is not None else [None] * len(controls)
-        if self.gate is None:  # every exit forced (allowed_exits refuses anything else)
-            return [self.exits[int(np.argmax(a))] for a in allowed]
-        scores = gate_scores(self.gate, gate_features)
+        capped = [load is not None and load.applies_to(c) for c in controls]
+        under_cap = np.asarray(self.exits) <= (load.exit_cap if load is not None else self.exits[-1])
+        scores = gate_scores(self.gate, gate_features) if self.gate is not None else None
         betas = np.asarray([self.default_beta if c.beta is None else c.beta for c in controls], np.float64)
         for i, c in enumerate(controls):
-            if c.budget is not None:
-                met[i] = any(c.budget.admits_value(v) for v in self._costs(c.budget))
-            elif c.max_quality_drop is not None:  # the cheapest exit predicted within the drop of full depth
+            if c.max_quality_drop is not None:  # the cheapest exit predicted within the drop of full depth
                 allowed[i] &= scores[i] >= scores[i, -1] - c.max_quality_drop  # the deepest always is
                 betas[i] = CHEAPEST
+            if capped[i]:  # what the cap leaves of the control's exits, else the cap itself
+                within = allowed[i] & under_cap
+                allowed[i] = within if within.any() else np.asarray(self.exits) == load.exit_cap
+                if c.max_quality_drop is not None:
+                    met[i] = bool(within.any())
+            if c.budget is not None:
+                met[i] = any(c.budget.admits_value(v) for v, ok in zip(self._costs(c.budget), allowed[i]) if ok)
+            elif c.max_quality_drop is not None and met[i] is None:
                 met[i] = True
+        if self.gate is None:  # every exit forced (allowed_exits refuses anything else)
+            return [self.exits[int(np.argmax(a))] for a in allowed]
         index = choose(scores, self.relative_cost, betas if self.gate.uses_beta else 0.0, allowed)
         return [self.exits[j] for j in index]
 
     @torch.no_grad()
-    def predict(self, images: list[np.ndarray], controls: list[RequestControl]
+    def predict(self, images: list[np.ndarray], controls: list[RequestControl], load: LoadCap | None = None
                 ) -> list[tuple[np.ndarray, list[dict], int, bool | None]]:
         """One batch: every image resized to the model's input, exits chosen per image, one parent pass in
         which rows leave the encoder at their exit -> (id map at the model's input size, segments, exit,
@@ -253,7 +280,7 @@ class Engine:
         size = self.parent.config.image_size
         x = pixel_values([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
         met: list = [None] * len(controls)
-        out = self.parent.forward_gated(x, lambda feats: self.choose_exits(feats, controls, met))
+        out = self.parent.forward_gated(x, lambda feats: self.choose_exits(feats, controls, met, load))
         preds = to_panoptic(out, self.categories, (size, size), self.threshold, self.mask_threshold,
                             self.overlap_threshold)
         return [(id_map, segs, int(k), m) for (id_map, segs), k, m in zip(preds, out.exit_per_image.tolist(), met)]
@@ -274,11 +301,12 @@ class Engine:
         self.latency_ms = table
         return table
 
-    def segment(self, images: list[np.ndarray], controls: list[RequestControl], mask_format: list[str]) -> list[dict]:
+    def segment(self, images: list[np.ndarray], controls: list[RequestControl], mask_format: list[str],
+                load: LoadCap | None = None) -> list[dict]:
         """:meth:`predict`, encoded at each image's own size for a response (segments, PNG or RLE masks, exit,
-        cost, versions, timing)."""
+        cost, versions, timing, and the load cap where one is in force)."""
         t0 = time.perf_counter()
-        preds = self.predict(images, controls)
+        preds = self.predict(images, controls, load)
         batch_ms = (time.perf_counter() - t0) * 1e3
         predicted = list(self.latency_ms) if self.latency_ms is not None else None  # what the decision read
         if self.latency_ms is not None and len(images) == 1:  # the table follows what one image costs now
@@ -290,6 +318,8 @@ class Engine:
             result = {**encode_panoptic(id_map, segs, im.shape[:2], self.categories, fmt), "exit": k,
                       "encoder_gflops": gflops_of[k], "versions": self.versions,
                       "timing_ms": {"batch": round(batch_ms, 2), "batch_size": len(images)}}
+            if load is not None:
+                result["load"] = {"level": load.level, "exit_cap": load.exit_cap, "applied": load.applies_to(c)}
             if c.target() is not None:
                 result["target"] = {**c.target(), "met": met}
                 if c.budget is not None and c.budget.metric == "latency_ms":  # predicted, then measured

@@ -72,10 +72,16 @@ def build_app(doc: dict, overrides: dict | None = None, pin: bool = True, check:
         tracking = user.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI")
         if not tracking:
             raise ConfigError("the Segmenter needs user_config.tracking_uri or $MLFLOW_TRACKING_URI")
+        from eco_ray.serve.load import LoadPolicy, LoadPolicyError
+
         try:
-            load_engine(user["parent_uri"], user["gate_uri"], tracking)
+            engine, _ = load_engine(user["parent_uri"], user["gate_uri"], tracking)
         except (ValueError, OSError) as e:
             raise ConfigError(f"the models cannot be served: {str(e).splitlines()[0]}") from None
+        try:  # the operator's load policy, against the exits of the models it will cap
+            LoadPolicy.parse(user.get("adaptive"), engine.exits)
+        except LoadPolicyError as e:
+            raise ConfigError(f"Segmenter user_config: {e}") from None
     ing_opts = {k: v for k, v in deployments["Ingress"].items() if k != "name"}
     return Ingress.options(**ing_opts).bind(Segmenter.options(**seg_opts).bind()), user
 
