@@ -186,7 +186,7 @@ def test_exits_short_of_the_last_encoder_layer_train_with_deepest_plus_one(ray_c
 def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, synth_root, tmp_path):
     from eco_ray.train.ray_train import run_training
 
-    cfg = tiny_config("steps=150", "checkpoint_every=10", "eval_every=150", "max_failures=2")
+    cfg = tiny_config("steps=60", "checkpoint_every=10", "eval_every=60", "max_failures=2")
     result: dict = {}
     ctx = RunContext.create(tmp_path)
     thread = threading.Thread(target=lambda: result.update(run_training(cfg, data_root=synth_root, ctx=ctx,
@@ -198,22 +198,22 @@ def test_killed_worker_resumes_from_the_last_checkpoint(ray_cluster, synth_root,
         time.sleep(0.2)
     killed_after = _latest_checkpoint_step(storage)
     workers = _train_worker_pids()
-    assert 20 <= killed_after < 150 and len(workers) == 2, "the run must be killed mid-way"
+    assert 20 <= killed_after < 60 and len(workers) == 2, "the run must be killed mid-way"
     os.kill(workers[1], signal.SIGKILL)
     thread.join(timeout=400)
-    assert not thread.is_alive() and result["steps"] == 150
+    assert not thread.is_alive() and result["steps"] == 60
     client = MlflowClient(result["tracking_uri"])
     resumed = [m.value for m in client.get_metric_history(result["run_id"], "resumed_from_step")]
     # continued from a checkpoint (the one being written when the worker died may not count yet: at most
     # one checkpoint interval is lost), never from 0
     assert resumed and min(resumed) >= killed_after - 10 and min(resumed) > 0
     steps = sorted(m.step for m in client.get_metric_history(result["run_id"], "loss"))
-    assert steps[-1] == 150 and steps.count(1) == 1  # step 1 was trained once: no restart from scratch
+    assert steps[-1] == 60 and steps.count(1) == 1  # step 1 was trained once: no restart from scratch
 
 
 def test_resume_after_the_driver_is_killed(synth_root, tmp_path):
     args = ["--data-root", str(synth_root), "--set", "model_preset=tiny", "--run-dir", str(tmp_path),
-            "--set", "batch_size=4", "--set", "steps=150", "--set", "checkpoint_every=10", "--set", "eval_every=150",
+            "--set", "batch_size=4", "--set", "steps=60", "--set", "checkpoint_every=10", "--set", "eval_every=60",
             "--set", "eval_images=8", "--set", "warmup_steps=2"]
     driver = subprocess.Popen([sys.executable, "-m", "eco_ray.cli", "train", "--name", "drv", *args],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -224,13 +224,13 @@ def test_resume_after_the_driver_is_killed(synth_root, tmp_path):
     stopped_after = _latest_checkpoint_step(storage)
     os.killpg(driver.pid, signal.SIGKILL)  # the driver and the local cluster it started
     driver.wait()
-    assert 20 <= stopped_after < 150, "the driver must be stopped mid-way"
+    assert 20 <= stopped_after < 60, "the driver must be stopped mid-way"
     run = json.loads((tmp_path / "train" / "drv" / "run.json").read_text())
     proc = subprocess.run([sys.executable, "-m", "eco_ray.cli", "train", "--resume", "drv", "--run-dir", str(tmp_path),
                            "--json"], capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout[proc.stdout.index("{"):])
-    assert summary["run_id"] == run["run_id"] and summary["steps"] == 150  # the same MLflow run, continued
+    assert summary["run_id"] == run["run_id"] and summary["steps"] == 60  # the same MLflow run, continued
     client = MlflowClient(summary["tracking_uri"])
     resumed = [m.value for m in client.get_metric_history(summary["run_id"], "resumed_from_step")]
     assert resumed and min(resumed) >= stopped_after - 10 and min(resumed) > 0

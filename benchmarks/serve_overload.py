@@ -1,0 +1,285 @@
+"""Overload benchmark of the Serve deployment on loopback, one run, same replicas for every mode: an open-loop
+load (Poisson arrivals, seeded) stepping through fractions of the full-depth capacity, for
+
+- ``full_depth``: every request forced to the deepest exit;
+- ``fixed_gate``: the selected gate at its own beta, load-adaptive depth off;
+- ``adaptive``: the same gate with load-adaptive depth on (the shipped ``adaptive`` knobs, ``enabled: true``).
+
+Per step and mode: goodput (answers within the latency SLO per second), p50/p99 of the answered requests (from
+their scheduled arrival: a client's wait counts), PQ of the served answers (the derived table's statistics of
+each validation image sent at the exit it was served at), mean exit, shed (429/503) and failed (transport error
+or client timeout) counts.
+
+The capacity is measured first: closed-loop clients at full depth, answers per second. The SLO is fixed by a
+rule stated before any mode runs: ``--slo-factor`` (default 2) times the full-depth p50 latency of that probe
+(a replica at full depth and saturated answers within it), unless ``--slo-ms`` gives one.
+
+    python benchmarks/serve_overload.py --parent models:/eco-parent/latest --gate models:/eco-gate@production \\
+        --derived runs/derived/<key> [--seconds 15] [--loads 0.5,1,1.5,2,0.5] [--report benchmarks/results/report.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+MODES = ("full_depth", "fixed_gate", "adaptive")
+
+
+def log(msg: str) -> None:
+    print(f"[overload] {msg}", file=sys.stderr, flush=True)
+
+
+async def _open_loop(url: str, images: list[bytes], params: dict, rate: float, seconds: float, timeout_s: float,
+                     rng: np.random.Generator, first: int) -> list[dict]:
+    """Poisson arrivals at ``rate`` per second for ``seconds``; each answer recorded (image index, status,
+    latency from its scheduled arrival, exit, load level)."""
+    import httpx
+
+    records: list[dict] = []
+    async with httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=1024,
+                                                                         max_keepalive_connections=256)) as client:
+        async def one(i: int, scheduled: float):
+            rec = {"image": i % len(images), "sent": scheduled}
+            try:
+                r = await client.post(f"{url}/v1/segment", content=images[i % len(images)], params=params,
+                                      headers={"content-type": "image/png"})
+                rec["status"] = r.status_code
+                if r.status_code == 200:
+                    body = r.json()
+                    rec["exit"] = body["exit"]
+                    rec["level"] = (body.get("load") or {}).get("level", 0)
+            except httpx.HTTPError as e:  # a timeout or a transport error: a failure, never lost
+                rec["status"] = type(e).__name__
+            rec["latency_ms"] = (time.perf_counter() - scheduled) * 1e3
+            records.append(rec)
+
+        start = time.perf_counter()
+        t, tasks, i = start, [], first
+        while True:
+            t += rng.exponential(1.0 / rate)
+            if t - start >= seconds:
+                break
+            await asyncio.sleep(max(0.0, t - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(i, t)))
+            i += 1
+        await asyncio.gather(*tasks)
+    return records
+
+
+def closed_loop(url: str, images: list[bytes], params: dict, seconds: float, clients: int) -> dict:
+    """Answers per second and p50 with ``clients`` clients posting back to back (the capacity probe)."""
+    import threading
+
+    import httpx
+
+    lat, lock, deadline = [], threading.Lock(), time.perf_counter() + seconds
+
+    def worker(k: int):
+        with httpx.Client(timeout=60) as c:
+            i = k
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter()
+                r = c.post(f"{url}/v1/segment", content=images[i % len(images)], params=params,
+                           headers={"content-type": "image/png"})
+                if r.status_code == 200:
+                    with lock:
+                        lat.append((time.perf_counter() - t0) * 1e3)
+                i += clients
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    return {"rps": len(lat) / (time.perf_counter() - t0), "p50_ms": float(np.median(lat)), "answers": len(lat)}
+
+
+def summarize(records: list[dict], seconds: float, slo_ms: float, quality) -> dict:
+    ok = [r for r in records if r["status"] == 200]
+    lat = np.asarray([r["latency_ms"] for r in ok])
+    shed = sum(1 for r in records if r["status"] in (429, 503))
+    return {"sent": len(records), "answered": len(ok), "goodput": float(np.sum(lat <= slo_ms)) / seconds,
+            "within_slo": float(np.mean(lat <= slo_ms)) if len(lat) else 0.0,
+            "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
+            "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
+            "mean_pq": quality([r["image"] for r in ok], [r["exit"] for r in ok]) if ok else None,
+            "mean_exit": float(np.mean([r["exit"] for r in ok])) if ok else None,
+            "max_level": max((r.get("level", 0) for r in ok), default=0),
+            "shed": shed, "failed": len(records) - len(ok) - shed}
+
+
+def plot(result: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    loads = result["offered_load"]
+    x = np.arange(len(loads))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    colours = {"full_depth": "0.4", "fixed_gate": "tab:blue", "adaptive": "tab:orange"}
+    for mode, v in result["modes"].items():
+        axes[0].plot(x, v["goodput"], "o-", color=colours[mode], label=mode)
+        axes[1].plot(x, [p if p is not None else np.nan for p in v["p99_ms"]], "o-", color=colours[mode])
+        axes[2].plot(x, [e if e is not None else np.nan for e in v["mean_exit"]], "o-", color=colours[mode])
+    axes[0].plot(x, [f * result["capacity_rps"] for f in loads], ":", color="0.7", label="offered")
+    axes[1].axhline(result["slo_ms"], ls="--", color="tab:red", lw=1, label=f"SLO {result['slo_ms']:.0f} ms")
+    axes[1].set_yscale("log")
+    for ax, title in zip(axes, ("goodput (answers within SLO / s)", "p99 latency (ms)", "mean exit served")):
+        ax.set_xticks(x, [f"{f:g}x" for f in loads])
+        ax.set_xlabel("offered load (x full-depth capacity), in time order")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[1].legend(fontsize=8)
+    m = result["machine"]
+    fig.suptitle(f"Serve overload, one run: {m['cpu']} x{m['cores']}, {result['replicas']} Segmenter replica, "
+                 f"capacity {result['capacity_rps']:.1f} req/s at full depth", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parent", default="models:/eco-parent/latest")
+    p.add_argument("--gate", default="models:/eco-gate@production")
+    p.add_argument("--derived", required=True, help="the derived table of the parent (its validation split scores "
+                                                    "the served exits)")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--seconds", type=float, default=15, help="seconds per load step (default 15)")
+    p.add_argument("--loads", default="0.5,1,1.5,2,0.5", help="offered load steps as fractions of the full-depth "
+                                                              "capacity, in time order")
+    p.add_argument("--slo-ms", type=float, default=None, help="the latency SLO (default: --slo-factor x the "
+                                                              "full-depth p50 of the capacity probe)")
+    p.add_argument("--slo-factor", type=float, default=2.0)
+    p.add_argument("--probe-clients", type=int, default=8)
+    p.add_argument("--probe-seconds", type=float, default=10)
+    p.add_argument("--timeout-s", type=float, default=60, help="client timeout: a request past it failed")
+    p.add_argument("--port", type=int, default=8331)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=None, help="write serving_overload.json and .png here")
+    p.add_argument("--report", default=None, help="a report.json to add (or replace) the serving_overload key in")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args()
+    loads = [float(f) for f in args.loads.split(",")]
+
+    import ray
+    from ray import serve
+
+    from eco_ray.data.coco_panoptic import CocoPanopticDataset
+    from eco_ray.derive.table import DerivedDataset
+    from eco_ray.metrics.panoptic import aggregate
+    from eco_ray.serve.run import build_app, load_serve_config
+    from eco_ray.tracking import default_tracking_uri
+
+    tracking = args.tracking_uri or default_tracking_uri("runs")
+    ds = DerivedDataset.open(args.derived)
+    val = ds.split("val")
+    gt = CocoPanopticDataset.from_root(ds.manifest["data"]["root"], "val")
+    row_of = {int(i): r for r, i in enumerate(val.image_ids)}
+    rows = [row_of[i] for i in gt.image_ids]  # request image k -> its row in the derived table
+    images = [(gt.paths.images / gt.image_meta(k)["file_name"]).read_bytes() for k in range(len(gt))]
+
+    def quality(image_indexes, exits):
+        idx = np.asarray([rows[k] for k in image_indexes])
+        cols = np.asarray([ds.exits.index(e) for e in exits])
+        return float(aggregate(val.stats[idx, 0, cols], ds.categories).pq)
+
+    doc = load_serve_config()
+    for d in doc["applications"][0]["deployments"]:
+        d.pop("autoscaling_config", None)
+        d["num_replicas"] = 1
+    seg = next(d for d in doc["applications"][0]["deployments"] if d["name"] == "Segmenter")
+    shipped_policy = dict(seg["user_config"].get("adaptive") or {})
+    overrides = {"parent_uri": args.parent, "gate_uri": args.gate, "tracking_uri": tracking}
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    url = f"http://127.0.0.1:{args.port}"
+    import httpx
+
+    def deploy(adaptive: dict, revision: int) -> dict:
+        app, _ = build_app(doc, {**overrides, "adaptive": adaptive, "revision": revision})
+        serve.run(app, name="eco-ray", route_prefix="/")
+        return httpx.get(f"{url}/v1/models", timeout=60).json()
+
+    t_start = time.perf_counter()
+    info = deploy({**shipped_policy, "enabled": False}, 0)
+    deepest = info["exits"][-1]
+    closed_loop(url, images, {"exit": deepest}, 3, args.probe_clients)  # warm-up
+    probe = closed_loop(url, images, {"exit": deepest}, args.probe_seconds, args.probe_clients)
+    capacity = probe["rps"]
+    slo_ms = args.slo_ms if args.slo_ms is not None else args.slo_factor * probe["p50_ms"]
+    log(f"full-depth capacity {capacity:.2f} req/s (p50 {probe['p50_ms']:.0f} ms, {args.probe_clients} clients); "
+        f"SLO {slo_ms:.0f} ms")
+    policy = {**shipped_policy, "enabled": True}
+    modes = {"full_depth": ({"exit": deepest}, {**shipped_policy, "enabled": False}),
+             "fixed_gate": ({}, {**shipped_policy, "enabled": False}),
+             "adaptive": ({}, policy)}
+    steps_total, done = len(modes) * len(loads), 0
+    out_modes = {}
+    rng = np.random.default_rng(args.seed)
+    for revision, (mode, (params, adaptive)) in enumerate(modes.items(), start=1):
+        deploy(adaptive, revision)
+        closed_loop(url, images, {}, 2, 2)  # the new replica warmed up
+        per_step = []
+        for f in loads:
+            t0 = time.perf_counter()
+            records = asyncio.run(_open_loop(url, images, params, f * capacity, args.seconds, args.timeout_s, rng,
+                                             first=done * 1000))
+            s = summarize(records, args.seconds, slo_ms, quality)
+            per_step.append(s)
+            done += 1
+            eta = (time.perf_counter() - t_start) / done * (steps_total - done)
+            log(f"{mode:>10} {f:g}x: goodput {s['goodput']:.2f}/s, p99 {s['p99_ms'] or float('nan'):.0f} ms, "
+                f"mean exit {s['mean_exit'] or float('nan'):.2f}, shed {s['shed']}, failed {s['failed']} "
+                f"({time.perf_counter() - t0:.0f} s; {done}/{steps_total}, ETA {eta:.0f} s)")
+        out_modes[mode] = {k: [s[k] for s in per_step] for k in per_step[0]}
+    serve.shutdown()
+    ray.shutdown()
+    from report import machine  # benchmarks/report.py: the same machine record as the report's
+
+    result = {"benchmark": "serve_overload", "machine": machine(), "replicas": 1,
+              "parent": info["versions"]["parent"], "gate": info["versions"]["gate"],
+              "seconds_per_step": args.seconds, "seed": args.seed, "images": len(images),
+              "capacity_rps": capacity, "capacity_probe": {**probe, "clients": args.probe_clients},
+              "slo_ms": slo_ms, "slo_rule": (f"{args.slo_factor:g} x the full-depth p50 of the capacity probe"
+                                             if args.slo_ms is None else "given (--slo-ms)"),
+              "offered_load": loads, "offered_rps": [f * capacity for f in loads], "policy": policy,
+              "modes": out_modes, "seconds": round(time.perf_counter() - t_start, 1)}
+    if args.out_dir:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        result["plot"] = plot(result, out / "serving_overload.png").name
+        (out / "serving_overload.json").write_text(json.dumps(result, indent=2))
+    if args.report:
+        report_path = Path(args.report)
+        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        report["serving_overload"] = result
+        report_path.write_text(json.dumps(report, indent=2, default=float))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"Serve overload on {result['machine']['cpu']} x{result['machine']['cores']}: capacity {capacity:.2f} req/s at full depth, SLO {slo_ms:.0f} ms, "
+          f"{args.seconds:g} s per step")
+    print(f"{'mode':>10} {'load':>5} {'goodput':>8} {'p50 ms':>8} {'p99 ms':>8} {'PQ':>6} {'exit':>5} {'shed':>5} "
+          f"{'failed':>6}")
+    for mode, v in out_modes.items():
+        for j, f in enumerate(loads):
+            print(f"{mode:>10} {f:>4g}x {v['goodput'][j]:>8.2f} {v['p50_ms'][j] or float('nan'):>8.0f} "
+                  f"{v['p99_ms'][j] or float('nan'):>8.0f} {v['mean_pq'][j] or float('nan'):>6.3f} "
+                  f"{v['mean_exit'][j] or float('nan'):>5.2f} {v['shed'][j]:>5} {v['failed'][j]:>6}")
+
+
+if __name__ == "__main__":
+    main()
