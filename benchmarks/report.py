@@ -11,7 +11,8 @@ It reads what `eco-ray pipeline` produced (the parent, the derived table, the se
   3. the derive ratio and the beta-change ratio (benchmarks/derive_gate.py);
   4. sweep throughput, TPE (benchmarks/sweep.py);
   4b. the verdict on the table (eco-ray diagnose) with the selected gate's lead and its interval;
-  5. serving throughput and latency, gated vs. full depth, same replicas (benchmarks/serve_load.py).
+  5. serving throughput and latency, gated vs. full depth, same replicas (benchmarks/serve_load.py);
+  6. serving under overload, full depth vs. the fixed gate vs. load-adaptive depth (benchmarks/serve_overload.py).
 Writes <out>/report.json, <out>/report.md and the plots beside them. Every figure comes from this run.
 """
 
@@ -241,6 +242,10 @@ def markdown(r: dict) -> str:
     for k in prof["full_depth"]:
         lines.append(f"| {k} | {prof['gated'].get(k, 0):.1f} | {prof['full_depth'][k]:.1f} |")
     lines.append("")
+    if r.get("serving_overload"):
+        from serve_overload import markdown_lines
+
+        lines += markdown_lines(r["serving_overload"])
     return "\n".join(lines)
 
 
@@ -282,6 +287,8 @@ def main() -> None:
                    str(args.serve_seconds), "--clients", str(args.clients)], 1800)
     sp = run_json(["benchmarks/diagnostics/serve_profile.py", "--parent", train["model_uri"], "--gate",
                    selected["model_uri"], "--data-root", manifest["data"]["root"], "--tracking-uri", tracking], 1800)
+    so = run_json(["benchmarks/serve_overload.py", "--parent", train["model_uri"], "--gate", selected["model_uri"],
+                   "--derived", derived["path"], "--tracking-uri", tracking, "--out-dir", str(out)], 3600)
 
     static = [p for p in points if p["method"] == "static"]
     full, eco = static[-1], points[-1]
@@ -317,6 +324,7 @@ def main() -> None:
         "serving": {"gated": sl["results"]["gated"], "full_depth": sl["results"]["full_depth"],
                     "gated_again": sl["results"]["gated_again"]},
         "serving_profile": sp,
+        "serving_overload": so,
         "serving_setup": {k: sl[k] for k in ("replicas", "clients", "seconds_per_mode", "images", "parent", "gate",
                                              "rps_ratio_gated_vs_full")},
         "seconds": round(time.perf_counter() - t0, 1),

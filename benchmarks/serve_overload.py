@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -114,6 +115,30 @@ def summarize(records: list[dict], seconds: float, slo_ms: float, quality) -> di
             "mean_exit": float(np.mean([r["exit"] for r in ok])) if ok else None,
             "max_level": max((r.get("level", 0) for r in ok), default=0),
             "shed": shed, "failed": len(records) - len(ok) - shed}
+
+
+SECTION = "## Serving under overload (benchmarks/serve_overload.py)"
+
+
+def markdown_lines(r: dict) -> list[str]:
+    """The report's section (benchmarks/report.py writes it into report.md)."""
+    lines = [SECTION, "",
+             f"One Segmenter replica, open-loop Poisson load in steps of {r['seconds_per_step']:g} s, in time order "
+             f"{', '.join(f'{f:g}x' for f in r['offered_load'])} of the full-depth capacity "
+             f"({r['capacity_rps']:.2f} req/s: {r['capacity_probe']['clients']} closed-loop clients at full depth); "
+             f"SLO {r['slo_ms']:.0f} ms ({r['slo_rule']}); PQ of the answers from the derived table; adaptive "
+             f"policy {json.dumps({k: v for k, v in r['policy'].items() if v is not None})}.", "",
+             "| mode | load | goodput /s | within SLO | p50 ms | p99 ms | PQ | mean exit | max level | shed | failed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    for mode, v in r["modes"].items():
+        for j, f in enumerate(r["offered_load"]):
+            lines.append(f"| {mode} | {f:g}x | {v['goodput'][j]:.2f} | {v['within_slo'][j]:.0%} | "
+                         f"{fmt(v['p50_ms'][j], '.0f')} | {fmt(v['p99_ms'][j], '.0f')} | {fmt(v['mean_pq'][j], '.3f')} | "
+                         f"{fmt(v['mean_exit'][j], '.2f')} | {v['max_level'][j]} | {v['shed'][j]} | {v['failed'][j]} |")
+    if r.get("plot"):
+        lines += ["", f"![overload]({r['plot']})"]
+    return lines + [""]
 
 
 def plot(result: dict, path: Path) -> Path:
@@ -228,15 +253,15 @@ def main() -> None:
              "adaptive": ({}, policy)}
     steps_total, done = len(modes) * len(loads), 0
     out_modes = {}
-    rng = np.random.default_rng(args.seed)
     for revision, (mode, (params, adaptive)) in enumerate(modes.items(), start=1):
         deploy(adaptive, revision)
         closed_loop(url, images, {}, 2, 2)  # the new replica warmed up
         per_step = []
-        for f in loads:
+        for j, f in enumerate(loads):
             t0 = time.perf_counter()
+            rng = np.random.default_rng([args.seed, j])  # every mode gets the same arrivals and images
             records = asyncio.run(_open_loop(url, images, params, f * capacity, args.seconds, args.timeout_s, rng,
-                                             first=done * 1000))
+                                             first=j * 100_003))
             s = summarize(records, args.seconds, slo_ms, quality)
             per_step.append(s)
             done += 1
@@ -262,11 +287,17 @@ def main() -> None:
         out.mkdir(parents=True, exist_ok=True)
         result["plot"] = plot(result, out / "serving_overload.png").name
         (out / "serving_overload.json").write_text(json.dumps(result, indent=2))
-    if args.report:
+    if args.report:  # report.json gains the key, report.md (beside it) the section, in place of an older one
         report_path = Path(args.report)
-        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        report = json.loads(report_path.read_text())
+        if result.get("plot") and Path(args.out_dir).resolve() != report_path.parent.resolve():
+            result["plot"] = os.path.relpath(Path(args.out_dir) / result["plot"], report_path.parent)
         report["serving_overload"] = result
         report_path.write_text(json.dumps(report, indent=2, default=float))
+        md = report_path.with_suffix(".md")
+        text = md.read_text() if md.is_file() else ""
+        head = text.split(SECTION)[0].rstrip("\n")
+        md.write_text((head + "\n\n" if head else "") + "\n".join(markdown_lines(result)))
     if args.json:
         print(json.dumps(result, indent=2))
         return

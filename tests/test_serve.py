@@ -384,6 +384,20 @@ def test_a_replica_whose_batch_hangs_fails_its_health_check(served):
     engine = replica.engine
     replica.reconfigure({**served["overrides"], "latency_repeats": "three"})
     assert replica.engine is engine and "latency_repeats" in replica.swap_error
+    # a latency target accepted before a swap to models without a latency table: that request gets its 422,
+    # the batch it shares with another request still runs
+    from eco_ray.budget import Budget
+    from eco_ray.serve.engine import InputError, RequestControl
+
+    timed = RequestControl(budget=Budget.named("max_latency_ms", 1000.0))
+    replica.engine.allowed_exits(timed)  # accepted on arrival
+    replica.reconfigure({**served["overrides"], "latency_repeats": 0, "revision": 5})
+    assert replica.swap_error is None and replica.engine.latency_ms is None
+
+    refused, answered = replica._run_batch(replica.engine, [(served["image"], timed, "png"),
+                                                            (served["image"], RequestControl(), "png")], None)
+    assert isinstance(refused, InputError) and refused.status == 422 and "latency_repeats" in str(refused)
+    assert isinstance(answered, dict) and answered["exit"] in replica.engine.exits
 
 
 def test_a_full_queue_answers_429_with_retry_after(served):

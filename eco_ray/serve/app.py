@@ -239,18 +239,32 @@ class Segmenter:
             return None
         return LoadCap(level, load.exit_cap, load.policy.precedence == "load")
 
+    @staticmethod
+    def _run_batch(engine, items: list[tuple], cap) -> list:
+        """One batch on ``engine`` (in an executor thread): each request's result, or its InputError."""
+        results: list = [None] * len(items)
+        run = []
+        for i, (_, control, _) in enumerate(items):
+            try:  # checked on arrival, but a swap may have come since (e.g. to latency_repeats: 0)
+                engine.allowed_exits(control)
+                run.append(i)
+            except InputError as e:
+                results[i] = e  # that request's answer; the others still run
+        if run:
+            images, controls, formats = zip(*(items[i] for i in run))
+            for i, r in zip(run, engine.segment(list(images), list(controls), list(formats), cap)):
+                results[i] = r
+        return results
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _segment_batch(self, items: list[tuple]) -> list:
         engine = self.engine
-        images, controls, formats = zip(*items)
         cap = self._observe_load()
         self.batch_started = time.monotonic()
         try:
-            results = await asyncio.get_running_loop().run_in_executor(
-                None, engine.segment, list(images), list(controls), list(formats), cap)
+            return await asyncio.get_running_loop().run_in_executor(None, self._run_batch, engine, items, cap)
         finally:
             self.batch_started = None
-        return results
 
     async def segment(self, image, control: RequestControl, mask_format: str):
         try:
