@@ -159,6 +159,10 @@ def test_budgets_change_the_exit(served):
     assert len(latency) == 5 and all(t > 0 for t in latency)  # measured by the replica when it started
     tight = post(img, max_latency_ms=0.001).json()
     assert tight["target"]["met"] is False and tight["target"]["predicted_ms"] > 0.001  # the cheapest, said
+    table = httpx.get(f"{URL}/v1/models", timeout=30).json()["latency_ms_per_exit"]  # as the next decision reads it
+    limit = sorted(table)[2]  # some exits fit, some do not: one that fits by the table the decision read
+    mid = post(img, max_latency_ms=limit).json()
+    assert mid["target"]["predicted_ms"] <= limit  # (whether the batch then finished in time is "met")
     fits = post(img, max_latency_ms=1000 * max(latency)).json()  # every exit fits: the gate's own choice
     assert fits["target"]["met"] is True and fits["exit"] == post(img).json()["exit"]
     assert "target" not in post(img).json() and "target" not in post(img, exit=3).json()
