@@ -16,10 +16,10 @@ def controller(**knobs):
 
 def test_pressure_tightens_one_step_per_interval_down_to_the_floor():
     c = controller(floor_exit=4)
-    assert c.observe(4, 0.5) == 0  # too soon after the start: a step needs time to show
-    assert c.observe(4, 1.0) == 1 and c.exit_cap == 5
-    assert c.observe(9, 1.5) == 1  # one step per interval, however high the queue
-    assert c.observe(9, 2.0) == 2 and c.exit_cap == 4
+    assert c.observe(4, 0.5)[0] == 0  # too soon after the start: a step needs time to show
+    assert c.observe(4, 1.0)[0] == 1 and c.exit_cap == 5
+    assert c.observe(9, 1.5)[0] == 1  # one step per interval, however high the queue
+    assert c.observe(9, 2.0)[0] == 2 and c.exit_cap == 4
     for t in range(3, 30):
         c.observe(50, float(t))
     assert c.level == c.max_level == 2 and c.exit_cap == 4  # the floor is never crossed
@@ -30,35 +30,36 @@ def test_calm_relaxes_one_step_per_period_and_between_thresholds_the_level_holds
     for t in (1.0, 2.0, 3.0):
         c.observe(6, t)
     assert c.level == 3
-    assert c.observe(2, 10.0) == 3  # between queue_low and queue_high: hold, however long
-    assert c.observe(1, 11.0) == 3  # calm starts now
-    assert c.observe(0, 13.9) == 3
-    assert c.observe(0, 14.0) == 2
-    assert c.observe(0, 23.5) == 0  # read late (an idle replica): every elapsed period counts
-    assert c.observe(0, 100.0) == 0
+    assert c.observe(2, 10.0)[0] == 3  # between queue_low and queue_high: hold, however long
+    assert c.observe(1, 11.0)[0] == 3  # calm starts now
+    assert c.observe(0, 13.9)[0] == 3
+    assert c.observe(0, 14.0)[0] == 2
+    assert c.observe(0, 23.5)[0] == 0  # read late (an idle replica): every elapsed period counts
+    assert c.observe(0, 100.0)[0] == 0
     # pressure in the middle of a calm period restarts it
     c.observe(5, 101.0)
     assert c.level == 1
     c.observe(0, 103.0)
     c.observe(3, 104.0)  # not calm: the period starts again at the next calm reading
-    assert c.observe(0, 105.0) == 1 and c.observe(0, 107.9) == 1 and c.observe(0, 108.0) == 0
+    assert c.observe(0, 105.0)[0] == 1 and c.observe(0, 107.9)[0] == 1 and c.observe(0, 108.0)[0] == 0
 
 
 def test_latency_is_a_signal_while_fresh():
     c = controller(queue_high=100, queue_low=1, latency_high_ms=200.0)
     c.record_latency(250.0, 0.9)
-    assert c.observe(0, 1.0) == 1  # slow answers with an empty queue: the batches themselves are slow
+    assert c.observe(0, 1.0)[0] == 1  # slow answers with an empty queue: the batches themselves are slow
     c.record_latency(150.0, 1.1)  # averaged: 0.7 * 250 + 0.3 * 150 = 220, still over
-    assert c.observe(0, 2.0) == 2
+    assert c.observe(0, 2.0)[0] == 2
     c.record_latency(120.0, 2.5)  # 0.7 * 220 + 0.3 * 120 = 190: under the high mark, over the low one (100)
-    assert c.observe(0, 3.0) == 2 and c.observe(0, 7.0) == 2  # between the thresholds: hold
+    assert c.observe(0, 3.0)[0] == 2 and c.observe(0, 7.0)[0] == 2  # between the thresholds: hold
     # with no answer for latency_window_s the old figure is no signal: an idle replica is calm
-    assert c.observe(0, 8.0) == 2 and c.observe(0, 11.0) == 1
+    # calm counts from when the latency went stale (7.5), not from the first reading after it
+    assert c.observe(0, 8.0)[0] == 2 and c.observe(0, 10.4)[0] == 2 and c.observe(0, 10.5)[0] == 1
 
 
 def test_disabled_never_caps():
     c = LoadController(LoadPolicy(), EXITS)
-    assert c.max_level == 0 and all(c.observe(1000, float(t)) == 0 for t in range(10)) and c.exit_cap == 6
+    assert c.max_level == 0 and all(c.observe(1000, float(t)) == (0, 6) for t in range(10)) and c.exit_cap == 6
 
 
 @pytest.mark.parametrize("knobs, message", [
@@ -68,7 +69,11 @@ def test_disabled_never_caps():
     ({"queue_high": 2.5}, "queue_high must be a whole number"),
     ({"latency_low_ms": 10}, "latency_low_ms needs latency_high_ms"),
     ({"latency_high_ms": 10, "latency_low_ms": 20}, "must be below latency_high_ms"),
-    ({"relax_after_s": 0}, "relax_after_s must be > 0"),
+    ({"relax_after_s": 0}, "relax_after_s must be a number > 0"),
+    ({"latency_window_s": 0}, "latency_window_s must be a number > 0"),
+    ({"latency_high_ms": 0}, "latency_high_ms must be a number > 0"),
+    ({"queue_high": 10 ** 400}, "queue_high must be a whole number"),
+    ({1: 2, "x": 3}, "unknown key"),
     ({"step_s": -1}, "step_s must be a number >= 0"),
     ({"precedence": "gate"}, "precedence must be one of"),
     ({"enabled": "yes"}, "enabled must be true or false"),

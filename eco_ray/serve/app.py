@@ -51,6 +51,7 @@ SEGMENT_TIMEOUT_S = 30.0  # the ingress's wait for a Segmenter before it answers
 STUCK_BATCH_S = 300.0  # user_config.stuck_batch_s: a batch running longer than this hangs (set it well above
 # the slowest batch of the served model: about 0.3 s for `small` at 128 px on one CPU core)
 LATENCY_REPEATS = 3  # user_config.latency_repeats: timed runs per exit at start (0: no max_latency_ms)
+GAUGE_REFRESH_S = 1.0  # how often a replica reads its load level and sets the gauges (Ray's fastest report)
 
 api = FastAPI(title="eco-ray", description="Early-exit Mask2Former: per-image encoder depth under a compute budget",
               docs_url=None, redoc_url=None, openapi_url=None)
@@ -150,20 +151,26 @@ class ServingMetrics:
                                  boundaries=self.LATENCY_BOUNDS_MS, tag_keys=("exit",))
 
     def served(self, result, ms: float) -> None:
-        if not isinstance(result, dict):  # an InputError returned to the ingress: nothing was served
+        if not isinstance(result, dict):  # an InputError returned to the ingress, a failure: nothing served
             return
-        exit_tag = {"exit": str(result["exit"])}
-        self.images.inc(1, tags=exit_tag)
-        self.gflops.inc(result["encoder_gflops"])
-        self.gflops_full.inc(self.full_depth_gflops)
-        self.latency.observe(ms, tags=exit_tag)
-        target = result.get("target")
-        if target is not None and target.get("met") is False:
-            self.missed.inc(1, tags={"target": target["name"]})
+        try:
+            exit_tag = {"exit": str(result["exit"])}
+            self.images.inc(1, tags=exit_tag)
+            self.gflops.inc(result["encoder_gflops"])
+            self.gflops_full.inc(self.full_depth_gflops)
+            self.latency.observe(ms, tags=exit_tag)
+            target = result.get("target")
+            if target is not None and target.get("met") is False:
+                self.missed.inc(1, tags={"target": target["name"]})
+        except Exception:  # noqa: BLE001 - a metric never costs a client the answer it was served
+            logger.exception("eco-ray: recording the serving metrics failed")
 
     def observe(self, level: int, held: int) -> None:
-        self.level.set(level)
-        self.held.set(held)
+        try:
+            self.level.set(level)
+            self.held.set(held)
+        except Exception:  # noqa: BLE001 - as above
+            logger.exception("eco-ray: recording the serving metrics failed")
 
 
 @serve.deployment(name="Segmenter", max_ongoing_requests=16, max_queued_requests=64,
@@ -172,14 +179,24 @@ class Segmenter:
     def __init__(self):
         from eco_ray.serve.load import LoadController, LoadPolicy
 
-        self.engine = None
+        # the engine and the load controller for its exits, swapped together in one assignment: a batch reads
+        # the pair once (Serve runs reconfigure, the health check and describe in threads beside the batches)
+        self.serving: tuple = (None, LoadController(LoadPolicy(), [0]))
         self.gate_meta: dict = {}
         self.config: dict = {}
         self.swap_error: str | None = None
         self.batch_started: float | None = None  # monotonic time the running batch began
         self.held = 0  # requests on this replica, queued for a batch or in one (the load signal)
-        self.load = LoadController(LoadPolicy(), [0])
         self.metrics = ServingMetrics()
+        self._ticker = None
+
+    @property
+    def engine(self):
+        return self.serving[0]
+
+    @property
+    def load(self):
+        return self.serving[1]
 
     def reconfigure(self, config: dict) -> None:
         """Load the models of ``config`` and swap them in. A replica that already serves keeps its models when
@@ -214,30 +231,40 @@ class Segmenter:
             return
         engine.versions["revision"] = config.get("revision", 0)
         load = LoadController(policy, engine.exits, time.monotonic())
-        # one assignment: a batch already running keeps the engine it started with
-        self.engine, self.gate_meta, self.config, self.swap_error, self.load = \
-            engine, gate_meta, dict(config), None, load
         self.metrics.full_depth_gflops = engine.gflops[-1]
+        self.gate_meta, self.config, self.swap_error = gate_meta, dict(config), None
+        self.serving = (engine, load)  # a batch already running keeps the pair it started with
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         """Serve's health check: a replica whose batch has run for longer than any batch can (a hung forward
         pass, a wedged thread) is replaced."""
-        self._observe_load()  # the level relaxes while idle: the gauges follow it between requests
+        self._ensure_ticker()
         started = self.batch_started
         if started is not None and time.monotonic() - started > float(self.config.get("stuck_batch_s",
                                                                                      STUCK_BATCH_S)):
             raise RuntimeError(f"a batch has been running for {time.monotonic() - started:.0f} s")
 
-    def _observe_load(self):
+    def _ensure_ticker(self) -> None:
+        """Read the load level every GAUGE_REFRESH_S on the event loop: it relaxes while idle, and Ray drops a
+        gauge that is not set again within two metrics report intervals."""
+        if self._ticker is None or self._ticker.done():
+            self._ticker = asyncio.get_running_loop().create_task(self._tick())
+
+    async def _tick(self) -> None:
+        while True:
+            self._observe_load()
+            await asyncio.sleep(GAUGE_REFRESH_S)
+
+    def _observe_load(self, load=None):
         """The load cap in force now (None: adaptive depth off), the gauges set to what it saw."""
         from eco_ray.serve.engine import LoadCap
 
-        load = self.load
-        level = load.observe(self.held, time.monotonic())
+        load = load if load is not None else self.load
+        level, cap = load.observe(self.held, time.monotonic())
         self.metrics.observe(level, self.held)
         if not load.policy.enabled:
             return None
-        return LoadCap(level, load.exit_cap, load.policy.precedence == "load")
+        return LoadCap(level, cap, load.floor_exit, load.policy.precedence == "load")
 
     @staticmethod
     def _run_batch(engine, items: list[tuple], cap) -> list:
@@ -258,8 +285,8 @@ class Segmenter:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _segment_batch(self, items: list[tuple]) -> list:
-        engine = self.engine
-        cap = self._observe_load()
+        engine, load = self.serving
+        cap = self._observe_load(load)
         self.batch_started = time.monotonic()
         try:
             return await asyncio.get_running_loop().run_in_executor(None, self._run_batch, engine, items, cap)
@@ -271,16 +298,18 @@ class Segmenter:
             self.engine.allowed_exits(control)  # a bad control never joins (and never costs) a batch
         except InputError as e:
             return e
+        self._ensure_ticker()
         t0 = time.monotonic()
         self.held += 1
+        result = None
         try:
             result = await self._segment_batch((image, control, mask_format))
-        finally:
+        finally:  # a failed or cancelled request's time counts too: the slowest are the signal
             self.held -= 1
-        ms = (time.monotonic() - t0) * 1e3
-        self.load.record_latency(ms, time.monotonic())
-        self.metrics.served(result, ms)
-        self._observe_load()
+            ms = (time.monotonic() - t0) * 1e3
+            self.load.record_latency(ms, time.monotonic())
+            self.metrics.served(result, ms)
+            self._observe_load()
         return result
 
     def describe(self) -> dict:

@@ -179,11 +179,13 @@ class RequestControl:
 
 @dataclass(frozen=True)
 class LoadCap:
-    """The load-adaptive cap a batch runs under (eco_ray/serve/load.py): the deepest exit served at ``level``,
-    for the requests without a control of their own, or for every request (``all_requests``)."""
+    """The load-adaptive cap a batch runs under (eco_ray/serve/load.py): at ``level`` > 0 a request whose exit
+    would be deeper than ``exit_cap`` is served by the rule among the exits from ``floor_exit`` to the cap; it
+    applies to the requests without a control of their own, or to every request (``all_requests``)."""
 
     level: int
     exit_cap: int
+    floor_exit: int
     all_requests: bool = False
 
     def applies_to(self, c: RequestControl) -> bool:
@@ -242,37 +244,49 @@ class Engine:
         return self.gflops
 
     def choose_exits(self, gate_features: torch.Tensor, controls: list[RequestControl],
-                     met: list | None = None, load: LoadCap | None = None) -> list[int]:
-        """Each image's exit: forced, or the rule over the gate's scores among the exits its control allows,
-        under the load cap where it applies. ``met`` (one entry per request) receives whether the request's
-        target is met (None: no target)."""
+                     met: list | None = None, load: LoadCap | None = None, bound: list | None = None) -> list[int]:
+        """Each image's exit: forced, or the rule over the gate's scores among the exits its control allows;
+        then, for a request the load cap applies to whose exit is deeper than the cap, the rule again among the
+        exits from the floor to the cap. ``met`` (one entry per request) receives whether the request's target
+        is met by the exit it gets (None: no target), ``bound`` whether the cap changed its exit."""
+        n = len(controls)
         allowed = np.stack([self.allowed_exits(c) for c in controls])
-        met = met if met is not None else [None] * len(controls)
-        capped = [load is not None and load.applies_to(c) for c in controls]
-        under_cap = np.asarray(self.exits) <= (load.exit_cap if load is not None else self.exits[-1])
+        met = met if met is not None else [None] * n
+        bound = bound if bound is not None else [False] * n
         scores = gate_scores(self.gate, gate_features) if self.gate is not None else None
         betas = np.asarray([self.default_beta if c.beta is None else c.beta for c in controls], np.float64)
         for i, c in enumerate(controls):
             if c.max_quality_drop is not None:  # the cheapest exit predicted within the drop of full depth
                 allowed[i] &= scores[i] >= scores[i, -1] - c.max_quality_drop  # the deepest always is
                 betas[i] = CHEAPEST
-            if capped[i]:  # what the cap leaves of the control's exits, else the cap itself
-                within = allowed[i] & under_cap
-                allowed[i] = within if within.any() else np.asarray(self.exits) == load.exit_cap
-                if c.max_quality_drop is not None:
-                    met[i] = bool(within.any())
+        index = self._rule(scores, betas, allowed)
+        if load is not None and load.level > 0:
+            exits = np.asarray(self.exits)
+            band = (exits >= load.floor_exit) & (exits <= load.exit_cap)
+            over = [i for i, c in enumerate(controls) if load.applies_to(c) and self.exits[index[i]] > load.exit_cap]
+            if over:
+                rows = allowed[over] & band
+                rows[~rows.any(1)] = exits == load.exit_cap  # nothing the control allows is in the band: the cap
+                index[over] = self._rule(scores[over] if scores is not None else None, betas[over], rows)
+                for i in over:
+                    bound[i] = True
+        for i, c in enumerate(controls):
+            j = int(index[i])
             if c.budget is not None:
-                met[i] = any(c.budget.admits_value(v) for v, ok in zip(self._costs(c.budget), allowed[i]) if ok)
-            elif c.max_quality_drop is not None and met[i] is None:
-                met[i] = True
-        if self.gate is None:  # every exit forced (allowed_exits refuses anything else)
-            return [self.exits[int(np.argmax(a))] for a in allowed]
-        index = choose(scores, self.relative_cost, betas if self.gate.uses_beta else 0.0, allowed)
-        return [self.exits[j] for j in index]
+                met[i] = c.budget.admits_value(self._costs(c.budget)[j])
+            elif c.max_quality_drop is not None:
+                met[i] = bool(scores[i, j] >= scores[i, -1] - c.max_quality_drop)
+        return [self.exits[int(j)] for j in index]
+
+    def _rule(self, scores: np.ndarray | None, betas: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+        """The one rule over each row's allowed exits (without a gate every request forced one exit)."""
+        if self.gate is None:
+            return np.argmax(allowed, axis=1)
+        return np.asarray(choose(scores, self.relative_cost, betas if self.gate.uses_beta else 0.0, allowed))
 
     @torch.no_grad()
-    def predict(self, images: list[np.ndarray], controls: list[RequestControl], load: LoadCap | None = None
-                ) -> list[tuple[np.ndarray, list[dict], int, bool | None]]:
+    def predict(self, images: list[np.ndarray], controls: list[RequestControl], load: LoadCap | None = None,
+                bound: list | None = None) -> list[tuple[np.ndarray, list[dict], int, bool | None]]:
         """One batch: every image resized to the model's input, exits chosen per image, one parent pass in
         which rows leave the encoder at their exit -> (id map at the model's input size, segments, exit,
         target met) each; ``resize_ids`` takes a map to its image's size (one at a time: a batch of full-size
@@ -280,7 +294,8 @@ class Engine:
         size = self.parent.config.image_size
         x = pixel_values([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
         met: list = [None] * len(controls)
-        out = self.parent.forward_gated(x, lambda feats: self.choose_exits(feats, controls, met, load))
+        bound = bound if bound is not None else [False] * len(controls)  # filled: rows the load cap moved
+        out = self.parent.forward_gated(x, lambda feats: self.choose_exits(feats, controls, met, load, bound))
         preds = to_panoptic(out, self.categories, (size, size), self.threshold, self.mask_threshold,
                             self.overlap_threshold)
         return [(id_map, segs, int(k), m) for (id_map, segs), k, m in zip(preds, out.exit_per_image.tolist(), met)]
@@ -306,7 +321,8 @@ class Engine:
         """:meth:`predict`, encoded at each image's own size for a response (segments, PNG or RLE masks, exit,
         cost, versions, timing, and the load cap where one is in force)."""
         t0 = time.perf_counter()
-        preds = self.predict(images, controls, load)
+        bound = [False] * len(controls)
+        preds = self.predict(images, controls, load, bound)
         batch_ms = (time.perf_counter() - t0) * 1e3
         predicted = list(self.latency_ms) if self.latency_ms is not None else None  # what the decision read
         if self.latency_ms is not None and len(images) == 1:  # the table follows what one image costs now
@@ -314,12 +330,13 @@ class Engine:
             self.latency_ms[j] = round(0.8 * self.latency_ms[j] + 0.2 * batch_ms, 3)
         gflops_of = dict(zip(self.exits, self.gflops))
         results = []
-        for im, (id_map, segs, k, met), fmt, c in zip(images, preds, mask_format, controls):
+        for im, (id_map, segs, k, met), fmt, c, moved in zip(images, preds, mask_format, controls, bound):
             result = {**encode_panoptic(id_map, segs, im.shape[:2], self.categories, fmt), "exit": k,
                       "encoder_gflops": gflops_of[k], "versions": self.versions,
                       "timing_ms": {"batch": round(batch_ms, 2), "batch_size": len(images)}}
             if load is not None:
-                result["load"] = {"level": load.level, "exit_cap": load.exit_cap, "applied": load.applies_to(c)}
+                result["load"] = {"level": load.level, "exit_cap": load.exit_cap, "floor_exit": load.floor_exit,
+                                  "capped": moved}
             if c.target() is not None:
                 result["target"] = {**c.target(), "met": met}
                 if c.budget is not None and c.budget.metric == "latency_ms":  # predicted, then measured

@@ -16,6 +16,7 @@ every request, its own control then choosing among the exits under the cap.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict, dataclass, fields
 
 PRECEDENCE = ("request", "load")
@@ -48,7 +49,7 @@ class LoadPolicy:
         if not isinstance(raw, dict):
             raise LoadPolicyError(f"adaptive must be a mapping of {[f.name for f in fields(cls)]}, got {raw!r}")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
+        unknown = sorted(str(k) for k in set(raw) - known)
         if unknown:
             raise LoadPolicyError(f"adaptive: unknown key(s) {unknown}; known: {sorted(known)}")
         policy = cls(**raw)
@@ -56,14 +57,18 @@ class LoadPolicy:
         return policy
 
     def check(self, exits: list[int]) -> None:
-        def number(name, low=0.0, whole=False, optional=False):
+        def number(name, low=0.0, whole=False, optional=False, above=False):
             v = getattr(self, name)
             if v is None and optional:
                 return
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < low \
-                    or (whole and int(v) != v):
+            try:
+                bad = isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(float(v)) \
+                    or v < low or (above and v <= low) or (whole and int(v) != v)
+            except OverflowError:
+                bad = True
+            if bad:
                 kind = "a whole number" if whole else "a number"
-                raise LoadPolicyError(f"adaptive.{name} must be {kind} >= {low:g}, got {v!r}")
+                raise LoadPolicyError(f"adaptive.{name} must be {kind} {'>' if above else '>='} {low:g}, got {v!r}")
 
         if not isinstance(self.enabled, bool):
             raise LoadPolicyError(f"adaptive.enabled must be true or false, got {self.enabled!r}")
@@ -74,7 +79,7 @@ class LoadPolicy:
         if self.queue_low >= self.queue_high:
             raise LoadPolicyError(f"adaptive.queue_low ({self.queue_low}) must be below queue_high "
                                   f"({self.queue_high}): the gap is the hysteresis")
-        number("latency_high_ms", 0, optional=True)
+        number("latency_high_ms", 0, optional=True, above=True)  # 0 would be pressure for ever
         number("latency_low_ms", 0, optional=True)
         if self.latency_low_ms is not None and self.latency_high_ms is None:
             raise LoadPolicyError("adaptive.latency_low_ms needs latency_high_ms")
@@ -82,10 +87,9 @@ class LoadPolicy:
                 and self.latency_low_ms >= self.latency_high_ms:
             raise LoadPolicyError(f"adaptive.latency_low_ms ({self.latency_low_ms}) must be below latency_high_ms "
                                   f"({self.latency_high_ms})")
-        for name in ("step_s", "relax_after_s", "latency_window_s"):
-            number(name, 0)
-        if self.relax_after_s <= 0:
-            raise LoadPolicyError("adaptive.relax_after_s must be > 0: without it the level would flap")
+        number("step_s", 0)
+        number("relax_after_s", 0, above=True)  # 0 would relax at once: the level would flap
+        number("latency_window_s", 0, above=True)  # 0 would make every latency stale: no signal
         if self.precedence not in PRECEDENCE:
             raise LoadPolicyError(f"adaptive.precedence must be one of {list(PRECEDENCE)}, got {self.precedence!r}")
 
@@ -94,17 +98,20 @@ class LoadPolicy:
 
 
 class LoadController:
-    """The adaptive level of one replica: fed the requests it holds and the latency of those it finished."""
+    """The adaptive level of one replica: fed the requests it holds and the latency of those it finished.
+    Thread-safe: Serve runs a replica's health check and sync methods in threads beside its event loop."""
 
     def __init__(self, policy: LoadPolicy, exits: list[int], now: float = 0.0):
         self.policy, self.exits = policy, list(exits)
-        floor = policy.floor_exit if policy.floor_exit is not None else self.exits[0]
-        self.max_level = (len(self.exits) - 1 - self.exits.index(floor)) if policy.enabled else 0
+        self.floor_exit = policy.floor_exit if policy.floor_exit is not None else self.exits[0]
+        self.max_level = (len(self.exits) - 1 - self.exits.index(self.floor_exit)) if policy.enabled else 0
         self.level = 0
         self.changed_at = now  # the last level change
         self.calm_since: float | None = now
+        self.busy_at = now  # the last reading that was not calm
         self.latency_ms: float | None = None  # an exponential average of the recent requests' time in the replica
         self.latency_at = -math.inf
+        self._lock = threading.Lock()
 
     @property
     def exit_cap(self) -> int:
@@ -112,40 +119,49 @@ class LoadController:
         return self.exits[len(self.exits) - 1 - self.level]
 
     def record_latency(self, ms: float, now: float) -> None:
-        fresh = now - self.latency_at <= self.policy.latency_window_s
-        self.latency_ms = ms if self.latency_ms is None or not fresh else 0.7 * self.latency_ms + 0.3 * ms
-        self.latency_at = now
+        with self._lock:
+            fresh = now - self.latency_at <= self.policy.latency_window_s
+            self.latency_ms = ms if self.latency_ms is None or not fresh else 0.7 * self.latency_ms + 0.3 * ms
+            self.latency_at = now
 
-    def observe(self, held: int, now: float) -> int:
-        """The level at ``now`` with ``held`` requests on the replica (queued + running)."""
+    def observe(self, held: int, now: float) -> tuple[int, int]:
+        """(level, exit cap) at ``now`` with ``held`` requests on the replica (queued + running)."""
         p = self.policy
         if not p.enabled:
-            return 0
-        latency = self.latency_ms if now - self.latency_at <= p.latency_window_s else None
-        low_ms = p.latency_low_ms if p.latency_low_ms is not None else \
-            (p.latency_high_ms / 2 if p.latency_high_ms is not None else None)
-        pressure = held >= p.queue_high or (p.latency_high_ms is not None and latency is not None
-                                            and latency >= p.latency_high_ms)
-        calm = held <= p.queue_low and (low_ms is None or latency is None or latency <= low_ms)
-        if pressure:
-            self.calm_since = None
-            if self.level < self.max_level and now - self.changed_at >= p.step_s:
-                self.level += 1
-                self.changed_at = now
-        elif calm:
-            if self.calm_since is None:
-                self.calm_since = now
-            start = max(self.calm_since, self.changed_at)
-            steps = min(self.level, int((now - start) // p.relax_after_s))
-            if steps:
-                self.level -= steps
-                self.changed_at = start + steps * p.relax_after_s
-        else:  # between the thresholds: hold, and calm starts anew
-            self.calm_since = None
-        return self.level
+            return 0, self.exits[-1]
+        with self._lock:
+            stale_at = self.latency_at + p.latency_window_s
+            latency = self.latency_ms if now <= stale_at else None
+            low_ms = p.latency_low_ms if p.latency_low_ms is not None else \
+                (p.latency_high_ms / 2 if p.latency_high_ms is not None else None)
+            pressure = held >= p.queue_high or (p.latency_high_ms is not None and latency is not None
+                                                and latency >= p.latency_high_ms)
+            calm = held <= p.queue_low and (low_ms is None or latency is None or latency <= low_ms)
+            if pressure:
+                self.calm_since, self.busy_at = None, now
+                if self.level < self.max_level and now - self.changed_at >= p.step_s:
+                    self.level += 1
+                    self.changed_at = now
+            elif calm:
+                if self.calm_since is None:
+                    # calm from this reading on; or, where latency held it off and has since gone stale, from
+                    # the moment it went stale (no reading need come then: an idle replica relaxes on time)
+                    stale = p.latency_high_ms is not None and latency is None and stale_at > self.busy_at
+                    self.calm_since = min(now, stale_at) if stale else now
+                start = max(self.calm_since, self.changed_at)
+                steps = min(self.level, int((now - start) // p.relax_after_s))
+                if steps:
+                    self.level -= steps
+                    self.changed_at = start + steps * p.relax_after_s
+            else:  # between the thresholds: hold, and calm starts anew
+                self.calm_since, self.busy_at = None, now
+            self.level = max(0, min(self.level, self.max_level))
+            return self.level, self.exit_cap
 
     def state(self) -> dict:
         """What /v1/models and the metrics show."""
-        return {"enabled": self.policy.enabled, "level": self.level, "max_level": self.max_level,
-                "exit_cap": self.exit_cap, "recent_latency_ms": None if self.latency_ms is None
-                else round(self.latency_ms, 2), "policy": self.policy.as_dict()}
+        with self._lock:
+            return {"enabled": self.policy.enabled, "level": self.level, "max_level": self.max_level,
+                    "exit_cap": self.exit_cap, "floor_exit": self.floor_exit,
+                    "recent_latency_ms": None if self.latency_ms is None else round(self.latency_ms, 2),
+                    "policy": self.policy.as_dict()}

@@ -79,9 +79,13 @@ def build_app(doc: dict, overrides: dict | None = None, pin: bool = True, check:
         except (ValueError, OSError) as e:
             raise ConfigError(f"the models cannot be served: {str(e).splitlines()[0]}") from None
         try:  # the operator's load policy, against the exits of the models it will cap
-            LoadPolicy.parse(user.get("adaptive"), engine.exits)
+            policy = LoadPolicy.parse(user.get("adaptive"), engine.exits)
         except LoadPolicyError as e:
             raise ConfigError(f"Segmenter user_config: {e}") from None
+        ongoing = seg_opts.get("max_ongoing_requests", Segmenter._deployment_config.max_ongoing_requests)
+        if policy.enabled and policy.queue_high > ongoing:  # a replica never holds more than that
+            raise ConfigError(f"Segmenter user_config: adaptive.queue_high ({policy.queue_high}) is above the "
+                              f"Segmenter's max_ongoing_requests ({ongoing}): the replica never holds that many")
     ing_opts = {k: v for k, v in deployments["Ingress"].items() if k != "name"}
     return Ingress.options(**ing_opts).bind(Segmenter.options(**seg_opts).bind()), user
 
