@@ -37,39 +37,47 @@ def log(msg: str) -> None:
     print(f"[overload] {msg}", file=sys.stderr, flush=True)
 
 
-async def _open_loop(url: str, images: list[bytes], params: dict, rate: float, seconds: float, timeout_s: float,
-                     rng: np.random.Generator, first: int) -> list[dict]:
-    """Poisson arrivals at ``rate`` per second for ``seconds``; each answer recorded (image index, status,
-    latency from its scheduled arrival, exit, load level)."""
+async def _open_loop(url: str, images: list[bytes], params: dict, rates: list[float], seconds: float,
+                     timeout_s: float, seed: int) -> list[dict]:
+    """One continuous schedule: Poisson arrivals at ``rates[j]`` per second during step j (``seconds`` each, one
+    after the other, so a backlog carries into the next step); each answer recorded with its step, image index,
+    status, latency from its scheduled arrival (to the response's last byte: a late client counts, decoding its
+    JSON does not), exit and load level. The arrivals depend on ``seed`` alone: every mode gets the same."""
     import httpx
 
+    rng = np.random.default_rng(seed)
+    schedule, t0 = [], 0.0
+    for j, rate in enumerate(rates):
+        t = t0
+        while True:
+            t += rng.exponential(1.0 / rate)
+            if t >= t0 + seconds:
+                break
+            schedule.append((j, t))
+        t0 += seconds
     records: list[dict] = []
     async with httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=1024,
                                                                          max_keepalive_connections=256)) as client:
-        async def one(i: int, scheduled: float):
-            rec = {"image": i % len(images), "sent": scheduled}
+        async def one(i: int, step: int, scheduled: float):
+            rec = {"step": step, "image": i % len(images)}
             try:
                 r = await client.post(f"{url}/v1/segment", content=images[i % len(images)], params=params,
                                       headers={"content-type": "image/png"})
+                rec["latency_ms"] = (time.perf_counter() - scheduled) * 1e3
                 rec["status"] = r.status_code
                 if r.status_code == 200:
                     body = r.json()
                     rec["exit"] = body["exit"]
                     rec["level"] = (body.get("load") or {}).get("level", 0)
             except httpx.HTTPError as e:  # a timeout or a transport error: a failure, never lost
+                rec["latency_ms"] = (time.perf_counter() - scheduled) * 1e3
                 rec["status"] = type(e).__name__
-            rec["latency_ms"] = (time.perf_counter() - scheduled) * 1e3
             records.append(rec)
 
-        start = time.perf_counter()
-        t, tasks, i = start, [], first
-        while True:
-            t += rng.exponential(1.0 / rate)
-            if t - start >= seconds:
-                break
-            await asyncio.sleep(max(0.0, t - time.perf_counter()))
-            tasks.append(asyncio.create_task(one(i, t)))
-            i += 1
+        start, tasks = time.perf_counter(), []
+        for i, (step, t) in enumerate(schedule):
+            await asyncio.sleep(max(0.0, start + t - time.perf_counter()))
+            tasks.append(asyncio.create_task(one(i, step, start + t)))
         await asyncio.gather(*tasks)
     return records
 
@@ -100,6 +108,8 @@ def closed_loop(url: str, images: list[bytes], params: dict, seconds: float, cli
         th.start()
     for th in threads:
         th.join()
+    if not lat:
+        sys.exit("serve_overload: the capacity probe got no answer at full depth: is the deployment serving?")
     return {"rps": len(lat) / (time.perf_counter() - t0), "p50_ms": float(np.median(lat)), "answers": len(lat)}
 
 
@@ -251,24 +261,23 @@ def main() -> None:
     modes = {"full_depth": ({"exit": deepest}, {**shipped_policy, "enabled": False}),
              "fixed_gate": ({}, {**shipped_policy, "enabled": False}),
              "adaptive": ({}, policy)}
-    steps_total, done = len(modes) * len(loads), 0
+    done = 0
     out_modes = {}
     for revision, (mode, (params, adaptive)) in enumerate(modes.items(), start=1):
         deploy(adaptive, revision)
         closed_loop(url, images, {}, 2, 2)  # the new replica warmed up
-        per_step = []
-        for j, f in enumerate(loads):
-            t0 = time.perf_counter()
-            rng = np.random.default_rng([args.seed, j])  # every mode gets the same arrivals and images
-            records = asyncio.run(_open_loop(url, images, params, f * capacity, args.seconds, args.timeout_s, rng,
-                                             first=j * 100_003))
-            s = summarize(records, args.seconds, slo_ms, quality)
-            per_step.append(s)
-            done += 1
-            eta = (time.perf_counter() - t_start) / done * (steps_total - done)
+        t0 = time.perf_counter()
+        records = asyncio.run(_open_loop(url, images, params, [f * capacity for f in loads], args.seconds,
+                                         args.timeout_s, args.seed))
+        per_step = [summarize([r for r in records if r["step"] == j], args.seconds, slo_ms, quality)
+                    for j in range(len(loads))]
+        done += 1
+        eta = (time.perf_counter() - t_start) / done * (len(modes) - done)
+        for f, s in zip(loads, per_step):
             log(f"{mode:>10} {f:g}x: goodput {s['goodput']:.2f}/s, p99 {s['p99_ms'] or float('nan'):.0f} ms, "
-                f"mean exit {s['mean_exit'] or float('nan'):.2f}, shed {s['shed']}, failed {s['failed']} "
-                f"({time.perf_counter() - t0:.0f} s; {done}/{steps_total}, ETA {eta:.0f} s)")
+                f"mean exit {s['mean_exit'] or float('nan'):.2f}, max level {s['max_level']}, shed {s['shed']}, "
+                f"failed {s['failed']}")
+        log(f"{mode} done in {time.perf_counter() - t0:.0f} s ({done}/{len(modes)} modes, ETA {eta:.0f} s)")
         out_modes[mode] = {k: [s[k] for s in per_step] for k in per_step[0]}
     serve.shutdown()
     ray.shutdown()
