@@ -19,7 +19,7 @@ from eco_ray.cli import main
 from eco_ray.config import ConfigError, load_config
 from eco_ray.context import RunContext
 from eco_ray.resources import resource_path
-from eco_ray.sweep import SweepConfig, choose, resume_sweep, run_sweep, select
+from eco_ray.sweep import SweepConfig, pick_trial, resume_sweep, run_sweep, select
 from eco_ray.sweep.space import define_by_run, load_space
 from eco_ray.tracking import RegistryError
 
@@ -219,16 +219,16 @@ def test_crashing_trials_are_failed_not_left_running(tiny_derived, tmp_path, ray
     assert sorted(r.info.status for r in children(tracking, s.run_id)) == ["FAILED", "FAILED"]
 
 
-def test_choose_rules():
+def test_pick_trial_rules():
     pts = [{"pq": 0.5, "encoder_gflops_mean": 0.1, "latency_ms_mean": 5}, {"pq": 0.6, "encoder_gflops_mean": 0.2,
            "latency_ms_mean": 7}, {"pq": 0.6, "encoder_gflops_mean": 0.15, "latency_ms_mean": 9}]
-    assert choose(pts, Budget.named("max_gflops", 0.16))[0] is pts[2]  # best PQ within budget, cheaper on ties
-    assert choose(pts, Budget.named("max_latency_ms", 6))[0] is pts[0]
-    assert choose(pts, Budget.named("min_pq", 0.55))[0] is pts[2]
+    assert pick_trial(pts, Budget.named("max_gflops", 0.16))[0] is pts[2]  # best PQ within budget, cheaper on ties
+    assert pick_trial(pts, Budget.named("max_latency_ms", 6))[0] is pts[0]
+    assert pick_trial(pts, Budget.named("min_pq", 0.55))[0] is pts[2]
     with pytest.raises(RegistryError, match="cheapest available point is 0.1000"):
-        choose(pts, Budget.named("max_gflops", 0.01))
+        pick_trial(pts, Budget.named("max_gflops", 0.01))
     with pytest.raises(RegistryError, match="best reaches PQ 0.6000"):
-        choose(pts, Budget.named("min_pq", 0.9))
+        pick_trial(pts, Budget.named("min_pq", 0.9))
 
 
 def test_resuming_a_sweep_begun_before_held_out_scoring_keeps_its_scoring(tiny_derived, tmp_path, ray_local):

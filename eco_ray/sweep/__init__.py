@@ -9,7 +9,7 @@ import importlib
 
 _EXPORTS = {"SweepConfig": "eco_ray.sweep.config", "run_sweep": "eco_ray.sweep.driver",
             "resume_sweep": "eco_ray.sweep.driver", "select": "eco_ray.sweep.selection",
-            "choose": "eco_ray.sweep.selection", "list_models": "eco_ray.sweep.selection"}
+            "pick_trial": "eco_ray.sweep.selection", "list_models": "eco_ray.sweep.selection"}
 __all__ = sorted(_EXPORTS)
 
 

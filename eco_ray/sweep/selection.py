@@ -25,7 +25,7 @@ TAGGED_METRICS = ("pq", "pq_things", "pq_stuff", "encoder_gflops_mean", "latency
                   "val_pq_stuff", "val_encoder_gflops_mean", "val_latency_ms_mean")
 
 
-def choose(points: list[dict], budget: Budget) -> tuple[dict, str]:
+def pick_trial(points: list[dict], budget: Budget) -> tuple[dict, str]:
     """The chosen point and why, from ``points`` (dicts with pq / encoder_gflops_mean / latency_ms_mean)."""
     if budget.relative:
         raise RegistryError(f"{budget}: make the budget absolute first")
@@ -93,7 +93,7 @@ def select(sweep: str, budget: Budget, *, ctx: RunContext, registered_model: str
     tracker = Tracker(tracking_uri, ctx.run_dir, ctx.experiment)
     budget = budget.absolute((full_depth or {}).get(budget.metric)) if budget.relative else budget
     points = sweep_points(tracker, sweep_run_id)
-    chosen, why = choose(points, budget)
+    chosen, why = pick_trial(points, budget)
     sweep_run = tracker.run_data(sweep_run_id)
     holdout = float(sweep_run.params.get("holdout", 0) or 0)
     why += (f" (scored on the {holdout:.0%} of the training images held out of every fit)" if holdout > 0
