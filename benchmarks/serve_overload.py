@@ -3,7 +3,9 @@ load (Poisson arrivals, seeded) stepping through fractions of the full-depth cap
 
 - ``full_depth``: every request forced to the deepest exit;
 - ``fixed_gate``: the selected gate at its own beta, load-adaptive depth off;
-- ``adaptive``: the same gate with load-adaptive depth on (the shipped ``adaptive`` knobs, ``enabled: true``).
+- ``adaptive``: the same gate with load-adaptive depth on (the shipped ``adaptive`` knobs, ``enabled: true``);
+- ``full_depth_shed``: full depth with shedding alone (the policy's floor at the deepest exit, ``shed_held``);
+- ``adaptive_shed``: load-adaptive depth and the same shedding.
 
 Per step and mode: goodput (answers within the latency SLO per second), p50/p99 of the answered requests (from
 their scheduled arrival: a client's wait counts), PQ of the served answers (the derived table's statistics of
@@ -30,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODES = ("full_depth", "fixed_gate", "adaptive")
+MODES = ("full_depth", "fixed_gate", "adaptive", "full_depth_shed", "adaptive_shed")
 
 
 def log(msg: str) -> None:
@@ -137,7 +139,9 @@ def markdown_lines(r: dict) -> list[str]:
              f"{', '.join(f'{f:g}x' for f in r['offered_load'])} of the full-depth capacity "
              f"({r['capacity_rps']:.2f} req/s: {r['capacity_probe']['clients']} closed-loop clients at full depth); "
              f"SLO {r['slo_ms']:.0f} ms ({r['slo_rule']}); PQ of the answers from the derived table; adaptive "
-             f"policy {json.dumps({k: v for k, v in r['policy'].items() if v is not None})}.", "",
+             f"policy {json.dumps({k: v for k, v in r['policy'].items() if v is not None})}; the *_shed modes "
+             f"shed at shed_held {next((a.get('shed_held') for a in r.get('mode_policies', {}).values() if a.get('shed_held')), None)} "
+             "(full_depth_shed: the floor at the deepest exit, so it sheds and never caps).", "",
              "| mode | load | goodput /s | within SLO | p50 ms | p99 ms | PQ | mean exit | max level | shed | failed |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
@@ -160,7 +164,8 @@ def plot(result: dict, path: Path) -> Path:
     loads = result["offered_load"]
     x = np.arange(len(loads))
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    colours = {"full_depth": "0.4", "fixed_gate": "tab:blue", "adaptive": "tab:orange"}
+    colours = {"full_depth": "0.4", "fixed_gate": "tab:blue", "adaptive": "tab:orange", "full_depth_shed": "0.7",
+               "adaptive_shed": "tab:red"}
     for mode, v in result["modes"].items():
         axes[0].plot(x, v["goodput"], "o-", color=colours[mode], label=mode)
         axes[1].plot(x, [p if p is not None else np.nan for p in v["p99_ms"]], "o-", color=colours[mode])
@@ -203,6 +208,9 @@ def main() -> None:
     p.add_argument("--timeout-s", type=float, default=60, help="client timeout: a request past it failed")
     p.add_argument("--port", type=int, default=8331)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modes", default=",".join(MODES), help=f"modes to run, in this order (default {','.join(MODES)})")
+    p.add_argument("--shed-held", type=int, default=None, help="shed_held of the *_shed modes (default: the "
+                                                               "shipped queue_high)")
     p.add_argument("--out-dir", default=None, help="write serving_overload.json and .png here")
     p.add_argument("--report", default=None, help="a report.json to add (or replace) the serving_overload key in")
     p.add_argument("--json", action="store_true")
@@ -258,9 +266,15 @@ def main() -> None:
     log(f"full-depth capacity {capacity:.2f} req/s (p50 {probe['p50_ms']:.0f} ms, {args.probe_clients} clients); "
         f"SLO {slo_ms:.0f} ms")
     policy = {**shipped_policy, "enabled": True}
+    # shedding at the tightening mark (one batch held), the same for the two modes that shed: with the floor at
+    # full depth the policy only sheds, the baseline that isolates what depth adds to shedding
+    shed = {"shed_held": args.shed_held if args.shed_held is not None else policy["queue_high"]}
     modes = {"full_depth": ({"exit": deepest}, {**shipped_policy, "enabled": False}),
              "fixed_gate": ({}, {**shipped_policy, "enabled": False}),
-             "adaptive": ({}, policy)}
+             "adaptive": ({}, policy),
+             "full_depth_shed": ({"exit": deepest}, {**policy, "floor_exit": deepest, **shed}),
+             "adaptive_shed": ({}, {**policy, **shed})}
+    modes = {m: modes[m] for m in args.modes.split(",")}
     done = 0
     out_modes = {}
     for revision, (mode, (params, adaptive)) in enumerate(modes.items(), start=1):
@@ -290,6 +304,7 @@ def main() -> None:
               "slo_ms": slo_ms, "slo_rule": (f"{args.slo_factor:g} x the full-depth p50 of the capacity probe"
                                              if args.slo_ms is None else "given (--slo-ms)"),
               "offered_load": loads, "offered_rps": [f * capacity for f in loads], "policy": policy,
+              "mode_policies": {m: a for m, (_, a) in modes.items()},
               "modes": out_modes, "seconds": round(time.perf_counter() - t_start, 1)}
     if args.out_dir:
         out = Path(args.out_dir)

@@ -76,6 +76,7 @@ def test_disabled_never_caps():
     ({1: 2, "x": 3}, "unknown key"),
     ({"step_s": -1}, "step_s must be a number >= 0"),
     ({"precedence": "gate"}, "precedence must be one of"),
+    ({"shed_held": 0}, "shed_held must be a whole number >= 1"),
     ({"enabled": "yes"}, "enabled must be true or false"),
     ({"floor": 3}, "unknown key\\(s\\) \\['floor'\\]"),
 ])
@@ -88,3 +89,17 @@ def test_not_a_mapping():
     with pytest.raises(LoadPolicyError, match="must be a mapping"):
         LoadPolicy.parse("on", EXITS)
     assert LoadPolicy.parse(None, EXITS) == LoadPolicy()
+
+
+def test_shedding_only_at_the_top_level_and_only_past_its_mark():
+    c = controller(floor_exit=5, shed_held=6)
+    assert not c.sheds(10, 0.5)  # level 0 < max level 1: depth still has something to give
+    c.observe(10, 1.0)
+    assert c.level == c.max_level == 1
+    assert c.sheds(6, 1.1) and not c.sheds(5, 1.2)
+    never = controller()
+    for t in range(1, 10):
+        never.observe(50, float(t))
+    assert never.level == never.max_level and not never.sheds(1000, 10.0)  # shed_held unset: never
+    only = controller(floor_exit=6, shed_held=3)  # the floor at full depth: shedding alone, no cap
+    assert only.max_level == 0 and only.sheds(3, 0.0) and not only.sheds(2, 0.0) and only.exit_cap == 6

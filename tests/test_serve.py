@@ -420,6 +420,13 @@ def test_a_replica_whose_batch_hangs_fails_its_health_check(served):
                                                             (served["image"], RequestControl(), "png")], None)
     assert isinstance(refused, InputError) and refused.status == 422 and "latency_repeats" in str(refused)
     assert isinstance(answered, dict) and answered["exit"] in replica.engine.exits
+    # shedding: at the top level a request finding shed_held requests held is refused before it queues
+    replica.reconfigure({**served["overrides"], "latency_repeats": 0, "revision": 6,
+                         "adaptive": {"enabled": True, "floor_exit": 6, "shed_held": 2}})
+    replica.held = 2
+    shed = asyncio.run(replica.segment(served["image"], RequestControl(), "png"))
+    assert isinstance(shed, InputError) and shed.status == 429 and replica.held == 2
+    replica.held = 0
 
 
 def test_a_full_queue_answers_429_with_retry_after(served):

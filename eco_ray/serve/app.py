@@ -145,6 +145,7 @@ class ServingMetrics:
                                    description="encoder GFLOPs the served images would have cost at full depth")
         self.missed = Counter("eco_targets_missed", description="requests whose target no exit met",
                               tag_keys=("target",))
+        self.shed = Counter("eco_requests_shed", description="requests refused (429) by the load policy")
         self.level = Gauge("eco_load_level", description="the load-adaptive level (0: every exit served)")
         self.held = Gauge("eco_requests_held", description="requests on the replica, queued or in a batch")
         self.latency = Histogram("eco_request_latency_ms", description="time in the replica (queue + batch), by exit",
@@ -299,6 +300,10 @@ class Segmenter:
         except InputError as e:
             return e
         self._ensure_ticker()
+        if self.load.sheds(self.held, time.monotonic()):
+            self.metrics.shed.inc(1)
+            return InputError(429, f"the replica holds {self.held} requests at its shallowest allowed depth: retry "
+                                   f"later")
         t0 = time.monotonic()
         self.held += 1
         result = None
@@ -417,7 +422,7 @@ class Ingress:
             if isinstance(result, InputError):
                 raise result
         except InputError as e:
-            return _error(e.status, str(e), request_id)
+            return _error(e.status, str(e), request_id, retry_after=RETRY_AFTER_S if e.status == 429 else None)
         except Exception as e:  # noqa: BLE001 - never a traceback or a hang: a JSON 429/503 and the log line
             return self._unavailable(e, request_id)
         result["timing_ms"]["total"] = round((time.perf_counter() - t0) * 1e3, 2)

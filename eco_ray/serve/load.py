@@ -11,6 +11,10 @@ when it is read (``observe``), so it relaxes also while no request arrives.
 What the cap applies to is ``precedence``: ``request`` (default) honours a request's own control (a forced
 exit, a cost budget, a quality target, a beta) as given and caps only the requests without one; ``load`` caps
 every request, its own control then choosing among the exits under the cap.
+
+Shedding (``shed_held``, off by default): at the top level, where depth has nothing more to give, a request that
+finds ``shed_held`` or more requests held is refused at once (429 + Retry-After) instead of queueing behind them.
+With ``floor_exit`` the deepest exit the policy never caps and only sheds: the baseline of shedding alone.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ class LoadPolicy:
     relax_after_s: float = 5.0  # calm this long since the last change: one level back
     latency_window_s: float = 5.0  # latency older than this is no signal (an idle replica is calm)
     precedence: str = "request"  # "request": a request's own control is honoured as given; "load": caps it too
+    shed_held: int | None = None  # at the top level, a request finding this many held is answered 429 at once
 
     @classmethod
     def parse(cls, raw: dict | None, exits: list[int]) -> LoadPolicy:
@@ -90,6 +95,7 @@ class LoadPolicy:
         number("step_s", 0)
         number("relax_after_s", 0, above=True)  # 0 would relax at once: the level would flap
         number("latency_window_s", 0, above=True)  # 0 would make every latency stale: no signal
+        number("shed_held", 1, whole=True, optional=True)
         if self.precedence not in PRECEDENCE:
             raise LoadPolicyError(f"adaptive.precedence must be one of {list(PRECEDENCE)}, got {self.precedence!r}")
 
@@ -157,6 +163,15 @@ class LoadController:
                 self.calm_since, self.busy_at = None, now
             self.level = max(0, min(self.level, self.max_level))
             return self.level, self.exit_cap
+
+    def sheds(self, held: int, now: float) -> bool:
+        """Whether a request arriving now, with ``held`` on the replica, is refused (429): only at the top level
+        (the floor reached: depth has no more to give) and with ``shed_held`` or more held. Waiting behind a
+        queue the replica cannot clear in time is worse than a fast retry elsewhere."""
+        p = self.policy
+        if not p.enabled or p.shed_held is None or held < p.shed_held:
+            return False
+        return self.observe(held, now)[0] == self.max_level
 
     def state(self) -> dict:
         """What /v1/models and the metrics show."""

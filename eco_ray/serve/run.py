@@ -83,9 +83,11 @@ def build_app(doc: dict, overrides: dict | None = None, pin: bool = True, check:
         except LoadPolicyError as e:
             raise ConfigError(f"Segmenter user_config: {e}") from None
         ongoing = seg_opts.get("max_ongoing_requests", Segmenter._deployment_config.max_ongoing_requests)
-        if policy.enabled and policy.queue_high > ongoing:  # a replica never holds more than that
-            raise ConfigError(f"Segmenter user_config: adaptive.queue_high ({policy.queue_high}) is above the "
-                              f"Segmenter's max_ongoing_requests ({ongoing}): the replica never holds that many")
+        for knob in ("queue_high", "shed_held"):  # a replica never holds more than max_ongoing_requests
+            value = getattr(policy, knob)
+            if policy.enabled and value is not None and value > ongoing:
+                raise ConfigError(f"Segmenter user_config: adaptive.{knob} ({value}) is above the Segmenter's "
+                                  f"max_ongoing_requests ({ongoing}): the replica never holds that many")
     ing_opts = {k: v for k, v in deployments["Ingress"].items() if k != "name"}
     return Ingress.options(**ing_opts).bind(Segmenter.options(**seg_opts).bind()), user
 
