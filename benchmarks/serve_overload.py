@@ -86,33 +86,12 @@ async def _open_loop(url: str, images: list[bytes], params: dict, rates: list[fl
 
 def closed_loop(url: str, images: list[bytes], params: dict, seconds: float, clients: int) -> dict:
     """Answers per second and p50 with ``clients`` clients posting back to back (the capacity probe)."""
-    import threading
+    from serve_load import drive  # benchmarks/serve_load.py: the closed-loop client of the load benchmark
 
-    import httpx
-
-    lat, lock, deadline = [], threading.Lock(), time.perf_counter() + seconds
-
-    def worker(k: int):
-        with httpx.Client(timeout=60) as c:
-            i = k
-            while time.perf_counter() < deadline:
-                t0 = time.perf_counter()
-                r = c.post(f"{url}/v1/segment", content=images[i % len(images)], params=params,
-                           headers={"content-type": "image/png"})
-                if r.status_code == 200:
-                    with lock:
-                        lat.append((time.perf_counter() - t0) * 1e3)
-                i += clients
-
-    t0 = time.perf_counter()
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    if not lat:
-        sys.exit("serve_overload: the capacity probe got no answer at full depth: is the deployment serving?")
-    return {"rps": len(lat) / (time.perf_counter() - t0), "p50_ms": float(np.median(lat)), "answers": len(lat)}
+    r = drive(url, images, params, seconds, clients)
+    if not r["requests"]:
+        sys.exit("serve_overload: the capacity probe got no answer: is the deployment serving?")
+    return {"rps": r["rps"], "p50_ms": r["p50_ms"], "answers": r["requests"], "errors": r["errors"]}
 
 
 def summarize(records: list[dict], seconds: float, slo_ms: float, quality) -> dict:
