@@ -360,17 +360,28 @@ def test_serving_engine_picks_the_exits_the_table_evaluation_picks(env):
         served = engine.choose_exits(features, [budget] * len(val))
         assert served == [ds.exits[i] for i in capped] and max(served) <= ds.exits[2]
         # a load cap: the same rule among the exits under it, for the requests without a control of their own
-        load = LoadCap(level=2, exit_cap=ds.exits[-3])
+        load = LoadCap(level=2, exit_cap=ds.exits[-3], floor_exit=ds.exits[0])
         under = np.asarray(ds.exits) <= load.exit_cap
         mixed = [RequestControl(), RequestControl(exit=ds.exits[-1]), budget] * (len(val) // 3)
-        served = engine.choose_exits(features[:len(mixed)], mixed, load=load)
+        bound = [False] * len(mixed)
+        served = engine.choose_exits(features[:len(mixed)], mixed, load=load, bound=bound)
         rule = decide(gate, val.gate_features[:len(mixed)], rel_latency, beta, allowed=under)
         assert served[0::3] == [ds.exits[i] for i in rule[0::3]] and max(served[0::3]) <= load.exit_cap
+        assert bound[0::3] == [bool(ds.exits[i] > load.exit_cap) for i in table[:len(mixed)][0::3]]
         assert served[1::3] == [ds.exits[-1]] * len(served[1::3])  # a forced exit is honoured as given
         assert served[2::3] == [ds.exits[i] for i in capped[:len(mixed)][2::3]]  # so is a budget
         if kind == "quality":
             assert (rule[0::3] != table[:len(mixed)][0::3]).any()  # the cap changed decisions here
-        every = LoadCap(level=2, exit_cap=ds.exits[-3], all_requests=True)  # precedence "load": caps them too
+        # a floor: a capped request gets the rule among the exits from the floor to the cap; one whose own
+        # exit is under the cap keeps it, even below the floor
+        floored = LoadCap(level=2, exit_cap=ds.exits[-3], floor_exit=ds.exits[1])
+        band = under & (np.asarray(ds.exits) >= floored.floor_exit)
+        in_band = decide(gate, val.gate_features, rel_latency, beta, allowed=band)
+        expected = [ds.exits[b] if ds.exits[t] > floored.exit_cap else ds.exits[t] for t, b in zip(table, in_band)]
+        assert engine.choose_exits(features, [RequestControl()] * len(val), load=floored) == expected
+        unfloored = decide(gate, val.gate_features, rel_latency, beta, allowed=under)
+        assert expected != [ds.exits[i] for i in unfloored]  # the floor changed decisions here
+        every = LoadCap(level=2, exit_cap=ds.exits[-3], floor_exit=ds.exits[0], all_requests=True)  # "load"
         assert set(engine.choose_exits(features[:len(mixed)], mixed, load=every)[1::3]) == {load.exit_cap}
 
 
