@@ -216,7 +216,7 @@ def main() -> None:
     def quality(image_indexes, exits):
         idx = np.asarray([rows[k] for k in image_indexes])
         cols = np.asarray([ds.exits.index(e) for e in exits])
-        return float(aggregate(val.stats[idx, 0, cols], ds.categories).pq)
+        return float(aggregate(val.eval_stats.take(idx).totals(cols), ds.categories).pq)
 
     doc = load_serve_config()
     for d in doc["applications"][0]["deployments"]:

@@ -7,7 +7,8 @@ plus one cost per exit (encoder GFLOPs, latency or layer count), ordered shallow
 - ``choose``: THE decision rule, argmax over the allowed exits of quality - beta * cost, ties to the cheaper;
   labels, oracles, both gate kinds and served requests all decide with it (``exit_labels``: the paper's labels);
 - ``evaluate_assignment``: the exact dataset-level PQ of ANY per-image choice of exits, by summing the
-  chosen rows of statistics, with its mean / p95 cost and exit histogram;
+  chosen rows of statistics (dense, or sparse as the derived table stores them: the same totals to the
+  last bit, see eco_ray.metrics.sparse), with its mean / p95 cost and exit histogram;
 - ``static_points`` / ``oracle_assignment``: the baselines every report carries;
 - ``pareto_front``: the non-dominated points of (maximise quality, minimise cost).
 """
@@ -19,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from eco_ray.metrics.panoptic import CategorySet, PanopticStats, aggregate
+from eco_ray.metrics.sparse import SparseStats
 from eco_ray.results import OperatingPoint
 
 
@@ -59,12 +61,20 @@ def select_rows(stats: PanopticStats, choice: np.ndarray) -> PanopticStats:
     return stats[rows, choice]
 
 
-def evaluate_assignment(stats: PanopticStats, choice: np.ndarray, categories: CategorySet,
+def assignment_totals(stats: PanopticStats | SparseStats, choice: np.ndarray) -> PanopticStats:
+    """(C,) the statistics of a per-image choice of exit indices, summed over the images."""
+    if isinstance(stats, SparseStats):
+        return stats.totals(choice)
+    return select_rows(stats, choice).sum()
+
+
+def evaluate_assignment(stats: PanopticStats | SparseStats, choice: np.ndarray, categories: CategorySet,
                         costs: dict[str, Sequence[float]], exits: Sequence[int]) -> OperatingPoint:
     """Exact PQ (all / things / stuff), mIoU, mean and p95 of each cost (``encoder_gflops``, ``layers`` and
-    ``latency_ms`` where measured), and the exit histogram of a per-image choice of exit indices."""
+    ``latency_ms`` where measured), and the exit histogram of a per-image choice of exit indices; ``stats``
+    (N, E, C) dense or sparse."""
     choice = np.asarray(choice, dtype=np.int64)
-    r = aggregate(select_rows(stats, choice), categories)
+    r = aggregate(assignment_totals(stats, choice), categories)
     spent = {}
     for name, per_exit in costs.items():
         values = np.asarray(per_exit, dtype=np.float64)[choice]
@@ -75,10 +85,10 @@ def evaluate_assignment(stats: PanopticStats, choice: np.ndarray, categories: Ca
                           exit_histogram={int(k): int(n) for k, n in zip(exits, counts)}, **spent)
 
 
-def static_points(stats: PanopticStats, categories: CategorySet, costs: dict[str, Sequence[float]],
+def static_points(stats: PanopticStats | SparseStats, categories: CategorySet, costs: dict[str, Sequence[float]],
                   exits: Sequence[int]) -> list[OperatingPoint]:
     """Every image at the same exit, for each exit: the static-depth baseline curve."""
-    n = stats.tp.shape[0]
+    n = len(stats) if isinstance(stats, SparseStats) else stats.tp.shape[0]
     points = []
     for e, k in enumerate(exits):
         point = evaluate_assignment(stats, np.full(n, e), categories, costs, exits)

@@ -3,6 +3,7 @@ against running the gated model end to end, reuse of a derived dataset, the CLI.
 
 import json
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -44,7 +45,7 @@ def test_derived_table_matches_a_direct_evaluation(env):
     assert ds.exits == [2, 3, 4, 5, 6] and ds.split_names == ["train", "val"]
     val_data = CocoPanopticDataset.from_root(env["root"], "val")
     val = ds.split("val")
-    assert val.stats.tp.shape == (16, 2, 5, len(val_data.categories))  # (images, views, exits, categories)
+    assert val.dense_stats().tp.shape == (16, 2, 5, len(val_data.categories))  # (images, views, exits, categories)
     assert val.image_ids.tolist() == val_data.image_ids
     assert val.gate_features.shape == (16, m["gate_input_dim"])
     assert set(val.kinds.tolist()) <= {"clean", "outline", "relational"}
@@ -52,11 +53,11 @@ def test_derived_table_matches_a_direct_evaluation(env):
     model, _ = load_parent(env["parent_dir"])
     for view, flip in ((0, False), (1, True)):
         direct = evaluate_exits(model, val_data, batch_size=4, flip=flip, threshold=THRESHOLD)
-        np.testing.assert_array_equal(direct.stats.tp, val.stats.tp[:, view])
-        np.testing.assert_allclose(direct.stats.iou_sum, val.stats.iou_sum[:, view])
+        np.testing.assert_array_equal(direct.stats.tp, val.dense_stats().tp[:, view])
+        np.testing.assert_allclose(direct.stats.iou_sum, val.dense_stats().iou_sum[:, view])
         if view == 0:
             np.testing.assert_allclose(direct.gate_features, val.gate_features, rtol=1e-6)
-    assert (val.stats.tp + val.stats.fp).sum() > 0, "the parent predicted nothing: the comparison would be vacuous"
+    assert (val.dense_stats().tp + val.dense_stats().fp).sum() > 0, "the parent predicted nothing: the comparison would be vacuous"
     # the manifest records what the table came from and what every exit costs
     assert m["parent"]["weights_sha256"] and set(m["data"]["annotations_sha256"]) == {"train", "val"}
     gflops = [e["encoder_gflops"] for e in m["costs"]["exits"]]
@@ -68,7 +69,8 @@ def test_derived_table_matches_a_direct_evaluation(env):
     run = MlflowClient(env["tracking"]).get_run(m["mlflow_run_id"])
     assert run.data.tags["derived_key"] == m["key"] and run.data.tags["eco_ray.stage"] == "derive"
     names = {a.path for a in MlflowClient(env["tracking"]).list_artifacts(m["mlflow_run_id"], "derived")}
-    assert {"derived/manifest.json", "derived/train.parquet", "derived/val.parquet"} <= names
+    assert {"derived/manifest.json", "derived/train.images.arrow", "derived/train.stats.arrow",
+            "derived/val.images.arrow", "derived/val.stats.arrow"} <= names
 
 
 def test_rerunning_on_the_same_inputs_reuses_the_table(env):
@@ -117,8 +119,8 @@ def test_levels_gate_input_is_derived_recorded_and_served(env, tmp_path):
 
 def test_noise_floor_of_identical_views_is_zero(env):
     val = DerivedDataset.open(env["manifest"]["path"]).split("val")
-    same = val.subset(np.ones(len(val), bool))
-    same.stats = PanopticStats(**{k: np.repeat(v[:, :1], 2, axis=1) for k, v in val.stats.as_dict().items()})
+    same = replace(val, stats=PanopticStats(**{k: np.repeat(v[:, :1], 2, axis=1)
+                                                for k, v in val.dense_stats().as_dict().items()}))
     nf = noise_floor(same)
     assert nf["mean_abs_diff"] == 0 and nf["share_above_tolerance"] == 0
 
@@ -158,7 +160,7 @@ def test_table_evaluation_equals_the_gated_model_run_end_to_end(env):
         else:
             choice = decide(gate, val.gate_features, rel, beta)
             assert [ds.exits[c] for c in choice] == depth.tolist()
-        table = aggregate(val.eval_stats[np.arange(len(val)), choice], ds.categories)
+        table = aggregate(val.dense_stats()[np.arange(len(val)), 0, choice], ds.categories)
         assert abs(table.pq - e2e.pq) < 1e-6 and abs(table.pq_things - e2e.pq_things) < 1e-6
         assert abs(table.miou - e2e.miou) < 1e-6
     assert mixed >= 1
@@ -190,7 +192,7 @@ def test_fit_and_evaluate_reports_the_baselines(env):
     assert [p.exit for p in static] == ds.exits
     val = ds.split("val")
     for e, p in enumerate(static):
-        assert p.pq == pytest.approx(aggregate(val.eval_stats[:, e], ds.categories).pq)
+        assert p.pq == pytest.approx(aggregate(val.dense_stats()[:, 0, e], ds.categories).pq)
         assert p.encoder_gflops_mean == pytest.approx(ds.costs("gflops")[e])
     # beta 10 makes any depth not worth its cost: the oracle takes the shallowest exit for every image
     assert res.evaluations[-1].oracle.exit_histogram == {2: 16, 3: 0, 4: 0, 5: 0, 6: 0}
@@ -203,7 +205,7 @@ def test_fit_and_evaluate_reports_the_baselines(env):
     train = ds.split("train")
     assert train.quality_of("dpq").shape == train.quality.shape
     assert train.quality_of("dpq")[:, -1].mean() == pytest.approx(
-        np.mean([aggregate(train.stats[:, v, -1], ds.categories).pq for v in range(len(train.views))]))
+        np.mean([aggregate(train.dense_stats()[:, v, -1], ds.categories).pq for v in range(len(train.views))]))
 
 
 def _informative_dataset(env, n_train=400, n_val=120, seed=0, dim=8):
@@ -274,7 +276,7 @@ def test_cross_view_oracle_and_the_equal_compute_baseline(env):
     for p in static:  # on the curve's own points, the interpolation is the point
         assert static_at(static, p.encoder_gflops_mean) == pytest.approx(p.pq)
     # two identical views: picking on the other view is picking on the same one
-    same = replace(val, stats=PanopticStats(**{k: np.repeat(v[:, :1], 2, axis=1) for k, v in val.stats.as_dict().items()}))
+    same = replace(val, stats=PanopticStats(**{k: np.repeat(v[:, :1], 2, axis=1) for k, v in val.dense_stats().as_dict().items()}))
     for beta in (0.0, 0.1, 1.0):
         assert cross_view_oracle_point(same, ds.categories, cols, rel, beta).pq == pytest.approx(
             oracle_point(same, ds.categories, cols, rel, beta).pq)
@@ -399,7 +401,7 @@ def test_evaluate_scores_a_parent_at_an_exit_and_a_gate_as_the_table_does(env, t
         out = tmp_path / f"exit{k}.json"
         assert main([*common, "--parent", str(env["parent_dir"]), "--exit", str(k), "--out", str(out)]) == 0
         got = json.loads(capsys.readouterr().out)
-        ref = aggregate(val.stats[:, 0, ds.exits.index(k)], ds.categories)
+        ref = aggregate(val.dense_stats()[:, 0, ds.exits.index(k)], ds.categories)
         assert got["exits"] == {str(k): len(val)} and abs(got["pq"] - ref.pq) < 1e-6
         assert abs(got["miou"] - ref.miou) < 1e-6 and got["encoder_gflops_mean"] > 0
         # the folder it wrote is a prediction set like any other
@@ -416,7 +418,7 @@ def test_evaluate_scores_a_parent_at_an_exit_and_a_gate_as_the_table_does(env, t
         choice = decide(gate, val.gate_features, rel, beta)
         written = json.loads((tmp_path / f"gate{beta}.json").read_text())["annotations"]
         assert [a["eco_exit"] for a in written] == [ds.exits[c] for c in choice]
-        ref = aggregate(val.stats[np.arange(len(val)), 0, choice], ds.categories)
+        ref = aggregate(val.dense_stats()[np.arange(len(val)), 0, choice], ds.categories)
         assert abs(got["pq"] - ref.pq) < 1e-6
     # what cannot be evaluated says so in one line
     for extra, message in ((["--parent", str(env["parent_dir"])], "give --exit K"),

@@ -59,7 +59,7 @@ def test_totals_summary_is_the_aggregate_of_the_summed_rows():
 def test_the_bootstrap_equals_summing_the_drawn_rows():
     rng = np.random.default_rng(1)
     split = table(12, planted=0.2)
-    stats = split.eval_stats[:, 2]  # (N, C)
+    stats = split.dense_stats()[:, 0, 2]  # (N, C)
     counts = resample_counts(12, 50, seed=3)
     assert (counts.sum(1) == 12).all() and counts.shape == (50, 12)
     totals = weighted_totals(stats, counts)
@@ -118,7 +118,7 @@ def test_a_small_sample_cannot_tell_yet():
 def test_tables_it_cannot_judge_are_clear_errors():
     split = table(30)
     with pytest.raises(DiagnoseError, match="one view"):
-        diagnose(replace(split, views=["plain"], stats=split.stats[:, :1]), CATS, GFLOPS)
+        diagnose(replace(split, views=["plain"], stats=split.dense_stats()[:, :1]), CATS, GFLOPS)
     with pytest.raises(DiagnoseError, match="no images"):
         diagnose(split.subset(np.zeros(30, bool)), CATS, GFLOPS)
     with pytest.raises(DiagnoseError, match="one encoder GFLOPs value per exit"):
@@ -148,7 +148,7 @@ def test_one_budget_type():
 def test_the_diagnose_command_on_tables_on_disk(tmp_path, capsys):
     """`eco-ray diagnose` reads a table from disk (no model, no Ray): a verdict and --json, and one clear line
     (exit 2) for a table it cannot judge: one view, an empty split, a missing column, a newer schema."""
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
     from eco_ray.cli import main
     from eco_ray.derive.table import write_manifest, write_split
@@ -171,10 +171,13 @@ def test_the_diagnose_command_on_tables_on_disk(tmp_path, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["exits"] == [2, 4, 6] and doc["schema_version"] == 1 and set(doc["static"][0]) >= {"exit", "pq"}
     split = table(30)
-    one_view = table_dir("one-view", replace(split, views=["plain"], stats=split.stats[:, :1]))
+    one_view = table_dir("one-view", replace(split, views=["plain"], stats=split.dense_stats()[:, :1]))
     empty = table_dir("empty", split.subset(np.zeros(30, bool)))
     missing = table_dir("missing", split)
-    pq.write_table(pq.read_table(missing / "val.parquet").drop_columns(["gate_features"]), missing / "val.parquet")
+    images = missing / "val.images.arrow"
+    without = pa.ipc.open_file(pa.OSFile(str(images))).read_all().drop_columns(["gate_features"])  # read, not mapped
+    with pa.OSFile(str(images), "wb") as sink, pa.ipc.new_file(sink, without.schema) as writer:
+        writer.write_table(without)
     newer = table_dir("newer", split)
     manifest = json.loads((newer / "manifest.json").read_text())
     (newer / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))

@@ -26,4 +26,4 @@ def test_the_gpu_run_needs_no_cluster_stack_and_writes_the_same_table(tmp_path):
     from eco_ray.derive.table import DerivedDataset  # the table the cluster path reads, bit for bit the format
 
     ds = DerivedDataset.open(tmp_path / "out" / "derived")
-    assert ds.split("val").stats.tp.shape[:3] == (16, 2, 7) and len(ds.split("train")) == 32
+    assert ds.split("val").stats.shape[:3] == (16, 2, 7) and len(ds.split("train")) == 32

@@ -65,6 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a dataset already in --out (the same settings are reused without it)")
     s.set_defaults(func=c.data_synth)
 
+    st = dsub.add_parser("synth-table", parents=[js],
+                         help="a COCO-shaped derived table without a model (scale tests of gate, sweep, diagnose)",
+                         description="Writes a derived-dataset directory as `eco-ray derive` would, from no model: "
+                                     "133 categories (80 things, 53 stuff), ~11 segments per image, 2 views, exits "
+                                     "2..6 at paper-scale GFLOPs, a planted per-image depth need the 256-d gate input "
+                                     "partly reveals. For trying sweeps at COCO size (docs/scale.md); its numbers "
+                                     "model no parent.")
+    st.add_argument("--out", required=True, help="output directory (must not hold a derived table)")
+    st.add_argument("--train", type=int, default=30000, help="training images (default 30000)")
+    st.add_argument("--val", type=int, default=5000, help="validation images (default 5000, as COCO val2017)")
+    st.add_argument("--seed", type=int, default=0)
+    st.set_defaults(func=c.data_synth_table)
+
     k = dsub.add_parser("check", help="load every sample of a split and list broken files")
     k.add_argument("--root", required=True, help="dataset root in the COCO 2017 layout")
     k.add_argument("--split", default="val")
@@ -164,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "views=[plain] --set chunk_size=32"), ctx, js],
                        help="Step B: per-image, per-exit statistics + gate inputs + exit costs (Ray)",
                        description="Runs the parent once per image and view with every exit tapped, distributed "
-                                   "over Ray tasks, and writes a Parquet dataset (schema: eco_ray/derive/table.py): "
+                                   "over Ray tasks, and writes a derived dataset (Arrow files; schema: eco_ray/derive/table.py): "
                                    "per image and exit the additive panoptic statistics, the pooled gate input, "
                                    "and the measured cost of every exit. The flipped view measures the label noise "
                                    "and averages it down. The same inputs are reused, not recomputed.")

@@ -1,11 +1,11 @@
-"""Step B on Ray: the parent at every exit on every image, as a reusable, versioned Parquet dataset.
+"""Step B on Ray: the parent at every exit on every image, as a reusable, versioned derived dataset.
 
 Driver: resolves the parent (MLflow URI or directory), checks the dataset, computes the cache key
 (parent weights hash + annotation hashes + settings) and reuses an existing derived dataset with the
 same key. Otherwise it ships the parent's safetensors bytes through the object store and runs one Ray
 task per chunk of images (one multi-exit forward per image and view: backbone and encoder once, every
 exit tapped); a task lost with its worker is retried by Ray. Then it measures the exit cost table on
-this machine, writes ``<split>.parquet`` and the manifest (see eco_ray/derive/table.py), and logs the
+this machine, writes the split files and the manifest (see eco_ray/derive/table.py), and logs the
 dataset, its noise floor and plots to MLflow.
 """
 
@@ -26,7 +26,7 @@ from eco_ray.config import ConfigError, content_hash
 from eco_ray.context import RunContext
 from eco_ray.derive.config import DeriveConfig
 from eco_ray.tracking import Stage, Tag, parent_links
-from eco_ray.derive.table import MANIFEST, DerivedDataset, DerivedSplit, noise_floor, write_manifest, write_split
+from eco_ray.derive.table import MANIFEST, DerivedDataset, DerivedSplit, split_summary, write_manifest, write_split
 
 
 def _sha(path: Path) -> str:
@@ -46,6 +46,7 @@ def _derive_chunk(blob_ref, root: str, split: str, indices: list[int], views: li
     from eco_ray.data import CocoPanopticDataset
     from eco_ray.evaluate import evaluate_exits
     from eco_ray.metrics.panoptic import PanopticStats
+    from eco_ray.metrics.sparse import SparseStats
 
     torch.set_num_threads(1)
     model = _cached_parent(blob_ref)
@@ -59,7 +60,9 @@ def _derive_chunk(blob_ref, root: str, split: str, indices: list[int], views: li
     stats = PanopticStats(**{k: np.stack([getattr(ev.stats, k) for ev in per_view], axis=1)
                              for k in per_view[0].stats.as_dict()})
     plain = per_view[0]
-    return {"image_ids": plain.image_ids, "exits": plain.exits, "stats": stats.as_dict(), "gate_features": plain.gate_features,
+    # sparse before it leaves the worker: the driver never holds the dense (image, view, exit, category) arrays
+    return {"image_ids": plain.image_ids, "exits": plain.exits, "stats": SparseStats.from_dense(stats),
+            "gate_features": plain.gate_features,
             "kinds": [m.get("eco_kind", "") for m in plain.meta],
             "num_objects": [int(m.get("eco_num_objects", -1)) for m in plain.meta]}
 
@@ -168,7 +171,7 @@ def run_derive(cfg: DeriveConfig, *, parent: str, data_root: str | Path, ctx: Ru
         "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parent": parent_info,
         "data": data_info, "config": asdict(cfg), "exits": model.exits, "views": cfg.views,
         "categories": categories.to_coco(), "gate_input": gate_input, "gate_input_dim": int(next(iter(splits.values())).gate_features.shape[1]),
-        "costs": costs, "splits": {s: _split_summary(d, categories, cfg.sufficient_tolerance) for s, d in splits.items()},
+        "costs": costs, "splits": {s: split_summary(d, categories, cfg.sufficient_tolerance) for s, d in splits.items()},
         "timings": {**timings, "total_seconds": round(derive_seconds, 2), "cpus": ray.cluster_resources().get("CPU")},
     }
     tracker = ctx.tracker()
@@ -180,32 +183,15 @@ def run_derive(cfg: DeriveConfig, *, parent: str, data_root: str | Path, ctx: Ru
 
 
 def _assemble(split: str, parts: list[dict], views: list[str]) -> DerivedSplit:
-    from eco_ray.metrics.panoptic import PanopticStats
+    from eco_ray.metrics.sparse import SparseStats
 
     ids = np.concatenate([p["image_ids"] for p in parts])
     order = np.argsort(ids, kind="stable")
-    stats = PanopticStats(**{k: np.concatenate([p["stats"][k] for p in parts])[order] for k in parts[0]["stats"]})
+    stats = SparseStats.concat([p["stats"] for p in parts]).take(order)
     return DerivedSplit(split, ids[order].astype(np.int64), list(parts[0]["exits"]), views, stats,
                         np.concatenate([p["gate_features"] for p in parts])[order].astype(np.float32),
                         np.asarray(sum((p["kinds"] for p in parts), []), dtype=object)[order],
                         np.asarray(sum((p["num_objects"] for p in parts), []), dtype=np.int64)[order])
-
-
-def _split_summary(split: DerivedSplit, categories, tolerance: float) -> dict:
-    """Per split: static PQ per exit (plain view), the noise floor, the shallowest sufficient exit."""
-    from eco_ray.metrics.panoptic import aggregate
-    from eco_ray.tradeoff import shallowest_sufficient
-
-    static = {int(k): aggregate(split.eval_stats[:, e], categories).summary() for e, k in enumerate(split.exits)}
-    suff = shallowest_sufficient(split.quality, tolerance)
-    hist = {int(k): int((suff == e).sum()) for e, k in enumerate(split.exits)}
-    by_kind = {}
-    for kind in sorted(set(split.kinds.tolist()) - {""}):
-        sel = split.kinds == kind
-        by_kind[kind] = {int(k): int((suff[sel] == e).sum()) for e, k in enumerate(split.exits)}
-    return {"images": len(split), "static": static, "noise_floor": noise_floor(split, tolerance),
-            "sufficient_exit_histogram": hist, "sufficient_exit_histogram_by_kind": by_kind,
-            "quality_mean_per_exit": {int(k): float(split.quality[:, e].mean()) for e, k in enumerate(split.exits)}}
 
 
 def _log_to_mlflow(tracker, out: Path, manifest: dict) -> None:

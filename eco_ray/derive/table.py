@@ -1,22 +1,30 @@
 """The derived dataset of Step B: per image, per view, per exit panoptic statistics, the gate input, and
-the measured cost of each exit. Plain data (numpy + Parquet), no Ray, no model.
+the measured cost of each exit. Plain data (numpy + Arrow), no Ray, no model.
 
-On disk, one directory::
+On disk, one directory (schema version 2)::
 
-    manifest.json        schema version, cache key, parent model (URI, version, weights hash), dataset
-                         (root, annotation hash per split), views, post-processing thresholds, categories,
-                         exits, the cost table, the measured label-noise floor, timings
-    <split>.parquet      one row per image, keyed by ``image_id``:
-        image_id         int64
-        kind             string   (``eco_kind`` of the generated data; "" for other datasets)
-        num_objects      int64    (``eco_num_objects``; -1 when unknown)
-        gate_features    fixed_size_list<float32>[d]   the pooled gate input (stride-32 tokens after the
-                                                       input projection, before any encoder layer)
-        iou_sum          fixed_size_list<float64>[V*E*C]   additive panoptic statistics, see
-        tp, fp, fn       fixed_size_list<int64>[V*E*C]     eco_ray.metrics.PanopticStats; flattened in
-        sem_inter,       fixed_size_list<int64>[V*E*C]     (view, exit, category) order, the shape kept
-        sem_union                                          in the schema metadata
-                                                           ``eco_ray.stats_shape`` = "V,E,C"
+    manifest.json          schema version, cache key, parent model (URI, version, weights hash), dataset
+                           (root, annotation hash per split), views, post-processing thresholds, categories,
+                           exits, the cost table, the measured label-noise floor, timings
+    <split>.images.arrow   one row per image (Arrow IPC file, uncompressed), keyed by ``image_id``:
+        image_id           int64
+        kind               string   (``eco_kind`` of the generated data; "" for other datasets)
+        num_objects        int64    (``eco_num_objects``; -1 when unknown)
+        entries            int32    how many rows of <split>.stats.arrow are this image's (in image order)
+        gate_features      fixed_size_list<float32>[d]   the pooled gate input (stride-32 tokens after the
+                                                         input projection, before any encoder layer)
+    <split>.stats.arrow    one row per (image, category) that is non-zero at some view and exit
+                           (eco_ray.metrics.sparse.SparseStats, Arrow IPC file, uncompressed):
+        category           int32    index into the manifest's categories
+        iou_sum            fixed_size_list<float64>[V*E]   additive panoptic statistics (see
+        tp, fp, fn,        fixed_size_list<int32>[V*E]     eco_ray.metrics.PanopticStats), flattened in
+        sem_inter,                                         (view, exit) order; int64 where a value does
+        sem_union                                          not fit int32; shape in the schema metadata
+
+The Arrow files are memory-mapped when opened: the arrays are read-only numpy views of the page cache, so
+every process on a node that opens the table (sweep trials, the verdict) shares one copy. Tables of schema
+version 1 (``<split>.parquet``, dense (image, view, exit, category) lists) are still read, into the same
+sparse form; :func:`migrate` rewrites one as version 2.
 
 View 0 is always the image as served ("plain"): exact evaluation of any per-image exit choice uses it.
 The per-image quality q[i, e] that labels are made of is the per-image PQ averaged over all views, which
@@ -35,9 +43,11 @@ import pyarrow.parquet as pq
 
 from eco_ray.errors import EcoRayError
 from eco_ray.metrics.panoptic import CategorySet, PanopticStats, per_image_pq, pq_contributions
-from eco_ray.metrics.table import stats_from_arrow, stats_to_arrow
+from eco_ray.metrics.sparse import STAT_NAMES, SparseStats
+from eco_ray.metrics.table import stats_from_arrow
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 VIEWS = ("plain", "flip")
 QUALITY_MEASURES = ("pq", "dpq")
@@ -54,23 +64,38 @@ class DerivedSplit:
     image_ids: np.ndarray  # (N,) int64
     exits: list[int]
     views: list[str]
-    stats: PanopticStats  # (N, V, E, C)
+    stats: SparseStats  # (N, V, E, C); dense PanopticStats are converted
     gate_features: np.ndarray  # (N, d) float32
     kinds: np.ndarray  # (N,) str
     num_objects: np.ndarray  # (N,) int64
+    _cache: dict = field(init=False, repr=False, compare=False, default_factory=dict)
+
+    def __setattr__(self, name, value):
+        if name == "stats":  # dense statistics are stored sparse; whatever was cached from the old ones goes
+            value = SparseStats.from_dense(value) if isinstance(value, PanopticStats) else value
+            self.__dict__.get("_cache", {}).clear()
+        super().__setattr__(name, value)
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     @property
-    def eval_stats(self) -> PanopticStats:
-        """(N, E, C): the plain view, which is what a served image gets."""
-        return self.stats[:, 0]
+    def eval_stats(self) -> SparseStats:
+        """(N, E, C): the plain view, which is what a served image gets (views of the arrays, kept)."""
+        if "eval" not in self._cache:
+            self._cache["eval"] = self.stats.inner(0)
+        return self._cache["eval"]
+
+    def dense_stats(self) -> PanopticStats:
+        """(N, V, E, C) as dense arrays: for small tables and tests (COCO-sized tables do not fit)."""
+        return self.stats.to_dense()
 
     @property
     def quality_per_view(self) -> np.ndarray:
-        """(N, V, E) per-image PQ."""
-        return per_image_pq(self.stats)
+        """(N, V, E) per-image PQ (computed once per split)."""
+        if "pq" not in self._cache:
+            self._cache["pq"] = self.stats.per_image(per_image_pq)
+        return self._cache["pq"]
 
     @property
     def quality(self) -> np.ndarray:
@@ -79,17 +104,24 @@ class DerivedSplit:
 
     def quality_of(self, measure: str = "pq") -> np.ndarray:
         """(N, E) label source: ``pq`` per-image PQ, or ``dpq`` each image's linearised contribution to the
-        dataset PQ (eco_ray.metrics.panoptic.pq_contributions, per view around the deepest exit); both
-        averaged over the views."""
+        dataset PQ (eco_ray.metrics.panoptic.pq_contributions, per view around the deepest exit, over this
+        split's images); both averaged over the views."""
         if measure == "pq":
             return self.quality
         if measure == "dpq":
-            return pq_contributions(self.stats).mean(axis=1)
+            if "dpq" not in self._cache:
+                totals = self.stats.totals()  # (V, E, C), summed over this split's images
+                self._cache["dpq"] = self.stats.per_image(
+                    lambda block: pq_contributions(block, totals=totals, images=len(self))).mean(axis=1)
+            return self._cache["dpq"]
         raise ValueError(f"quality must be one of {QUALITY_MEASURES}, got {measure!r}")
 
     def subset(self, mask: np.ndarray, name: str | None = None) -> DerivedSplit:
-        return DerivedSplit(name or self.split, self.image_ids[mask], self.exits, self.views, self.stats[mask],
-                            self.gate_features[mask], self.kinds[mask], self.num_objects[mask])
+        out = DerivedSplit(name or self.split, self.image_ids[mask], self.exits, self.views, self.stats.take(mask),
+                           self.gate_features[mask], self.kinds[mask], self.num_objects[mask])
+        if "pq" in self._cache:  # per image: the rows of the whole split's
+            out._cache["pq"] = self._cache["pq"][mask]
+        return out
 
     def with_exits(self, exits: list[int]) -> DerivedSplit:
         """The same images with only ``exits`` (a subset, e.g. the paper's 2..6 of a table that has 0..6)."""
@@ -97,26 +129,57 @@ class DerivedSplit:
         if missing:
             raise DerivedDataError(f"exits {missing} are not in the table; it has {self.exits}")
         idx = [self.exits.index(k) for k in exits]
-        return DerivedSplit(self.split, self.image_ids, list(exits), self.views, self.stats[:, :, idx],
-                            self.gate_features, self.kinds, self.num_objects)
+        out = DerivedSplit(self.split, self.image_ids, list(exits), self.views, self.stats.inner((slice(None), idx)),
+                           self.gate_features, self.kinds, self.num_objects)
+        if "pq" in self._cache:
+            out._cache["pq"] = self._cache["pq"][..., idx]
+        return out
 
     def hold_out(self, fraction: float, seed: int = 0) -> tuple[DerivedSplit, DerivedSplit]:
         """(kept, held out): ``fraction`` of the images, chosen by :func:`held_out_mask` from their ids."""
         mask = held_out_mask(self.image_ids, fraction, seed)
         return self.subset(~mask, f"{self.split}-fit"), self.subset(mask, f"{self.split}-holdout")
 
-    def to_arrow(self) -> pa.Table:
-        table = stats_to_arrow(self.image_ids, self.stats)
+    # ------------------------------------------------------------------ storage
+    def images_arrow(self) -> pa.Table:
         d = self.gate_features.shape[1]
-        feats = pa.FixedSizeListArray.from_arrays(pa.array(self.gate_features.astype(np.float32).reshape(-1)), d)
-        table = table.add_column(1, "kind", pa.array([str(k) for k in self.kinds], pa.string()))
-        table = table.add_column(2, "num_objects", pa.array(self.num_objects.astype(np.int64)))
-        table = table.add_column(3, "gate_features", feats)
-        return table.replace_schema_metadata({**table.schema.metadata, b"eco_ray.exits": json.dumps(self.exits).encode(),
-                                              b"eco_ray.views": json.dumps(self.views).encode()})
+        feats = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(self.gate_features, np.float32)
+                                                           .reshape(-1)), d)
+        meta = {b"eco_ray.exits": json.dumps(self.exits).encode(), b"eco_ray.views": json.dumps(self.views).encode()}
+        return pa.table({"image_id": pa.array(self.image_ids.astype(np.int64)),
+                         "kind": pa.array([str(k) for k in self.kinds], pa.string()),
+                         "num_objects": pa.array(self.num_objects.astype(np.int64)),
+                         "entries": pa.array(np.diff(self.stats.offsets).astype(np.int32)),
+                         "gate_features": feats}).replace_schema_metadata(meta)
+
+    def stats_arrow(self) -> pa.Table:
+        s = self.stats
+        cells = int(np.prod(s.inner_shape))
+        columns = {"category": pa.array(s.category.astype(np.int32))}
+        for name in STAT_NAMES:
+            v = np.ascontiguousarray(s.values[name]).reshape(-1)
+            columns[name] = pa.FixedSizeListArray.from_arrays(pa.array(v), cells)
+        meta = {b"eco_ray.stats_shape": ",".join(map(str, s.inner_shape)).encode(),
+                b"eco_ray.num_categories": str(s.num_categories).encode()}
+        return pa.table(columns).replace_schema_metadata(meta)
 
     @classmethod
-    def from_arrow(cls, split: str, table: pa.Table) -> DerivedSplit:
+    def from_arrow(cls, split: str, images: pa.Table, stats: pa.Table) -> DerivedSplit:
+        meta, smeta = images.schema.metadata or {}, stats.schema.metadata or {}
+        n = images.num_rows
+        inner = tuple(int(x) for x in smeta[b"eco_ray.stats_shape"].decode().split(","))
+        offsets = np.zeros(n + 1, np.int64)
+        offsets[1:] = np.cumsum(_column(images, "entries"), dtype=np.int64)
+        values = {name: _column(stats, name).reshape((stats.num_rows, *inner)) for name in STAT_NAMES}
+        sparse = SparseStats(offsets, _column(stats, "category"), values, int(smeta[b"eco_ray.num_categories"]))
+        d = images.schema.field("gate_features").type.list_size
+        return cls(split, _column(images, "image_id"), json.loads(meta[b"eco_ray.exits"]),
+                   json.loads(meta[b"eco_ray.views"]), sparse, _column(images, "gate_features").reshape(n, d),
+                   np.asarray(images.column("kind").to_pylist(), dtype=object), _column(images, "num_objects"))
+
+    @classmethod
+    def from_parquet_v1(cls, split: str, table: pa.Table) -> DerivedSplit:
+        """A schema-1 table (dense statistics per image row), converted to the sparse form."""
         meta = table.schema.metadata or {}
         ids, stats = stats_from_arrow(table)
         feats = table.column("gate_features").combine_chunks()
@@ -125,6 +188,16 @@ class DerivedSplit:
                    stats, feats.values.to_numpy(zero_copy_only=False).reshape(len(ids), d).astype(np.float32),
                    np.asarray(table.column("kind").to_pylist(), dtype=object),
                    table.column("num_objects").to_numpy().astype(np.int64))
+
+
+def _column(table: pa.Table, name: str) -> np.ndarray:
+    """A column as a numpy array: a zero-copy view of the (memory-mapped) buffer where Arrow allows it;
+    fixed-size lists flattened."""
+    col = table.column(name)
+    arr = col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    if pa.types.is_fixed_size_list(arr.type):
+        arr = arr.flatten()
+    return arr.to_numpy(zero_copy_only=False)
 
 
 def held_out_mask(image_ids: np.ndarray, fraction: float, seed: int = 0) -> np.ndarray:
@@ -167,6 +240,25 @@ def noise_floor(split: DerivedSplit, tolerance: float = 0.02) -> dict:
     }
 
 
+def split_summary(split: DerivedSplit, categories, tolerance: float) -> dict:
+    """Per split: static PQ per exit (plain view), the noise floor, the shallowest sufficient exit."""
+    from eco_ray.metrics.panoptic import aggregate
+    from eco_ray.tradeoff import shallowest_sufficient
+
+    totals = split.eval_stats.totals()  # (E, C)
+    static = {int(k): aggregate(totals[e], categories).summary() for e, k in enumerate(split.exits)}
+    suff = shallowest_sufficient(split.quality, tolerance)
+    hist = {int(k): int((suff == e).sum()) for e, k in enumerate(split.exits)}
+    by_kind = {}
+    for kind in sorted(set(split.kinds.tolist()) - {""}):
+        sel = split.kinds == kind
+        by_kind[kind] = {int(k): int((suff[sel] == e).sum()) for e, k in enumerate(split.exits)}
+    return {"images": len(split), "static": static, "noise_floor": noise_floor(split, tolerance),
+            "sufficient_exit_histogram": hist, "sufficient_exit_histogram_by_kind": by_kind,
+            "quality_mean_per_exit": {int(k): float(split.quality[:, e].mean()) for e, k in enumerate(split.exits)}}
+
+
+
 @dataclass
 class DerivedDataset:
     """A derived-dataset directory: its manifest and its splits (loaded lazily)."""
@@ -185,9 +277,9 @@ class DerivedDataset:
             manifest = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise DerivedDataError(f"{path}: not valid JSON ({e})") from None
-        if manifest.get("schema_version") != SCHEMA_VERSION:
+        if manifest.get("schema_version") not in READABLE_VERSIONS:
             raise DerivedDataError(f"{root} has schema version {manifest.get('schema_version')}, this eco-ray reads "
-                                   f"{SCHEMA_VERSION}: derive it again")
+                                   f"{list(READABLE_VERSIONS)}: derive it again")
         return cls(root, manifest)
 
     @property
@@ -206,14 +298,7 @@ class DerivedDataset:
         if name not in self._splits:
             if name not in self.manifest["splits"]:
                 raise DerivedDataError(f"{self.root} has no split {name!r}; it has {self.split_names}")
-            path = self.root / f"{name}.parquet"
-            if not path.is_file():
-                raise DerivedDataError(f"{path} is missing: the derived dataset is incomplete")
-            try:
-                self._splits[name] = DerivedSplit.from_arrow(name, pq.read_table(path))
-            except (KeyError, ValueError, OSError, pa.ArrowException) as e:
-                raise DerivedDataError(f"{path} is not a derived table this eco-ray reads ({type(e).__name__}: "
-                                       f"{str(e).splitlines()[0] if str(e) else ''}): derive it again") from None
+            self._splits[name] = read_split(self.root, name, self.manifest["schema_version"])
         return self._splits[name]
 
     @property
@@ -309,12 +394,54 @@ def open_derived(ref: str, tracking_uri: str | None = None) -> DerivedDataset:
     return DerivedDataset.open(local)
 
 
-def write_split(root: Path, split: DerivedSplit) -> Path:
-    path = root / f"{split.split}.parquet"
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(split.to_arrow(), tmp)
-    tmp.replace(path)
-    return path
+def split_files(root: Path, name: str, version: int = SCHEMA_VERSION) -> list[Path]:
+    if version == 1:
+        return [root / f"{name}.parquet"]
+    return [root / f"{name}.images.arrow", root / f"{name}.stats.arrow"]
+
+
+def read_split(root: Path, name: str, version: int = SCHEMA_VERSION) -> DerivedSplit:
+    paths = split_files(root, name, version)
+    for path in paths:
+        if not path.is_file():
+            raise DerivedDataError(f"{path} is missing: the derived dataset is incomplete")
+    path = paths[0]
+    try:
+        if version == 1:
+            return DerivedSplit.from_parquet_v1(name, pq.read_table(path))
+        tables = []
+        for path in paths:
+            tables.append(pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all())
+        path = root / f"{name}.*.arrow"  # a failure past here is of the pair
+        return DerivedSplit.from_arrow(name, *tables)
+    except (KeyError, ValueError, OSError, pa.ArrowException) as e:
+        raise DerivedDataError(f"{path} is not a derived table this eco-ray reads ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}): derive it again") from None
+
+
+def write_split(root: Path, split: DerivedSplit) -> list[Path]:
+    """Both Arrow files of a split, each written whole to a temporary name and renamed."""
+    paths = split_files(root, split.split)
+    for path, table in zip(paths, (split.images_arrow(), split.stats_arrow())):
+        tmp = path.with_suffix(".arrow.tmp")
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=max(table.num_rows, 1))
+        tmp.replace(path)
+    return paths
+
+
+def migrate(root: str | Path) -> bool:
+    """Rewrite a schema-1 derived dataset as schema 2 in place (the split files first, the manifest last; the
+    old Parquet files removed after). False when it already is schema 2."""
+    ds = DerivedDataset.open(root)
+    if ds.manifest["schema_version"] == SCHEMA_VERSION:
+        return False
+    for name in ds.split_names:
+        write_split(ds.root, ds.split(name))
+    write_manifest(ds.root, {k: v for k, v in ds.manifest.items() if k != "schema_version"})
+    for name in ds.split_names:
+        split_files(ds.root, name, 1)[0].unlink(missing_ok=True)
+    return True
 
 
 def write_manifest(root: Path, manifest: dict) -> Path:

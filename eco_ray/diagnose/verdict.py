@@ -29,11 +29,12 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from eco_ray.bootstrap import interval, resample_counts, weighted_totals
+from eco_ray.bootstrap import interval, resample_counts
 from eco_ray.derive.table import relative_costs
 from eco_ray.errors import EcoRayError
-from eco_ray.metrics.panoptic import CategorySet, PanopticStats, per_image_pq, totals_summary
-from eco_ray.tradeoff import choose, select_rows
+from eco_ray.metrics.panoptic import CategorySet, PanopticStats, totals_summary
+from eco_ray.metrics.sparse import SparseStats
+from eco_ray.tradeoff import choose
 
 SCHEMA_VERSION = 1
 VERDICTS = ("pays", "does not pay", "cannot tell yet")
@@ -143,18 +144,31 @@ def _static_line(costs: np.ndarray, static_pq: np.ndarray, cost: np.ndarray) -> 
 class _Scorer:
     """Exact dataset PQ and the static line of one split, on the full sample and on every resample."""
 
-    def __init__(self, stats: PanopticStats, costs: Sequence[float], exits: Sequence[int], isthing: np.ndarray,
+    def __init__(self, stats: SparseStats, costs: Sequence[float], exits: Sequence[int], isthing: np.ndarray,
                  resamples: int, seed: int):
         self.stats, self.isthing, self.exits = stats, isthing, [int(k) for k in exits]  # stats: the plain view
         self.costs = np.asarray(costs, np.float64)
-        n = stats.tp.shape[0]
-        self.weights = np.vstack([np.ones((1, n), np.int64), resample_counts(n, resamples, seed)])  # row 0: all
-        static_totals = weighted_totals(stats, self.weights)  # (1 + B, E, C)
-        self.static_pq = totals_summary(static_totals, isthing)["pq"]  # (1 + B, E)
+        n = len(stats)
+        self.weights = np.vstack([np.ones((1, n)), resample_counts(n, resamples, seed)])  # row 0: all images
+        # dataset PQ is made of two sums per category: the matched IoU and 2 x (TP + FP/2 + FN/2), an integer
+        v = stats.values
+        self._pq_values = {"iou_sum": v["iou_sum"],
+                           "denominator2": 2 * v["tp"].astype(np.int64) + v["fp"] + v["fn"]}
+        self.static_pq = self._pq(self._resampled())  # (1 + B, E)
+
+    def _resampled(self, choice: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        return self.stats.weighted_totals(self.weights, choice, names=tuple(self._pq_values), values=self._pq_values)
+
+    def _pq(self, totals: dict[str, np.ndarray]) -> np.ndarray:
+        # totals_summary's PQ from the two sums: TP + FP/2 + FN/2 is denominator2 / 2 exactly (the other
+        # fields stay zero; SQ, RQ and mIoU are not read here)
+        zeros = np.zeros_like(totals["denominator2"])
+        stats = PanopticStats(iou_sum=totals["iou_sum"], tp=totals["denominator2"] * 0.5, fp=zeros, fn=zeros,
+                              sem_inter=zeros, sem_union=zeros)
+        return totals_summary(stats, self.isthing)["pq"]
 
     def lead(self, choice: np.ndarray, beta: float | None = None) -> Lead:
-        chosen = select_rows(self.stats, choice)  # (N, C)
-        pq = totals_summary(weighted_totals(chosen, self.weights), self.isthing)["pq"]  # (1 + B,)
+        pq = self._pq(self._resampled(choice))  # (1 + B,)
         n = len(choice)
         cost = self.weights @ self.costs[choice] / n  # (1 + B,)
         line = _static_line(self.costs, self.static_pq, cost)
@@ -212,11 +226,12 @@ def diagnose(split, categories: CategorySet, encoder_gflops: Sequence[float], *,
     rel = relative_costs(costs)
     isthing = categories.isthing
     scorer = _Scorer(split.eval_stats, costs, split.exits, isthing, resamples, seed)
-    q = per_image_pq(split.stats)  # (N, V, E)
+    q = split.quality_per_view  # (N, V, E)
 
     static = []
+    exit_totals = split.eval_stats.totals()  # (E, C)
     for e, k in enumerate(split.exits):
-        s = totals_summary(split.eval_stats[:, e].sum(), isthing)
+        s = totals_summary(exit_totals[e], isthing)
         static.append({"exit": int(k), "pq": float(s["pq"]), "pq_things": float(s["pq_things"]),
                        "pq_stuff": float(s["pq_stuff"]), "encoder_gflops_mean": float(costs[e])})
     oracle = [scorer.lead(choose(q[:, 0], rel, b), b) for b in betas]
@@ -266,8 +281,7 @@ def diagnose(split, categories: CategorySet, encoder_gflops: Sequence[float], *,
 def scorer_point(scorer: _Scorer, q: np.ndarray, rel: np.ndarray, beta: float) -> tuple[float, float]:
     """(mean cost, lead) of the cross-view oracle at ``beta``, without the bootstrap."""
     choice = choose(q[:, 1], rel, beta)
-    chosen = select_rows(scorer.stats, choice)
-    pq = float(totals_summary(chosen.sum(), scorer.isthing)["pq"])
+    pq = float(totals_summary(scorer.stats.totals(choice), scorer.isthing)["pq"])
     cost = float(scorer.costs[choice].mean())
     line = float(_static_line(scorer.costs, scorer.static_pq[:1], np.asarray([cost]))[0])
     return cost, pq - line
@@ -284,7 +298,7 @@ def _check(split, what: str) -> None:
 
 
 def _probes(split, seed: int) -> tuple[list[Probe], float]:
-    q = per_image_pq(split.stats)  # (N, V, E)
+    q = split.quality_per_view  # (N, V, E)
     gain = q[:, :, -1] - q[:, :, 0]  # (N, V): deepest over the cheapest exit
     target = gain.mean(1)
     ceiling = math.sqrt(max(_corr(gain[:, 0], gain[:, 1]), 0.0))
@@ -308,7 +322,7 @@ def _per_kind(split, isthing) -> dict[str, dict[int, float]]:
     out = {}
     for kind in kinds:
         sel = split.kinds == kind
-        totals = split.eval_stats[sel].sum_images()  # (E, C): summed over the kind's images
+        totals = split.eval_stats.take(sel).totals()  # (E, C): summed over the kind's images
         pq = totals_summary(totals, isthing)["pq"]
         out[kind] = {int(k): float(pq[e]) for e, k in enumerate(split.exits)}
     return out

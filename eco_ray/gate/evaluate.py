@@ -15,7 +15,7 @@ import numpy as np
 from eco_ray.derive.table import DerivedDataset, DerivedSplit, relative_costs
 from eco_ray.gate.config import GateConfig
 from eco_ray.gate.fit import fit_gate
-from eco_ray.metrics.panoptic import CategorySet, per_image_pq
+from eco_ray.metrics.panoptic import CategorySet
 from eco_ray.model.gates import decide
 from eco_ray.results import FitResult, GateEvaluation, OperatingPoint
 from eco_ray.tradeoff import choose, evaluate_assignment, static_points
@@ -36,7 +36,7 @@ def evaluate_choice(split: DerivedSplit, categories: CategorySet, cost_cols: dic
 
 def oracle_point(split: DerivedSplit, categories: CategorySet, cost_cols: dict, rel_costs: np.ndarray,
                  beta: float) -> OperatingPoint:
-    choice = choose(per_image_pq(split.eval_stats), rel_costs, beta)
+    choice = choose(split.quality_per_view[:, 0], rel_costs, beta)
     return evaluate_choice(split, categories, cost_cols, choice, beta)
 
 
@@ -48,7 +48,7 @@ def cross_view_oracle_point(split: DerivedSplit, categories: CategorySet, cost_c
     hope for; the usual oracle also profits from the noise it sees (eco_ray.diagnose adds intervals)."""
     if len(split.views) <= pick_view:
         raise ValueError(f"the cross-view oracle needs a view {pick_view}; the table has {split.views}")
-    choice = choose(per_image_pq(split.stats[:, pick_view]), rel_costs, beta)
+    choice = choose(split.quality_per_view[:, pick_view], rel_costs, beta)
     return replace(evaluate_choice(split, categories, cost_cols, choice, beta), picked_on=split.views[pick_view])
 
 
@@ -70,6 +70,7 @@ def fit_and_evaluate(ds: DerivedDataset, cfg: GateConfig, betas: list[float] | N
     train, val = ds.split(train_split), ds.split(eval_split)
     held = None
     if holdout > 0:
+        train.quality_per_view  # per image: computed once per process, the parts of every trial inherit it
         train, held = train.hold_out(holdout)  # the same images for every trial of a sweep
     rel = relative_costs(ds.costs(cfg.cost))
     cost_cols = ds.cost_columns()

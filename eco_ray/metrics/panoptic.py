@@ -287,7 +287,8 @@ def per_image_pq(stats: PanopticStats) -> np.ndarray:
     return np.where(n > 0, pq_c.sum(-1) / np.maximum(n, 1), 1.0)
 
 
-def pq_contributions(stats: PanopticStats, reference: int = -1) -> np.ndarray:
+def pq_contributions(stats: PanopticStats, reference: int = -1, totals: PanopticStats | None = None,
+                     images: int | None = None) -> np.ndarray:
     """Each image's first-order contribution to the DATASET PQ at each exit, on the per-image-PQ scale.
 
     ``stats`` is (N, ..., E, C) with images on axis 0 and exits on axis -2; returns (N, ..., E). Dataset PQ is
@@ -301,12 +302,18 @@ def pq_contributions(stats: PanopticStats, reference: int = -1) -> np.ndarray:
     exit e, and a per-image choice maximising sum_i q[i, e_i] maximises the linearised dataset PQ. Unlike
     per-image PQ it does not renormalise each image: an image with one segment that flips between matched
     and unmatched moves it by that segment's share of its category, not by 1.0. Sums over images are taken
-    separately for every other leading axis (e.g. per view)."""
+    separately for every other leading axis (e.g. per view). ``totals`` (the (..., E, C) sums over the
+    dataset's ``images`` images) lets a caller pass the dataset a block of its images belongs to."""
     iou = np.asarray(stats.iou_sum, dtype=np.float64)
     den = stats.tp + 0.5 * stats.fp + 0.5 * stats.fn
-    n = iou.shape[0]
-    ref_i = np.take(iou, [reference], axis=-2).sum(0)  # (..., 1, C)
-    ref_d = np.take(den, [reference], axis=-2).sum(0)
+    if totals is None:
+        n = iou.shape[0]
+        ref_i = np.take(iou, [reference], axis=-2).sum(0)  # (..., 1, C)
+        ref_d = np.take(den, [reference], axis=-2).sum(0)
+    else:
+        n = int(images)
+        ref_i = np.take(np.asarray(totals.iou_sum, np.float64), [reference], axis=-2)
+        ref_d = np.take(totals.tp + 0.5 * totals.fp + 0.5 * totals.fn, [reference], axis=-2)
     present = ref_d > 0
     pq_c = np.where(present, ref_i / np.where(present, ref_d, 1), 0.0)
     c = np.maximum(present.sum(-1, keepdims=True), 1)  # (..., 1, 1)

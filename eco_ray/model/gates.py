@@ -87,7 +87,8 @@ class QualityGate(nn.Module):
 @torch.no_grad()
 def gate_scores(gate: nn.Module, features) -> np.ndarray:
     """(B, d) features -> (B, num_exits) scores: a classifier's logits, a quality gate's predicted quality."""
-    x = torch.as_tensor(np.asarray(features) if not isinstance(features, Tensor) else features, dtype=torch.float32)
+    x = torch.as_tensor(np.require(features, np.float32, "W") if not isinstance(features, Tensor) else features,
+                        dtype=torch.float32)  # read-only (memory-mapped) features are copied
     return gate(x).double().cpu().numpy()
 
 
