@@ -70,7 +70,10 @@ def main(argv=None) -> int:
     rows = [per_image_seconds(m, args.repeats if m != "swin-t" else max(1, min(args.repeats, 2)))
             for m in args.models.split(",")]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        from scale import machine  # benchmarks/scale.py
+
+        print(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "threads": 1, "models": rows},
+                         indent=2))
     else:
         for r in rows:
             print(f"{r['model']:>7} @ {r['image_size']:>4} px: {r['per_image_view_s'] * 1e3:9.1f} ms per image and view "
