@@ -94,6 +94,8 @@ def measure_sparse(root: Path, n: int) -> dict:
     (splits, split_s) = timed(lambda: (ds.split("train"), ds.split("val")))
     train, val = splits
     memory = sum(s.stats.nbytes + s.gate_features.nbytes + s.image_ids.nbytes for s in splits) / GB
+    train_memory = (train.stats.nbytes + train.gate_features.nbytes + train.image_ids.nbytes) / GB
+    train_disk = sum((root / f"train.{part}.arrow").stat().st_size for part in ("images", "stats")) / GB
     rel = relative_costs(ds.costs("gflops"))
     cfg = GateConfig()  # the paper's classifier gate at its defaults (mini-batches above 16k rows)
     fit_gate(train.gate_features[:64], np.ones((64, len(ds.exits))), rel, ds.exits,
@@ -113,6 +115,7 @@ def measure_sparse(root: Path, n: int) -> dict:
     lead, bootstrap_lead_s = timed(scorer.lead, choice)
     return {"images": n, "val_images": len(val), "entries_per_image": round(train.stats.entries / n, 2),
             "table_disk_gb": round(disk_gb(root), 4), "table_memory_gb": round(memory, 4),
+            "train_disk_gb": round(train_disk, 4), "train_memory_gb": round(train_memory, 4),
             "open_s": round(open_s + split_s, 4), "quality_s": round(quality_s, 3), "labels_s": round(labels_s, 4),
             "fit_s": round(fit_s, 3), "fit_steps": int(gate.steps), "eval_s": round(eval_s, 4),
             "trial_s": round(trial_s, 3), "trial_fit_s": round(fit.fit_seconds, 3),
