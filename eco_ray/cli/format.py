@@ -97,9 +97,9 @@ def gate(run) -> str:
     head = f"{'':>22} {'PQ':>6} {'things':>7} {'stuff':>6} {'GFLOPs':>8} {'p95':>7} {'ms':>6}  exits"
 
     def row(label, p):
-        ms = p.latency_ms_mean if p.latency_ms_mean is not None else NAN
+        ms = f"{p.latency_ms_mean:>6.2f}" if p.latency_ms_mean is not None else f"{'-':>6}"  # not derived
         return (f"{label:>22} {p.pq:>6.3f} {p.pq_things:>7.3f} {p.pq_stuff:>6.3f} {p.encoder_gflops_mean:>8.4f} "
-                f"{p.encoder_gflops_p95:>7.4f} {ms:>6.2f}  {p.exit_histogram}")
+                f"{p.encoder_gflops_p95:>7.4f} {ms}  {p.exit_histogram}")
 
     lines = [f"{fit.kind} gate, cost {fit.cost}: fit {fit.fit_seconds:.2f} s, exact evaluation {fit.eval_seconds:.2f} s; "
              f"saved in {run.path} (MLflow run {run.run_id})", head]
@@ -136,7 +136,8 @@ def selection(r) -> str:
     c = r.chosen
     lines = [f"selected trial {c['optuna_trial']} of sweep {r.sweep} ({r.candidates} candidates): {r.why}",
              f"  PQ {c['pq']:.4f} (things {c.get('pq_things', NAN):.4f}, stuff {c.get('pq_stuff', NAN):.4f}), "
-             f"{c['encoder_gflops_mean']:.4f} mean encoder GFLOPs, {c.get('latency_ms_mean', NAN):.2f} ms"]
+             f"{c['encoder_gflops_mean']:.4f} mean encoder GFLOPs"
+             + (f", {c['latency_ms_mean']:.2f} ms" if c.get("latency_ms_mean") is not None else "")]
     if "val_pq" in c:
         lines.append(f"  on the validation split (never selected on): PQ {c['val_pq']:.4f} (things "
                      f"{c.get('val_pq_things', NAN):.4f}, stuff {c.get('val_pq_stuff', NAN):.4f}), "
