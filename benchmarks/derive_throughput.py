@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     rows = [per_image_seconds(m, args.repeats if m != "swin-t" else max(1, min(args.repeats, 2)))
             for m in args.models.split(",")]
     if args.json:
-        from scale import machine  # benchmarks/scale.py
+        from report import machine  # benchmarks/report.py
 
         print(json.dumps({"machine": machine(), "date": time.strftime("%Y-%m-%d"), "threads": 1, "models": rows},
                          indent=2))

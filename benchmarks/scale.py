@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -28,19 +27,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from report import machine  # benchmarks/report.py: the machine every benchmark records
 
 GB = 1e9
 VAL_IMAGES = 5000
-
-
-def machine() -> str:
-    cpu = ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
-    return f"{os.cpu_count()} cores, {cpu or platform.processor()}, {mem:.0f} GB RAM, {platform.system()}"
 
 
 def disk_gb(path: Path) -> float:
