@@ -114,16 +114,16 @@ class SparseStats:
     def to_dense(self, start: int = 0, stop: int | None = None) -> PanopticStats:
         """Images ``start:stop`` as dense statistics (float64 / int64, as the dense path computes them)."""
         stop = len(self) if stop is None else stop
+        return PanopticStats(**{name: self._dense_block(self.values[name], start, stop,
+                                                        np.float64 if name == "iou_sum" else np.int64)
+                                for name in STAT_NAMES})
+
+    def _dense_block(self, values: np.ndarray, start: int, stop: int, dtype) -> np.ndarray:
+        """Per-entry ``values`` (nnz, *inner) of images ``start:stop`` scattered into (stop - start, *inner, C)."""
         lo, hi = int(self.offsets[start]), int(self.offsets[stop])
-        rows = self.image_index[lo:hi] - start
-        cats = self.category[lo:hi]
-        out = {}
-        for name in STAT_NAMES:
-            dense = np.zeros((stop - start, *self.inner_shape, self.num_categories),
-                             np.float64 if name == "iou_sum" else np.int64)
-            dense[rows, ..., cats] = self.values[name][lo:hi]
-            out[name] = dense
-        return PanopticStats(**out)
+        block = np.zeros((stop - start, *values.shape[1:], self.num_categories), dtype)
+        block[self.image_index[lo:hi] - start, ..., self.category[lo:hi]] = values[lo:hi]
+        return block
 
     @classmethod
     def concat(cls, parts: Sequence[SparseStats]) -> SparseStats:
@@ -225,12 +225,8 @@ class SparseStats:
         step = max(1, _BLOCK_BYTES // (8 * max(cells, 1)))
         for start in range(0, n, step):
             stop = min(n, start + step)
-            lo, hi = int(self.offsets[start]), int(self.offsets[stop])
-            rows = self.image_index[lo:hi] - start
-            flat_cat = self.category[lo:hi]
             for name in names:
-                block = np.zeros((stop - start, *inner, self.num_categories))
-                block[rows, ..., flat_cat] = chosen[name][lo:hi]
+                block = self._dense_block(chosen[name], start, stop, np.float64)
                 out[name] += w[:, start:stop] @ block.reshape(stop - start, cells)
         shape = (w.shape[0], *inner, self.num_categories)
         return {name: (v if chosen[name].dtype.kind == "f" else np.rint(v).astype(np.int64)).reshape(shape)
