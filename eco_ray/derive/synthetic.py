@@ -23,8 +23,9 @@ from eco_ray.metrics.sparse import STAT_NAMES, SparseStats, narrow
 COCO_THINGS, COCO_STUFF = 80, 53
 EXITS = [2, 3, 4, 5, 6]
 VIEWS = ["plain", "flip"]
-# the paper-scale (Swin-T, 800x1333) encoder's GFLOPs per exit are ~ proportional to the layers run
-GFLOPS_PER_LAYER = 5.8
+# the paper-scale parent's encoder cost per layer: `eco-ray cost --model swin-t --no-latency` counts 31.36 GFLOPs
+# at exit 2 and 15.68 more per layer (1024 px); a change of scale only, relative costs are k / 6 either way
+GFLOPS_PER_LAYER = 15.68
 
 
 def coco_like_categories(things: int = COCO_THINGS, stuff: int = COCO_STUFF) -> CategorySet:
