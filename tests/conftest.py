@@ -1,4 +1,11 @@
+import os
+import subprocess
+import time
+import uuid
+
 import pytest
+
+from cluster_stack import ADMIN, ROOT, SQLA, free_port, postgres_or_skip, server_env
 
 from eco_ray.data.synth import SynthConfig, write_dataset
 
@@ -51,3 +58,65 @@ def tiny_derived(synth_root, tmp_path_factory):
 
 
 DERIVE_THRESHOLD = 0.05
+
+
+@pytest.fixture(scope="session")
+def postgres_dbs():
+    """Fresh databases per test run (MLflow, its users and Optuna each keep an `alembic_version` table, so
+    they cannot share one), dropped afterwards."""
+    conn = postgres_or_skip()
+    names = {role: f"eco_ray_{role}_{uuid.uuid4().hex[:8]}" for role in ("mlflow", "mlflow_auth", "optuna")}
+    with conn.cursor() as cur:
+        for name in names.values():
+            cur.execute(f"CREATE DATABASE {name}")
+    yield {role: f"{SQLA}/{name}" for role, name in names.items()}
+    with conn.cursor() as cur:
+        for name in names.values():
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    conn.close()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(postgres_dbs, tmp_path_factory):
+    """deploy/mlflow-server.sh on loopback; clients authenticate as the admin it bootstraps, through the
+    environment variables MLflow's client reads (as the pods get them from a Secret)."""
+    import httpx
+
+    port = free_port()
+    env = server_env(postgres_dbs, tmp_path_factory.mktemp("mlflow-artifacts"), port)
+    # its log to a file: a pipe nobody reads would block the server once full, in a session-long fixture
+    log = tmp_path_factory.mktemp("mlflow-server") / "server.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["bash", str(ROOT / "deploy" / "mlflow-server.sh")], env=env,
+                                stdout=subprocess.DEVNULL, stderr=out, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited: {log.read_text(errors='replace')[-2000:]}")
+        try:  # ready once an authenticated call answers: the auth app bootstraps the admin on first use
+            if httpx.post(f"{url}/api/2.0/mlflow/experiments/search", json={"max_results": 1}, auth=ADMIN,
+                          timeout=30).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    else:
+        os.killpg(proc.pid, 15)
+        pytest.fail("mlflow server did not come up within 120 s")
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
+    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = ADMIN
+    yield url
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    os.killpg(proc.pid, 15)  # the script's process group: bash, mlflow and its workers
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait(timeout=30)
+
+

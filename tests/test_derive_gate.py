@@ -86,6 +86,10 @@ def test_rerunning_on_the_same_inputs_reuses_the_table(env):
     with pytest.raises(ConfigError, match="other inputs"):
         run_derive(other, parent=str(env["parent_dir"]), data_root=env["root"], ctx=env["ctx"], out=again["path"])
     assert DerivedDataset.open(again["path"]).manifest["key"] == env["manifest"]["key"]
+    # an --out holding the run directory (and so the MLflow artifacts the table is logged to): refused
+    with pytest.raises(ConfigError, match="holds the run directory"):
+        run_derive(env["cfg"], parent=str(env["parent_dir"]), data_root=env["root"], ctx=env["ctx"],
+                   out=env["ctx"].run_dir.parent)
 
 
 def test_levels_gate_input_is_derived_recorded_and_served(env, tmp_path):

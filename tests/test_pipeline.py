@@ -1,11 +1,6 @@
-"""``eco-ray pipeline`` end to end through the real CLI: a real local Ray, MLflow on SQLite, Serve on
-localhost, real HTTP requests; then a rerun that reuses every stage, and ``--from`` forcing a stage."""
-
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+"""``eco-ray pipeline``'s config tree and its checks before any work. The pipeline end to end (every stage, real
+HTTP against Serve, a rerun that reuses the stages and ``--from`` forcing one) runs as a Ray job on a multi-node
+cluster in tests/test_multinode.py, with the TINY settings below."""
 
 import pytest
 
@@ -16,61 +11,6 @@ TINY = [
     "derive.chunk_size=8", "derive.batch_size=4", "derive.threshold=0.05", "derive.measure_latency=false",
     "sweep.trials=3", "sweep.concurrency=2", "requests=3", "port=8131",
 ]
-
-
-def _pipeline(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    args = [sys.executable, "-m", "eco_ray.cli", "pipeline", "--json", "--set", f"run_dir={run_dir}"]
-    for item in TINY:
-        args += ["--set", item]
-    env = {**os.environ, "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(args + list(extra), capture_output=True, text=True, timeout=900, env=env,
-                          cwd=Path(__file__).resolve().parents[1])
-
-
-def _registered_versions(run_dir: Path, name: str) -> list[str]:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
-    return sorted(str(v.version) for v in client.search_model_versions(f"name='{name}'"))
-
-
-@pytest.mark.slow
-def test_pipeline_runs_end_to_end_then_reuses_every_stage(tmp_path):
-    run_dir = tmp_path / "runs"
-    first = _pipeline(run_dir)
-    assert first.returncode == 0, first.stderr[-4000:]
-    s = json.loads(first.stdout)
-    state = json.loads((run_dir / "pipeline" / "default" / "state.json").read_text())
-    assert list(state) == ["data", "train", "derive", "sweep", "select"]
-    exits = state["derive"]["output"]["exits"]
-    assert s["static_full_depth"]["exit"] == exits[-1]
-    assert 0 <= s["eco_selected"]["pq"] <= 1 and s["eco_selected"]["encoder_gflops_mean"] > 0
-    # the budget holds where the sweep scored its trials (held-out training images); the summary reports
-    # the same gate on the validation split
-    chosen = s["selection"]["chosen"]
-    assert chosen["encoder_gflops_mean"] <= 0.7 * s["static_full_depth"]["encoder_gflops_mean"] + 1e-9
-    assert "held out of every fit" in s["selection"]["why"]
-    assert s["eco_selected"]["pq"] == chosen["val_pq"] and \
-        s["eco_selected"]["encoder_gflops_mean"] == chosen["val_encoder_gflops_mean"]
-    assert s["serving"]["requests"] == 3 and set(s["serving"]["exits_used"]) <= set(exits)
-    assert s["serving"]["full_depth_check"]["exit"] == exits[-1]
-    assert _registered_versions(run_dir, "eco-parent") == ["1"] and _registered_versions(run_dir, "eco-gate") == ["1"]
-
-    again = _pipeline(run_dir, "--set", "requests=0")  # no serving check: nothing left to run
-    assert again.returncode == 0, again.stderr[-4000:]
-    assert "[pipeline] serve: skipped" in again.stderr
-    for stage in ("data", "train", "derive", "sweep", "select"):
-        assert f"[pipeline] {stage}: reused" in again.stderr
-    s2 = json.loads(again.stdout)
-    assert s2["eco_selected"] == s["eco_selected"] and s2["parent"] == s["parent"]
-    assert _registered_versions(run_dir, "eco-parent") == ["1"] and _registered_versions(run_dir, "eco-gate") == ["1"]
-    assert len(list((run_dir / "train").iterdir())) == 1
-
-    forced = _pipeline(run_dir, "--from", "select", "--set", "requests=0")
-    assert forced.returncode == 0, forced.stderr[-4000:]
-    assert "[pipeline] sweep: reused" in forced.stderr and "[pipeline] select: running" in forced.stderr
-    assert _registered_versions(run_dir, "eco-gate") == ["1", "2"]
 
 
 def test_a_bad_pipeline_setting_fails_before_any_work(tmp_path, capsys):

@@ -127,6 +127,10 @@ def run_derive(cfg: DeriveConfig, *, parent: str, data_root: str | Path, ctx: Ru
                         "overlap_threshold": cfg.overlap_threshold,
                         **({"gate_input": cfg.gate_input} if cfg.gate_input else {})})
     out = Path(out) if out else ctx.derived_dir(key)
+    if ctx.run_dir.resolve().is_relative_to(out.resolve()):
+        # the table's files are logged to MLflow from `out`: an artifact store inside it would copy itself
+        raise ConfigError(f"--out {out} holds the run directory {ctx.run_dir}, whose MLflow artifacts the table is "
+                          f"logged to: pick an --out inside the run directory or outside it")
     if (out / MANIFEST).is_file():
         existing = DerivedDataset.open(out).manifest
         if existing.get("key") == key and not overwrite:

@@ -110,8 +110,11 @@ def start(config: str | None, *, parent_uri: str | None, gate_uri: str | None, c
               f"(the RayService manifest sets it)", file=sys.stderr)
     init_ray(ctx.address, log_to_driver=False)
     http = doc.get("http_options") or {}
-    serve.start(http_options={"host": host, "port": port,
-                              **({"request_timeout_s": http["request_timeout_s"]} if http.get("request_timeout_s") else {})})
+    # proxy_location as the config says (EveryNode, HeadOnly, Disabled); Serve's own default when it is absent
+    http_options = {"host": host, "port": port,
+                    **({"request_timeout_s": http["request_timeout_s"]} if http.get("request_timeout_s") else {})}
+    serve.start(**({"proxy_location": doc["proxy_location"]} if doc.get("proxy_location") else {}),
+                http_options=http_options)
     serve.run(app, name=doc["applications"][0].get("name", "eco-ray"), route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
     if blocking:

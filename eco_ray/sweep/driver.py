@@ -9,6 +9,9 @@ Robustness, by design:
 - MLflow is written from the driver only (SQLite tolerates one writer): one parent run per sweep, one child
   run per finished trial, keyed by the Optuna trial number, so a resumed sweep never logs a trial twice; a
   crashed trial gets a FAILED child run;
+- a trial whose actor or node is lost is run again by Tune as the same Optuna trial (``LOST_TRIAL_RETRIES``);
+  one lost beyond that is failed as interrupted and another trial runs in its place; an error of the trial's
+  own code is reported as its result and fails it at once (a retry would fail again);
 - the Optuna storage URL's password never reaches the sweep's files or MLflow: a resume of a sweep whose
   storage has a password takes the URL again (``--storage`` or ``$OPTUNA_STORAGE``).
 """
@@ -35,10 +38,14 @@ from eco_ray.files import write_json as _write_json, write_text
 from eco_ray.results import METRICS, OperatingPoint, SweepSummary, TrialRecord
 from eco_ray.sweep.config import ABSENT_IN_OLD_SWEEPS, MOVED_KEYS, SweepConfig, has_masked_password, mask_url
 from eco_ray.sweep.study import StudySearcher, close_interrupted, counted, interrupted_numbers, open_study, study_name
-from eco_ray.sweep.trial import read_result, trial_dir, tune_trainable
+from eco_ray.sweep.trial import TRIAL_ERROR, read_result, trial_dir, tune_trainable
 
 STORAGE_ENV = "OPTUNA_STORAGE"
 LOGGED_METRICS = (*METRICS, *(f"val_{k}" for k in METRICS), "fit_seconds")
+# a trial whose actor or node is lost is run again, as the same Optuna trial (it stays RUNNING in the study
+# meanwhile, and is told once); a trial's own error is its result and is never retried (eco_ray/sweep/trial.py)
+LOST_TRIAL_RETRIES = 3
+LOST_TRIAL_ROUNDS = 3  # Tune runs after the first for trials lost beyond those retries
 
 
 class _TrialLogger:
@@ -87,24 +94,45 @@ def _callback(logger: _TrialLogger, cfg: SweepConfig):
     from ray import tune
 
     class MlflowTrialCallback(tune.Callback):
+        def _log(self, number: int, *args, **kwargs) -> None:
+            # a callback that raises fails the trial in Tune, which would then run again a trial the study holds
+            # as finished: a logging error is reported instead, and the end of the sweep logs what is missing
+            try:
+                logger.log(number, *args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - the tracking server's error, not the trial's
+                print(f"[sweep] trial {number}: could not log it to MLflow now ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); it is logged when the sweep ends",
+                      file=sys.stderr, flush=True)
+
         def on_trial_complete(self, iteration, trials, trial, **info):
             result = trial.last_result or {}
-            metrics = {k: result[k] for k in LOGGED_METRICS if k in result}
             params = {k: v for k, v in trial.config.items() if k != "optuna_trial"}
-            logger.log(int(trial.config["optuna_trial"]), "FINISHED", params, metrics, _feasible(cfg, metrics))
+            number = int(trial.config["optuna_trial"])
+            if TRIAL_ERROR in result:  # the trial's own code failed (eco_ray/sweep/trial.py): not retried
+                self._log(number, "FAILED", params, {}, None, error=result[TRIAL_ERROR])
+                print(f"[sweep] trial {number} failed: {result[TRIAL_ERROR]}", file=sys.stderr, flush=True)
+                return
+            metrics = {k: result[k] for k in LOGGED_METRICS if k in result}
+            self._log(number, "FINISHED", params, metrics, _feasible(cfg, metrics))
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            print(f"[sweep] trial {trial.config['optuna_trial']} lost its worker (a lost node or process): "
+                  f"running it again", file=sys.stderr, flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            # the study holds it as failed and interrupted already (StudySearcher.on_trial_complete)
+            number = int(trial.config["optuna_trial"])
             params = {k: v for k, v in trial.config.items() if k != "optuna_trial"}
-            logger.log(int(trial.config["optuna_trial"]), "FAILED", params, {}, None,
-                       error=str(getattr(trial, "error_file", "") or "trial raised"))
-            print(f"[sweep] trial {trial.config['optuna_trial']} failed: see {trial.local_path}", file=sys.stderr)
+            self._log(number, "FAILED", params, {}, None,
+                      error=f"lost its worker: {getattr(trial, 'error_file', '') or 'the trial actor died'}")
+            print(f"[sweep] trial {number} lost its worker beyond {LOST_TRIAL_RETRIES} retries: failed as "
+                  f"interrupted, another trial runs in its place (see {trial.local_path})", file=sys.stderr, flush=True)
 
     return MlflowTrialCallback()
 
 
 def run_sweep(cfg: SweepConfig, *, derived: str | Path, ctx: RunContext, name: str | None = None) -> SweepSummary:
     """A new sweep over the derived table at ``derived``; a name already taken is refused (resume it)."""
-    from eco_ray.derive.table import DerivedDataset
     from eco_ray.sweep.space import load_space
     from eco_ray.tracking import Stage, Tag
 
@@ -185,8 +213,6 @@ def _check_table(cfg: SweepConfig, derived: str | Path):
 def _run(cfg: SweepConfig, info: dict, storage: str, ds, sdir: Path, ctx: RunContext) -> SweepSummary:
     from ray import tune
 
-    from eco_ray.sweep.space import load_space
-
     name = info["name"]
     tracker = ctx.tracker()
     derived = str(Path(info["derived"]).resolve())
@@ -198,23 +224,36 @@ def _run(cfg: SweepConfig, info: dict, storage: str, ds, sdir: Path, ctx: RunCon
     t0 = time.perf_counter()
     if remaining > 0:
         init_ray(ctx.address, log_to_driver=False)
-        searcher = StudySearcher(study, _space_of(cfg, sdir), ["pq", cfg.objective_key], cfg.budgets())
         trainable = tune.with_resources(functools.partial(
             tune_trainable, derived=derived, sweep_dir=str(sdir.resolve()), train_split=cfg.train_split,
             eval_split=cfg.eval_split, holdout=cfg.holdout), {"cpu": cfg.cpus_per_trial})
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=remaining,
-                                        max_concurrent_trials=cfg.concurrency, reuse_actors=True),
-            # each launch is its own Tune run: the study, not Tune's state, is what a resume continues
-            run_config=tune.RunConfig(name=f"{name}-{uuid.uuid4().hex[:8]}", storage_path=str(ctx.ray_storage.resolve()
-                                                                                            / "sweeps"),
-                                      callbacks=[_callback(logger, cfg)], verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=0)))
         print(f"[sweep] {name}: {remaining} trials to run, {cfg.concurrency} at a time, sampler {cfg.sampler}",
               file=sys.stderr, flush=True)
-        with contextlib.redirect_stdout(sys.stderr):  # Tune prints tables to stdout; keep stdout for --json
-            tuner.fit()
+        # a round ends with fewer counted trials only when some lost their worker beyond Tune's retries: those are
+        # marked interrupted (not counted) and the next round runs that many more
+        started = 0
+        for _ in range(1 + LOST_TRIAL_ROUNDS):
+            missing = cfg.trials - counted(study)
+            if missing <= 0:
+                break
+            started += missing
+            searcher = StudySearcher(study, _space_of(cfg, sdir), ["pq", cfg.objective_key], cfg.budgets())
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(search_alg=searcher, num_samples=missing,
+                                            max_concurrent_trials=cfg.concurrency, reuse_actors=True),
+                # each launch is its own Tune run: the study, not Tune's state, is what a resume continues
+                run_config=tune.RunConfig(name=f"{name}-{uuid.uuid4().hex[:8]}",
+                                          storage_path=str(ctx.ray_storage.resolve() / "sweeps"),
+                                          callbacks=[_callback(logger, cfg)], verbose=0,
+                                          failure_config=tune.FailureConfig(max_failures=LOST_TRIAL_RETRIES)))
+            with contextlib.redirect_stdout(sys.stderr):  # Tune prints tables to stdout; keep stdout for --json
+                tuner.fit()
+        if cfg.trials - counted(study) > 0:
+            print(f"[sweep] {name}: {cfg.trials - counted(study)} trials still missing after {LOST_TRIAL_ROUNDS} more "
+                  f"rounds for trials that lost their workers; continue with eco-ray sweep --resume {name}",
+                  file=sys.stderr, flush=True)
+        remaining = started
     seconds = time.perf_counter() - t0
     study = open_study(cfg, name, storage)
     close_interrupted(study)

@@ -52,10 +52,17 @@ def close_interrupted(study) -> int:
     running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
     if not running:
         return 0
-    study.set_user_attr(INTERRUPTED, sorted(set(interrupted_numbers(study)) | {t.number for t in running}))
+    for t in running:
+        mark_interrupted(study, t.number)
     for t in running:
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
     return len(running)
+
+
+def mark_interrupted(study, number: int) -> None:
+    """Trial ``number`` (failed already) failed through no fault of its own (its driver, worker or node was lost):
+    it does not count toward the sweep's trials, so another runs in its place."""
+    study.set_user_attr(INTERRUPTED, sorted(set(interrupted_numbers(study)) | {number}))
 
 
 def interrupted_numbers(study) -> list[int]:
@@ -95,6 +102,11 @@ class StudySearcher(Searcher):
         trial = self._asked.pop(trial_id, None)
         if trial is None:
             return
+        if error:
+            # the trainable reports its own errors as results (eco_ray/sweep/trial.py), so a Tune-level error is
+            # a lost worker (its actor or node) that Tune's retries did not mend: marked interrupted before it is
+            # failed, so that it never counts and the sweep runs another trial in its place
+            mark_interrupted(self.study, trial.number)
         values = None if (error or not result) else [result.get(k) for k in self.objectives]
         if values is None or any(v is None or not math.isfinite(float(v)) for v in values):
             self.study.tell(trial, state=optuna.trial.TrialState.FAIL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import traceback
 from pathlib import Path
 
 from eco_ray.config import load_config
@@ -12,6 +13,7 @@ from eco_ray.gate.config import GateConfig
 from eco_ray.results import METRICS
 
 _TABLES: dict = {}
+TRIAL_ERROR = "trial_error"  # the key of a failed trial's reported result: its error, in one line
 
 
 def open_table(path: str):
@@ -76,9 +78,19 @@ def run_trial(config: dict, derived: str, sweep_dir: str, train_split: str, eval
 
 def tune_trainable(config: dict, derived: str, sweep_dir: str, train_split: str, eval_split: str,
                    holdout: float) -> None:
+    """The Tune trainable. An error of the trial itself (a bad parameter, a fit that raises) is reported as the
+    trial's result, not raised: raised, Tune would retry it like a lost worker, and it would fail the same way
+    each time. Tune's retries (the sweep's ``FailureConfig``) are left for what a retry can mend: a trial
+    actor or node lost mid-trial. So a transient error inside the trial (a MemoryError, a flaky read) fails the
+    trial at once; ``eco-ray sweep --resume`` does not rerun it (it counts), a new sweep does."""
     from ray import tune
 
-    tune.report(run_trial(config, derived, sweep_dir, train_split, eval_split, holdout))
+    try:
+        metrics = run_trial(config, derived, sweep_dir, train_split, eval_split, holdout)
+    except Exception as e:  # noqa: BLE001 - any failure of the trial's own code is that trial's result
+        traceback.print_exc()  # whole, in the trial's log; the first line goes to Optuna, MLflow and the driver
+        metrics = {TRIAL_ERROR: f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:2000]}
+    tune.report(metrics)
 
 
 def read_result(sweep_dir: str | Path, number: int) -> dict | None:
