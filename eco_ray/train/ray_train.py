@@ -113,6 +113,29 @@ def _worker_loop(config: dict) -> None:
     tracker = Tracker(config["tracking_uri"]) if rank == 0 else None
     pending: list = []  # (key, value, step), sent at each checkpoint
     t0, last_print = time.perf_counter(), 0.0
+
+    def report_checkpoint(done: int, metrics: dict, is_eval: bool, pending: list) -> list:
+        """Validate (when due), send the pending metrics, and report a checkpoint of step ``done``."""
+        report = {"step": done, **metrics}
+        if rank == 0 and is_eval:
+            val = validate(core, val_ds, cfg.eval_images)
+            report.update(val)
+            pending = pending + [(k, v, done) for k, v in val.items()]
+            _say("[train] validation at step %d: PQ per exit %s" % (done, ", ".join(
+                f"{k}: {val[f'val_pq_exit{k}']:.3f}" for k in core.exits)))
+        if rank == 0 and pending:
+            tracker.log_metrics(config["run_id"], pending)
+            pending = []
+        with tempfile.TemporaryDirectory() as d:
+            ckpt = None
+            if rank == 0:
+                save_model(core, os.path.join(d, CHECKPOINT_WEIGHTS))
+                torch.save(optimizer.state_dict(), os.path.join(d, CHECKPOINT_OPTIMIZER))
+                Path(d, CHECKPOINT_STATE).write_text(json.dumps({"step": done, "run_id": config["run_id"]}))
+                ckpt = ray.train.Checkpoint.from_directory(d)
+            ray.train.report(report, checkpoint=ckpt)
+        return pending
+
     if rank == 0 and start_step > 0:
         tracker.log_metrics(config["run_id"], {"resumed_from_step": start_step}, step=start_step)
     for step in range(start_step, cfg.steps):
@@ -134,24 +157,11 @@ def _worker_loop(config: dict) -> None:
                 last_print = elapsed
         is_eval = done % cfg.eval_every == 0 or done == cfg.steps
         if done % cfg.checkpoint_every == 0 or is_eval:
-            report = {"step": done, **metrics}
-            if rank == 0 and is_eval:
-                val = validate(core, val_ds, cfg.eval_images)
-                report.update(val)
-                pending += [(k, v, done) for k, v in val.items()]
-                _say("[train] validation at step %d: PQ per exit %s" % (done, ", ".join(
-                    f"{k}: {val[f'val_pq_exit{k}']:.3f}" for k in core.exits)))
-            if rank == 0 and pending:
-                tracker.log_metrics(config["run_id"], pending)
-                pending = []
-            with tempfile.TemporaryDirectory() as d:
-                ckpt = None
-                if rank == 0:
-                    save_model(core, os.path.join(d, CHECKPOINT_WEIGHTS))
-                    torch.save(optimizer.state_dict(), os.path.join(d, CHECKPOINT_OPTIMIZER))
-                    Path(d, CHECKPOINT_STATE).write_text(json.dumps({"step": done, "run_id": config["run_id"]}))
-                    ckpt = ray.train.Checkpoint.from_directory(d)
-                ray.train.report(report, checkpoint=ckpt)
+            pending = report_checkpoint(done, metrics, is_eval, pending)
+    if start_step >= cfg.steps:
+        # the newest checkpoint on storage is the last step, written by workers whose run was stopped before
+        # Ray Train registered it: reported again, so that it (not an older registered one) is the result
+        report_checkpoint(start_step, {}, True, pending)
 
 
 def _say(line: str) -> None:
