@@ -96,13 +96,6 @@ class Node:
     node_id: str | None = None  # Ray's, once the cluster has shown the node alive
 
     @property
-    def resource(self) -> str:
-        return RESOURCE_PREFIX + self.name
-
-    def raylet_pid(self) -> int | None:
-        return next((p for p in descendants(self.proc.pid) if _comm(p) == "raylet"), None)
-
-    @property
     def running(self) -> bool:
         return self.proc.poll() is None and self.killed_at is None
 
@@ -268,13 +261,6 @@ class LoopbackCluster:
                 return seen
             time.sleep(0.5)
         raise ClusterUnavailable(f"{count} nodes expected alive, the cluster shows {sorted(seen)}")
-
-    def node_of(self, node_id: str) -> str:
-        """The name of the node with Ray node id ``node_id``."""
-        names = {v: k for k, v in self.alive().items()}
-        if node_id not in names:
-            raise KeyError(f"no alive node has id {node_id}")
-        return names[node_id]
 
     def kill_node(self, name: str, wait_dead: bool = True, timeout: float = 60) -> float:
         """Lose node ``name`` as a preempted pod is lost: SIGKILL to its raylet, then to every other process of the
