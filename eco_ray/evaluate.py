@@ -1,7 +1,10 @@
-"""Score a parent at every exit on a dataset: per-image, per-exit panoptic statistics (Ray-free).
+"""Score a parent at every exit on a dataset (Ray-free): per-image, per-exit panoptic statistics for the
+segmenter, per-image, per-exit detections and COCOeval matching records for the detector.
 
 Used by training (periodic validation) and by Step B (the derived table). One multi-exit pass per
-batch; statistics are additive, so any aggregate (per exit, per kind, per gate decision) follows.
+batch; panoptic statistics are additive, and detection matching records assemble into the AP of any set of
+images at any exits (eco_ray/metrics/detection.py), so any aggregate (per exit, per kind, per gate decision)
+follows.
 """
 
 from __future__ import annotations
@@ -111,3 +114,56 @@ def write_predictions(engine, dataset: CocoPanopticDataset, out_json, control=No
            "categories": engine.categories.to_coco()}
     files.write_json(out_json, doc, indent=None)
     return doc
+
+
+@dataclass
+class DetectionEvaluation:
+    image_ids: np.ndarray  # (N,)
+    exits: list[int]
+    detections: dict[int, list[dict]]  # exit -> COCO results (image_id, category_id, bbox, score)
+    records: dict[int, dict]  # exit -> image id -> ImageMatches (COCOeval's per-image matching)
+    gate_features: np.ndarray  # (N, d) float32
+    meta: list[dict]
+
+
+@torch.no_grad()
+def evaluate_detector_exits(model, dataset, exits: Sequence[int] | None = None, indices: Sequence[int] | None = None,
+                            batch_size: int = 16, flip: bool = False,
+                            progress: Callable[[int, int], None] | None = None,
+                            autocast: bool = False) -> DetectionEvaluation:
+    """Detections of ``indices`` (default: all) of a COCO instances dataset at each exit, in each image's own
+    pixels, and their COCOeval matching records. ``flip`` predicts on the mirrored images and mirrors the boxes
+    back, so both views are scored against the same ground truth."""
+    from eco_ray.data.collate import collate_detection
+    from eco_ray.metrics.detection import match_images
+    from eco_ray.model.postprocess import to_detections
+
+    model.eval()
+    device = next(model.parameters()).device
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else nullcontext()
+    exits = list(model.exits if exits is None else exits)
+    indices = list(range(len(dataset)) if indices is None else indices)
+    detections: dict[int, list[dict]] = {k: [] for k in exits}
+    feats, ids, metas = [], [], []
+    for start in range(0, len(indices), batch_size):
+        samples = [dataset[i] for i in indices[start:start + batch_size]]
+        batch = collate_detection(samples, dataset.labels, model.config.image_size, flip=[flip] * len(samples))
+        with ctx:
+            out = model.forward_exits(batch["pixel_values"].to(device), exits)
+        for k in exits:
+            for s, dets, (h, w) in zip(samples, to_detections(out[k], dataset.category_ids, batch["sizes"]),
+                                       batch["sizes"]):
+                for d in dets:
+                    if flip:
+                        x, y, bw, bh = d["bbox"]
+                        d["bbox"] = [w - x - bw, y, bw, bh]
+                    detections[k].append({"image_id": s.image_id, **d})
+        ids += [s.image_id for s in samples]
+        metas += [s.meta for s in samples]
+        feats.append(out[exits[0]].gate_features.float().cpu().numpy())
+        if progress:
+            progress(min(start + batch_size, len(indices)), len(indices))
+    records = {k: match_images(dataset.document, detections[k], image_ids=ids) for k in exits}
+    return DetectionEvaluation(np.asarray(ids), exits, detections, records,
+                               np.concatenate(feats) if feats else np.zeros((0, model.config.hidden_dim), np.float32),
+                               metas)

@@ -121,21 +121,27 @@ def plot_derived(manifest: dict, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_pq_per_exit(metrics: dict, exits: list[int], path: str | Path, title: str) -> Path | None:
-    """A training run's validation PQ (all, things, stuff) per exit; None before any validation."""
-    if f"val_pq_exit{exits[-1]}" not in metrics:
+PQ_SERIES = (("pq", "PQ"), ("pq_things", "PQ things"), ("pq_stuff", "PQ stuff"))
+
+
+def plot_metric_per_exit(metrics: dict, exits: list[int], path: str | Path, title: str,
+                         series: tuple[tuple[str, str], ...] = PQ_SERIES) -> Path | None:
+    """A training run's validation metrics per exit (``series``: (key, label), the first the main one, read as
+    ``val_<key>_exit<k>``; default PQ all / things / stuff); None before any validation."""
+    main, main_label = series[0]
+    if f"val_{main}_exit{exits[-1]}" not in metrics:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for key, label in (("val_pq", "PQ"), ("val_pq_things", "PQ things"), ("val_pq_stuff", "PQ stuff")):
-        ax.plot(exits, [metrics[f"{key}_exit{k}"] for k in exits], marker="o", label=label)
+    for key, label in series:
+        ax.plot(exits, [metrics[f"val_{key}_exit{k}"] for k in exits], marker="o", label=label)
     ax.set_xlabel("exit (encoder layers run)")
-    ax.set_ylabel("validation PQ")
+    ax.set_ylabel(f"validation {main_label}")
     ax.set_xticks(exits)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(f"{title}: PQ per exit")
+    ax.set_title(f"{title}: {main_label} per exit")
     return _save(fig, path)
 
 

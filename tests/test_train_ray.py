@@ -63,6 +63,23 @@ def test_a_missing_pretrained_directory_fails_before_ray_starts(synth_root, tmp_
     assert not ray.is_initialized()
 
 
+def test_a_detection_config_is_the_detectors_and_says_what_is_wrong():
+    from eco_ray.model.config import DetectionModelConfig
+    from eco_ray.train.config import DetectionTrainConfig
+
+    cfg = load_train_config(overrides=["task=detection"])
+    assert isinstance(cfg, DetectionTrainConfig) and isinstance(cfg.model, DetectionModelConfig)
+    assert cfg.registered_model == "eco-det-parent" and cfg.model.name == "small" and cfg.model.num_queries == 50
+    with pytest.raises(ConfigError, match="not one of the detection presets"):
+        load_train_config(overrides=["task=detection", "model_preset=swin-t"])
+    with pytest.raises(ConfigError, match="'task'"):
+        load_train_config(overrides=["task=keypoints"])
+    with pytest.raises(ConfigError, match="the pipeline runs the panoptic task"):
+        from eco_ray.pipeline.config import load_pipeline_config
+
+        load_pipeline_config(None, ["train.task=detection"])
+
+
 def test_workers_know_their_own_cluster_and_skip_the_known_noise(ray_cluster):
     """Ray's State API otherwise looks up the newest local cluster, which need not be ours (eco_ray/cluster.py)."""
     import logging
@@ -175,3 +192,30 @@ def test_resume_after_the_driver_is_killed(synth_root, tmp_path):
     resumed = [m.value for m in client.get_metric_history(summary["run_id"], "resumed_from_step")]
     assert resumed and min(resumed) >= stopped_after - 10 and min(resumed) > 0
 
+
+
+def test_a_detector_trains_on_coco_instances_and_registers(ray_cluster, synth_root, tmp_path):
+    """Step A for detection: the same Ray Train loop, the task's batches, loss and validation (COCO AP), the
+    detector registered under its own name and loading as one."""
+    from eco_ray.data.coco_instances import CocoInstancesDataset
+    from eco_ray.data.collate import collate_detection
+    from eco_ray.model.early_exit_detr import EarlyExitDeformableDetr
+    from eco_ray.model.postprocess import to_detections
+    from eco_ray.train.ray_train import run_training
+
+    cfg = load_train_config(overrides=["task=detection", "model_preset=tiny", "batch_size=4", "num_workers=2",
+                                       "warmup_steps=2", "eval_images=8", "steps=4", "checkpoint_every=2",
+                                       "eval_every=4", "exit_sampling=deepest_plus_one", "model.exits=[3,6]"])
+    summary = run_training(cfg, data_root=synth_root, ctx=RunContext.create(tmp_path), name="det")
+    assert summary["model_uri"] == "models:/eco-det-parent/1" and summary["task"] == "detection"
+    assert set(summary["val_ap_per_exit"]) == {3, 6} and all(0 <= v <= 1 for v in summary["val_ap_per_exit"].values())
+    client = MlflowClient(summary["tracking_uri"])
+    assert len(client.get_metric_history(summary["run_id"], "loss_exit6")) == 4
+    assert {"parent", "ap_per_exit.png"} <= {a.path for a in client.list_artifacts(summary["run_id"])}
+    model, meta = load_parent(resolve_model_dir(summary["model_uri"], summary["tracking_uri"]))
+    ds = CocoInstancesDataset.from_root(synth_root, "val")
+    assert isinstance(model, EarlyExitDeformableDetr) and meta["categories"] == ds.categories
+    batch = collate_detection([ds[0], ds[1]], ds.labels, model.config.image_size)
+    with torch.no_grad():
+        dets = to_detections(model.forward_per_image(batch["pixel_values"], [3, 6]), ds.category_ids, batch["sizes"])
+    assert [len(d) for d in dets] == [100, 100]

@@ -87,6 +87,21 @@ def data_check(args) -> int:
     return 1 if problems else 0
 
 
+def data_instances(args) -> int:
+    from eco_ray.data.coco_instances import write_instances_from_panoptic
+
+    def progress(done, total):
+        print(f"  {done}/{total} images", file=sys.stderr, flush=True)
+
+    path, counts = write_instances_from_panoptic(args.root, args.split, args.out, progress)
+    if args.json:
+        _print_json({"path": str(path), **counts})
+    else:
+        print(f"wrote {path}: {counts['instances']} instances ({counts['crowd']} crowd) of {counts['categories']} "
+              f"thing categories in {counts['images']} images")
+    return 0
+
+
 def data_report(args) -> int:
     """Describe a dataset and prove the metrics pipeline on it: ground truth scored against itself."""
     from eco_ray.cli.format import dataset_report
@@ -249,11 +264,11 @@ def cost(args) -> int:
     from eco_ray.cli.format import cost_table
     from eco_ray.model.config import load_model_config
     from eco_ray.model.cost import exit_cost_table
-    from eco_ray.model.early_exit import EarlyExitMask2Former
+    from eco_ray.model.io import build_parent
 
-    cfg = load_model_config(args.model, args.set)
+    cfg = load_model_config(args.model, args.set, task=args.task)
     torch.manual_seed(0)
-    model = EarlyExitMask2Former(cfg)
+    model = build_parent(cfg)
     size = args.image_size or [cfg.image_size]
     table = exit_cost_table(model, size[0], batch_sizes=tuple(args.batch_sizes), repeats=args.repeats,
                             measure_latency=not args.no_latency, width=size[-1])
@@ -272,12 +287,12 @@ def train(args) -> int:
 
     ctx = _context(args)
     if args.resume:
-        if args.config or args.set or args.name or args.data_root:
+        if args.config or args.set or args.name or args.data_root or args.task:
             raise ConfigError("--resume continues a run with its saved config and data; do not combine it with "
-                              "--config, --set, --name or --data-root")
+                              "--config, --set, --name, --data-root or --task")
         summary = resume_training(args.resume, ctx)
     else:
-        cfg = load_train_config(args.config, args.set)
+        cfg = load_train_config(args.config, ([f"task={args.task}"] if args.task else []) + list(args.set))
         summary = run_training(cfg, data_root=args.data_root or ctx.data_dir, ctx=ctx, name=args.name)
     if args.json:
         _print_json(summary)

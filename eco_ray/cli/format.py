@@ -45,7 +45,7 @@ def prediction_score(score: dict, per_class: bool = False) -> str:
 def cost_table(table: dict, height: int, width: int) -> str:
     lines = [f"model {table['model']}, input {height}x{width}; GFLOPs per image, {table['gflops_convention']}",
              f"backbone + input projections {table['backbone_gflops']:.4f}, one encoder layer "
-             f"{table['encoder_layer_gflops'][0]:.4f}, FPN + decoder + heads {table['head_gflops']:.4f}"]
+             f"{table['encoder_layer_gflops'][0]:.4f}, {table.get('head', 'FPN + decoder + heads')} {table['head_gflops']:.4f}"]
     lat = table["latency"]
     cols = [f"batch {b} ms" for b in lat["batch_sizes"]] if lat else []
     lines.append(f"{'exit':>4} {'encoder GFLOPs':>15} {'total GFLOPs':>13} {'encoder share':>14}" +
@@ -63,8 +63,8 @@ def cost_table(table: dict, height: int, width: int) -> str:
 def training(summary: dict) -> str:
     return "\n".join([
         f"trained {summary['name']}: {summary['steps']} steps in {summary['seconds']:.0f} s",
-        "validation PQ per exit: " + ", ".join(f"{k}: {v:.3f}" for k, v in summary["val_pq_per_exit"].items()
-                                               if v is not None),
+        f"validation {summary.get('metric', 'pq').upper()} per exit: " + ", ".join(
+            f"{k}: {v:.3f}" for k, v in summary[f"val_{summary.get('metric', 'pq')}_per_exit"].items() if v is not None),
         f"registered {summary['model_uri']} (MLflow run {summary['run_id']}, {summary['tracking_uri']})"])
 
 

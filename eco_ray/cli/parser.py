@@ -114,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: leave them out, or use the file's size, and say how many)")
     v.set_defaults(func=c.data_convert)
 
+    ins = dsub.add_parser("instances", parents=[js], help="COCO panoptic -> COCO instances (things only), for detection",
+                          description="Writes ROOT/annotations/instances_SPLIT.json (or --out): one instance per "
+                                      "thing segment of the panoptic split, its mask as RLE, its box and area the "
+                                      "mask's, iscrowd the segment's; stuff is left out, as in COCO's instance files. "
+                                      "eco-ray data synth writes this file itself.")
+    ins.add_argument("--root", required=True, help="dataset root in the COCO 2017 layout")
+    ins.add_argument("--split", default="val", help="split (default val)")
+    ins.add_argument("--out", help="instances JSON to write (default ROOT/annotations/instances_SPLIT.json)")
+    ins.set_defaults(func=c.data_instances)
+
     # --------------------------------------------------------------------------------------- evaluate
     ev = sub.add_parser("evaluate", parents=[ctx_no_ray, js],
                         help="score predictions, or a parent at one exit, or a gated model, on a dataset split",
@@ -148,7 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Counts GFLOPs per image (fvcore convention: 1 multiply-accumulate = 1 FLOP; "
                                     "the deformable sampling is not counted, as in the paper) and times forward() "
                                     "at each exit on this machine. Weights are random: cost does not depend on them.")
-    co.add_argument("--model", default="small", help="preset (tiny, small, swin-t) or a model YAML (default small)")
+    co.add_argument("--task", choices=["panoptic", "detection"], default="panoptic",
+                    help="panoptic: the early-exit Mask2Former; detection: the early-exit Deformable DETR "
+                         "(default panoptic)")
+    co.add_argument("--model", default="small", help="a preset of the task (panoptic: tiny, small, swin-t; "
+                                                     "detection: tiny, small) or a model YAML (default small)")
     co.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a model setting")
     co.add_argument("--image-size", type=int, nargs="+", default=None, metavar="SIDE",
                     help="input side, or HEIGHT WIDTH (GFLOPs only) (default: the config's image_size)")
@@ -167,7 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Data-parallel over Ray Train workers; checkpoints every checkpoint_every "
                                    "steps; a killed worker recovers from the last checkpoint, a stopped run "
                                    "continues with --resume NAME.")
-    t.add_argument("--data-root", help="COCO-panoptic dataset root with train and val splits (default <run-dir>/data)")
+    t.add_argument("--task", choices=["panoptic", "detection"],
+                   help="panoptic: the early-exit Mask2Former on COCO panoptic files (default); detection: the "
+                        "early-exit Deformable DETR on COCO instance files (annotations/instances_SPLIT.json), "
+                        "registered as eco-det-parent (same as --set task=...)")
+    t.add_argument("--data-root", help="dataset root with train and val splits in the COCO 2017 layout "
+                                       "(default <run-dir>/data)")
     t.add_argument("--name", help="run name (default: train-<UTC time>); a new run never reuses an old name")
     t.add_argument("--resume", metavar="NAME", help="continue the stopped run NAME from its last checkpoint")
     t.set_defaults(func=c.train)

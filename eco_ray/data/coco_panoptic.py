@@ -77,6 +77,7 @@ class CocoPanopticDataset:
                              "COCO panoptic file")
         try:
             self.categories = CategorySet(data["categories"])
+            self.category_entries = [dict(c) for c in data["categories"]]  # as the file has them
         except (KeyError, TypeError, ValueError) as e:
             raise DatasetError(f"{paths.annotations_json}: bad categories ({e})") from None
         images = {}
@@ -142,13 +143,18 @@ class CocoPanopticDataset:
 
     def validate(self) -> list[str]:
         """Load every sample; return one message per broken one (empty list: all good)."""
-        problems = []
-        for i in range(len(self)):
-            try:
-                self[i]
-            except DatasetError as e:
-                problems.append(str(e))
-        return problems
+        return load_every(self)
+
+
+def load_every(dataset) -> list[str]:
+    """Load every sample of a dataset; one message per broken one (empty list: all good)."""
+    problems = []
+    for i in range(len(dataset)):
+        try:
+            dataset[i]
+        except DatasetError as e:
+            problems.append(str(e))
+    return problems
 
 
 def check_segments(png_path: Path, id_map: np.ndarray, segments: list[dict]) -> None:

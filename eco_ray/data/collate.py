@@ -1,4 +1,4 @@
-"""Batching into what transformers' Mask2Former consumes."""
+"""Batching into what transformers' Mask2Former and Deformable DETR consume."""
 
 from __future__ import annotations
 
@@ -41,3 +41,37 @@ def collate_panoptic(samples: Sequence[PanopticSample], categories: CategorySet)
         "image_ids": [s.image_id for s in samples],
         "targets": [{"id_map": s.id_map, "segments": s.segments} for s in samples],
     }
+
+
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
+    """An (H, W, 3) uint8 image resized to size x size (bilinear), whatever its aspect ratio."""
+    from PIL import Image
+
+    if image.shape[:2] == (size, size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+
+
+def collate_detection(samples, labels_of, size: int, flip: Sequence[bool] | None = None) -> dict:
+    """Detection samples -> ``pixel_values`` (B, 3, size, size), each image resized to the square input
+    whatever its shape, and ``labels``: per image ``{"class_labels", "boxes"}`` with the non-crowd boxes as
+    (cx, cy, w, h) relative to the image (what the resize leaves unchanged, and what DETR's loss reads).
+    ``flip[i]`` mirrors image i and its boxes. ``labels_of`` maps category ids to class indices. Relative
+    boxes are also how predictions map back to an image's own pixels (``to_detections``), so evaluation
+    scores every image at its own size against its own ground truth."""
+    flip = list(flip) if flip is not None else [False] * len(samples)
+    images, labels = [], []
+    for s, mirrored in zip(samples, flip):
+        h, w = s.image.shape[:2]
+        keep = s.iscrowd == 0
+        b = s.boxes[keep].astype(np.float64)
+        cx, cy = (b[:, 0] + b[:, 2] / 2) / w, (b[:, 1] + b[:, 3] / 2) / h
+        image = resize_image(s.image, size)
+        if mirrored:
+            image, cx = image[:, ::-1].copy(), 1.0 - cx
+        boxes = np.stack([cx, cy, b[:, 2] / w, b[:, 3] / h], 1) if len(b) else np.zeros((0, 4))
+        images.append(image)
+        labels.append({"class_labels": torch.from_numpy(labels_of(s.category_ids[keep])),
+                       "boxes": torch.from_numpy(np.clip(boxes, 0.0, 1.0).astype(np.float32))})
+    return {"pixel_values": pixel_values(images), "labels": labels, "image_ids": [s.image_id for s in samples],
+            "sizes": [s.image.shape[:2] for s in samples]}

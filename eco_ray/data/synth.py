@@ -47,6 +47,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from eco_ray.data.coco_instances import (
+    instance_annotations,
+    instances_document,
+    instances_path,
+    write_instances_from_panoptic,
+)
 from eco_ray.data.coco_panoptic import id2rgb, segments_from_id_map
 
 SHAPES = ("circle", "square", "triangle", "ring")
@@ -64,6 +70,7 @@ CATEGORIES = (
        for i, n in enumerate(STUFF)]
 )
 _CAT_ID = {c["name"]: c["id"] for c in CATEGORIES}
+THING_IDS = {c["id"] for c in CATEGORIES if c["isthing"]}
 _SPLIT_CODE = {"train": 1, "val": 2}
 
 
@@ -309,7 +316,7 @@ def _thing_fill(cfg: SynthConfig, canvas: _Canvas, kind: str, rng, under: np.nda
 
 
 # ----------------------------------------------------------------------------------------------- dataset
-def _encode_one(args) -> tuple[dict, dict]:
+def _encode_one(args) -> tuple[dict, dict, list[dict]]:
     cfg, split, index, out = args
     image, id_map, category_of, meta = generate_image(cfg, split, index)
     image_id = index + 1
@@ -317,13 +324,15 @@ def _encode_one(args) -> tuple[dict, dict]:
     Image.fromarray(image).save(out / split / name, compress_level=1)
     Image.fromarray(id2rgb(id_map)).save(out / "annotations" / f"panoptic_{split}" / name, compress_level=1)
     image_entry = {"id": image_id, "file_name": name, "width": cfg.size, "height": cfg.size, **meta}
-    ann = {"image_id": image_id, "file_name": name, "segments_info": segments_from_id_map(id_map, category_of)}
-    return image_entry, ann
+    segments = segments_from_id_map(id_map, category_of)
+    ann = {"image_id": image_id, "file_name": name, "segments_info": segments}
+    return image_entry, ann, instance_annotations(id_map, segments, image_id, THING_IDS)
 
 
 def write_dataset(out: str | Path, cfg: SynthConfig, splits: dict[str, int], workers: int | None = None,
                   progress=None) -> dict:
-    """Write a COCO-panoptic dataset in the COCO 2017 layout; return a summary (counts, timing, histograms)."""
+    """Write a COCO-panoptic dataset in the COCO 2017 layout, with COCO instance annotations of its things for
+    the same scenes (``instances_<split>.json``); return a summary (counts, timing, histograms)."""
     cfg.validate()
     out = Path(out)
     workers = workers or min(4, os.cpu_count() or 1)
@@ -333,16 +342,19 @@ def write_dataset(out: str | Path, cfg: SynthConfig, splits: dict[str, int], wor
         (out / split).mkdir(parents=True, exist_ok=True)
         (out / "annotations" / f"panoptic_{split}").mkdir(parents=True, exist_ok=True)
         jobs = [(cfg, split, i, out) for i in range(n)]
-        images, anns = [], []
+        images, anns, instances = [], [], []
         with ProcessPoolExecutor(workers) as pool:
-            for k, (im, ann) in enumerate(pool.map(_encode_one, jobs, chunksize=32)):
+            for k, (im, ann, inst) in enumerate(pool.map(_encode_one, jobs, chunksize=32)):
                 images.append(im)
                 anns.append(ann)
+                instances.append(inst)
                 if progress and (k + 1) % 250 == 0:
                     progress(split, k + 1, n)
         info = {"description": "eco-ray synthetic panoptic benchmark", "generator": asdict(cfg), "split": split}
         doc = {"info": info, "licenses": [], "images": images, "annotations": anns, "categories": CATEGORIES}
         (out / "annotations" / f"panoptic_{split}.json").write_text(json.dumps(doc))
+        plain = [{k: im[k] for k in ("id", "file_name", "width", "height")} for im in images]
+        instances_path(out, split).write_text(json.dumps(instances_document(plain, instances, CATEGORIES, info)))
         summary["splits"][split] = describe(images)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
@@ -363,6 +375,9 @@ def ensure_dataset(out: str | Path, cfg: SynthConfig, splits: dict[str, int], *,
     stamp = out / STAMP
     if (out / "annotations").exists() and not overwrite:
         if stamp.is_file() and json.loads(stamp.read_text()).get("request") == request:
+            for split in splits:  # a dataset written before the generator wrote instance files gains them
+                if not instances_path(out, split).is_file():
+                    write_instances_from_panoptic(out, split)
             return json.loads(stamp.read_text())["summary"], True
         raise ConfigError(f"{out} already holds a different dataset; pass --overwrite to replace it")
     if overwrite:

@@ -1,7 +1,8 @@
-"""Measured cost of every exit: GFLOPs (counted) and latency (timed) on this machine.
+"""Measured cost of every exit of an early-exit model: GFLOPs (counted) and latency (timed) on this machine.
 
 GFLOPs are counted with torch's FlopCounterMode on the real forward, component by component
-(backbone + input projections, each encoder layer, FPN + decoder + heads), and reported in the
+(backbone + input projections, each encoder layer, the heads: FPN + decoder + class and mask heads for the
+segmenter, decoder + class and box heads for the detector), and reported in the
 convention of fvcore, which the paper used: one multiply-accumulate = one FLOP. Counted: matrix
 multiplications, linear layers, convolutions, attention. Not counted: the deformable sampling itself
 (grid_sample), normalisations, activations and element-wise work, as in the paper.
@@ -17,7 +18,8 @@ from collections.abc import Sequence
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from eco_ray.model.early_exit import EarlyExitMask2Former
+from eco_ray.model.exits import EarlyExitModel
+from eco_ray.model.io import task_of
 
 
 def _gflops(fn) -> tuple[float, object]:
@@ -27,7 +29,7 @@ def _gflops(fn) -> tuple[float, object]:
 
 
 @torch.no_grad()
-def count_exit_gflops(model: EarlyExitMask2Former, height: int, width: int | None = None) -> dict:
+def count_exit_gflops(model: EarlyExitModel, height: int, width: int | None = None) -> dict:
     """GFLOPs per image of each component at one input size, and per exit."""
     model.eval()
     x = torch.zeros(1, 3, height, width or height, device=next(model.parameters()).device)
@@ -36,14 +38,14 @@ def count_exit_gflops(model: EarlyExitMask2Former, height: int, width: int | Non
     for i in range(model.config.encoder_layers):
         g, hidden = _gflops(lambda i=i, h=hidden: model.encoder_layer(i, h, inputs))
         layers.append(g)
-    head, _ = _gflops(lambda: model.heads(features, hidden, inputs.spatial_shapes))
+    head, _ = _gflops(lambda: model.heads(features, hidden, inputs))
     exits = [{"exit": k, "encoder_gflops": sum(layers[:k]), "total_gflops": stem + sum(layers[:k]) + head}
              for k in model.exits]
     return {"backbone_gflops": stem, "encoder_layer_gflops": layers, "head_gflops": head, "exits": exits}
 
 
 @torch.no_grad()
-def time_exits(model: EarlyExitMask2Former, image_size: int, batch_sizes: Sequence[int] = (1, 8),
+def time_exits(model: EarlyExitModel, image_size: int, batch_sizes: Sequence[int] = (1, 8),
                repeats: int = 20, warmup: int = 3) -> dict[int, dict[int, float]]:
     """Median wall time in ms of ``forward(x, exit=k)`` per batch size and exit, on the model's device."""
     model.eval()
@@ -67,7 +69,7 @@ def time_exits(model: EarlyExitMask2Former, image_size: int, batch_sizes: Sequen
     return result
 
 
-def exit_cost_table(model: EarlyExitMask2Former, image_size: int | None = None, batch_sizes=(1, 8),
+def exit_cost_table(model: EarlyExitModel, image_size: int | None = None, batch_sizes=(1, 8),
                     repeats: int = 20, measure_latency: bool = True, width: int | None = None) -> dict:
     """The cost JSON other tools read: ``{"model", "image_size", "exits": [{exit, encoder_gflops,
     total_gflops, latency_ms, ...}], ...}``; ``latency_ms`` is at batch 1. ``width`` (GFLOPs only) counts
@@ -87,7 +89,9 @@ def exit_cost_table(model: EarlyExitMask2Former, image_size: int | None = None, 
                 entry[f"latency_ms_batch{b}"] = latency[b][k]
         exits.append(entry)
     return {
-        "model": model.config.name, "image_size": size if width in (None, size) else [size, width], "exits": exits,
+        "model": model.config.name, "task": task_of(model.config),
+        "head": "decoder + heads" if task_of(model.config) == "detection" else "FPN + decoder + heads",
+        "image_size": size if width in (None, size) else [size, width], "exits": exits,
         "backbone_gflops": flops["backbone_gflops"], "head_gflops": flops["head_gflops"],
         "encoder_layer_gflops": flops["encoder_layer_gflops"],
         "gflops_convention": "fvcore (1 multiply-accumulate = 1 FLOP); deformable sampling not counted",

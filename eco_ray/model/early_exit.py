@@ -7,16 +7,9 @@ predictor, loss); this file only changes the order in which they are called:
     backbone -> input projections -> encoder layers 1..k -> FPN + mask projection -> decoder -> heads
 
 "Exiting at k" runs encoder layers 1..k and then the SAME FPN part and the SAME decoder as the full
-model; exit 0 runs no encoder layer at all (the heads on the projected backbone features). Three entry
-points:
-
-- ``forward(x, exit=k)``: one exit for the whole batch (``k`` = deepest by default, which reproduces the
-  library model exactly);
-- ``forward_exits(x, exits)``: every listed exit from ONE pass: backbone and encoder run once, the
-  encoder state is tapped at each exit, only the FPN part and decoder run per exit (Step B);
-- ``forward_per_image(x, exit_per_image)``: each image at its own depth (serving a gate's decisions):
-  an image stops taking part in the encoder as soon as it reaches its exit, and the heads run once on
-  the whole batch.
+model; exit 0 runs no encoder layer at all (the heads on the projected backbone features). The three entry
+points (one exit per batch, every exit from one pass, each image at its own exit) are ``EarlyExitModel``'s
+(``exits.py``); at the deepest exit the model reproduces the library model exactly.
 
 Every call also returns the gate input: the stride-32 tokens after the encoder's input projection,
 before any encoder layer and without positional embedding, average-pooled to one vector per image.
@@ -33,6 +26,7 @@ from transformers import Mask2FormerForUniversalSegmentation
 
 from eco_ray.model.backbone import PooledCoarseLevels
 from eco_ray.model.config import ModelConfig
+from eco_ray.model.exits import EarlyExitModel, EncoderInputs
 
 
 @dataclass
@@ -53,24 +47,9 @@ class ExitOutput:
         return self.mask_logits[-1]
 
 
-@dataclass
-class _EncoderInputs:
-    embeds: Tensor  # (B, L, d) flattened multi-scale tokens after input projection
-    pos: Tensor  # (B, L, d) positional + level embeddings
-    mask: Tensor  # (B, L) padding mask (all valid here)
-    reference_points: Tensor
-    valid_ratios: Tensor
-    spatial_shapes: list[tuple[int, int]]
-    level_start_index: Tensor
-    gate_features: Tensor  # (B, d)
+class EarlyExitMask2Former(EarlyExitModel):
+    output_type = ExitOutput
 
-    def rows(self, index: Tensor) -> _EncoderInputs:
-        return _EncoderInputs(self.embeds[index], self.pos[index], self.mask[index], self.reference_points[index],
-                              self.valid_ratios[index], self.spatial_shapes, self.level_start_index,
-                              self.gate_features[index])
-
-
-class EarlyExitMask2Former(nn.Module):
     def __init__(self, config: ModelConfig, m2f: Mask2FormerForUniversalSegmentation | None = None):
         super().__init__()
         config.validate()
@@ -91,15 +70,11 @@ class EarlyExitMask2Former(nn.Module):
     def pixel_decoder(self) -> nn.Module:
         return self.m2f.model.pixel_level_module.decoder
 
-    @property
-    def exits(self) -> list[int]:
-        return list(self.config.exits)
-
     # ------------------------------------------------------------------------------------------ stages
     def backbone_features(self, pixel_values: Tensor) -> list[Tensor]:
         return list(self.backbone(pixel_values).feature_maps)
 
-    def encoder_inputs(self, features: Sequence[Tensor]) -> _EncoderInputs:
+    def encoder_inputs(self, features: Sequence[Tensor]) -> EncoderInputs:
         """The pixel decoder's input preparation: 1x1 projections of the three coarsest maps, flattened,
         with sine position + level embeddings (as in transformers' Mask2FormerPixelDecoder.forward)."""
         pd = self.pixel_decoder
@@ -120,20 +95,20 @@ class EarlyExitMask2Former(nn.Module):
         # pooled projected tokens, no position embedding: stride 32 only (the paper) or every level
         gate_features = embeds[0].mean(dim=(2, 3)) if self.config.gate_input == "stride32" else \
             torch.cat([e.mean(dim=(2, 3)) for e in embeds], 1)
-        return _EncoderInputs(flat, pos_flat, mask_flat, reference_points, valid_ratios, spatial_shapes,
+        return EncoderInputs(flat, pos_flat, mask_flat, reference_points, valid_ratios, spatial_shapes,
                               level_start_index, gate_features)
 
-    def encoder_layer(self, index: int, hidden: Tensor, inputs: _EncoderInputs) -> Tensor:
+    def encoder_layer(self, index: int, hidden: Tensor, inputs: EncoderInputs) -> Tensor:
         layer = self.pixel_decoder.encoder.layers[index]
         return layer(hidden, inputs.mask, position_embeddings=inputs.pos, reference_points=inputs.reference_points,
                      spatial_shapes_list=inputs.spatial_shapes, level_start_index=inputs.level_start_index)[0]
 
-    def heads(self, features: Sequence[Tensor], hidden: Tensor, spatial_shapes: list[tuple[int, int]]
+    def heads(self, features: Sequence[Tensor], hidden: Tensor, inputs: EncoderInputs
               ) -> tuple[list[Tensor], list[Tensor]]:
         """The pixel decoder's FPN part and mask projection, then the masked-attention decoder and the
         class predictor, on the encoder state ``hidden`` of any depth."""
         pd = self.pixel_decoder
-        batch = hidden.shape[0]
+        batch, spatial_shapes = hidden.shape[0], inputs.spatial_shapes
         sizes = [h * w for h, w in spatial_shapes]
         outputs = [x.transpose(1, 2).reshape(batch, -1, h, w)
                    for x, (h, w) in zip(torch.split(hidden, sizes, dim=1), spatial_shapes)]
@@ -146,73 +121,6 @@ class EarlyExitMask2Former(nn.Module):
                                                     output_hidden_states=True)
         class_logits = [self.m2f.class_predictor(h.transpose(0, 1)) for h in decoded.intermediate_hidden_states]
         return class_logits, list(decoded.masks_queries_logits)
-
-    # -------------------------------------------------------------------------------------- entry points
-    def _check_exits(self, exits: Sequence[int]) -> None:
-        bad = sorted(set(int(k) for k in exits) - set(self.exits))
-        if bad:
-            raise ValueError(f"exits {bad} are not exits of this model; its exits are {self.exits}")
-
-    def forward(self, pixel_values: Tensor, exit: int | None = None, exits: Sequence[int] | None = None
-                ) -> ExitOutput | dict[int, ExitOutput]:
-        """One exit (default: the deepest), or with ``exits=[...]`` the dict of ``forward_exits``: the one
-        entry point that DistributedDataParallel wraps."""
-        if exits is not None:
-            return self.forward_exits(pixel_values, exits)
-        k = self.exits[-1] if exit is None else int(exit)
-        return self.forward_exits(pixel_values, [k])[k]
-
-    def forward_exits(self, pixel_values: Tensor, exits: Sequence[int] | None = None) -> dict[int, ExitOutput]:
-        exits = sorted(set(int(k) for k in (self.exits if exits is None else exits)))
-        self._check_exits(exits)
-        features = self.backbone_features(pixel_values)
-        inputs = self.encoder_inputs(features)
-        hidden = inputs.embeds
-        out: dict[int, ExitOutput] = {}
-        for depth in range(exits[-1] + 1):  # depth 0: no encoder layer (the heads on the projected tokens)
-            if depth > 0:
-                hidden = self.encoder_layer(depth - 1, hidden, inputs)
-            if depth in exits:
-                cls, masks = self.heads(features, hidden, inputs.spatial_shapes)
-                rows = torch.full((hidden.shape[0],), depth, dtype=torch.long, device=hidden.device)
-                out[depth] = ExitOutput(cls, masks, inputs.gate_features, rows)
-        return out
-
-    def forward_per_image(self, pixel_values: Tensor, exit_per_image: Tensor | Sequence[int]) -> ExitOutput:
-        return self.forward_gated(pixel_values, lambda _: exit_per_image)
-
-    def forward_gated(self, pixel_values: Tensor, decide) -> ExitOutput:
-        """``decide(gate_features) -> exit per image``, then each image leaves the encoder at its exit; the
-        backbone and the input projection run once for both (serving's hot path)."""
-        features = self.backbone_features(pixel_values)
-        inputs = self.encoder_inputs(features)
-        exit_per_image = torch.as_tensor(decide(inputs.gate_features), dtype=torch.long, device=pixel_values.device)
-        if exit_per_image.shape != (pixel_values.shape[0],):
-            raise ValueError(f"exit_per_image must have one entry per image ({pixel_values.shape[0]}), "
-                             f"got shape {tuple(exit_per_image.shape)}")
-        self._check_exits(exit_per_image.tolist())
-        return self._per_image(features, inputs, exit_per_image)
-
-    def _per_image(self, features: list[Tensor], inputs: _EncoderInputs, exit_per_image: Tensor) -> ExitOutput:
-        """Rows leave the encoder at their own depth (the batch shrinks as they do); the encoder state each
-        row left with is kept, and the heads (FPN + decoder, which do not depend on depth) then run ONCE on the
-        whole batch: a mixed batch costs one decoder call, like a full-depth batch, not one per exit."""
-        active = torch.arange(exit_per_image.shape[0], device=exit_per_image.device)  # rows still in the encoder
-        hidden, sub = inputs.embeds, inputs
-        final = torch.empty_like(inputs.embeds)
-        for depth in range(int(exit_per_image.max()) + 1):
-            if depth > 0:
-                hidden = self.encoder_layer(depth - 1, hidden, sub)
-            leaving = exit_per_image[active] == depth
-            if not leaving.any():
-                continue
-            final[active[leaving]] = hidden[leaving]
-            keep = ~leaving
-            active, hidden, sub = active[keep], hidden[keep], sub.rows(keep)
-            if active.numel() == 0:
-                break
-        cls, masks = self.heads(features, final, inputs.spatial_shapes)
-        return ExitOutput(cls, masks, inputs.gate_features, exit_per_image)
 
     # ---------------------------------------------------------------------------------------------- loss
     def loss(self, output: ExitOutput, mask_labels: list[Tensor], class_labels: list[Tensor]) -> Tensor:

@@ -8,38 +8,70 @@ from pathlib import Path
 
 from safetensors.torch import load_model, save_model
 from torch import nn
-from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+from transformers import (
+    DeformableDetrConfig,
+    DeformableDetrForObjectDetection,
+    Mask2FormerConfig,
+    Mask2FormerForUniversalSegmentation,
+)
 
 from eco_ray.errors import EcoRayError
-from eco_ray.model.config import ModelConfig
+from eco_ray.model.config import DetectionModelConfig, ModelConfig
 from eco_ray.model.early_exit import EarlyExitMask2Former
+from eco_ray.model.early_exit_detr import EarlyExitDeformableDetr
+from eco_ray.model.exits import EarlyExitModel
 from eco_ray.model.gates import build_gate
 
 WEIGHTS = "model.safetensors"
 CONFIG = "eco_config.json"
+
+# per task: (our config, the transformers config and model, the early-exit wrapper); a parent's JSON config
+# names its task (one written before the detector existed names none: panoptic)
+_KINDS = {
+    "panoptic": (ModelConfig, Mask2FormerConfig, Mask2FormerForUniversalSegmentation, EarlyExitMask2Former),
+    "detection": (DetectionModelConfig, DeformableDetrConfig, DeformableDetrForObjectDetection,
+                  EarlyExitDeformableDetr),
+}
+
+
+def task_of(config) -> str:
+    return "detection" if isinstance(config, DetectionModelConfig) else "panoptic"
+
+
+def _hf_model(model: EarlyExitModel) -> nn.Module:
+    return model.detr if isinstance(model, EarlyExitDeformableDetr) else model.m2f
+
+
+def _from_meta(meta: dict) -> EarlyExitModel:
+    task = meta.get("task", "panoptic")
+    if task not in _KINDS:
+        raise ModelFileError(f"a parent of unknown task {task!r} (known: {', '.join(_KINDS)})")
+    ours, hf_config, hf_model, wrapper = _KINDS[task]
+    return wrapper(ours(**meta["model"]), hf_model(hf_config.from_dict(meta["hf_config"])))
 
 
 class ModelFileError(EcoRayError):
     """A model directory that is missing, incomplete or does not match its config."""
 
 
-def save_parent(model: EarlyExitMask2Former, directory: str | Path, extra: dict | None = None) -> Path:
-    """Write ``model.safetensors`` and ``eco_config.json`` (the ModelConfig plus ``extra``, e.g. categories)."""
+def save_parent(model: EarlyExitModel, directory: str | Path, extra: dict | None = None) -> Path:
+    """Write ``model.safetensors`` and ``eco_config.json`` (the task, its model config plus ``extra``, e.g.
+    categories)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_model(model, str(directory / WEIGHTS))
     # the transformers config is stored too: a parent started from a pretrained checkpoint may have an
     # architecture that ModelConfig's fields alone do not describe
-    meta = {"type": "parent", "model": asdict(model.config), "hf_config": model.m2f.config.to_dict(), **(extra or {})}
+    meta = {"type": "parent", "task": task_of(model.config), "model": asdict(model.config),
+            "hf_config": _hf_model(model).config.to_dict(), **(extra or {})}
     (directory / CONFIG).write_text(json.dumps(meta, indent=2))
     return directory
 
 
-def load_parent(directory: str | Path) -> tuple[EarlyExitMask2Former, dict]:
+def load_parent(directory: str | Path) -> tuple[EarlyExitModel, dict]:
     """-> (model in eval mode, the whole JSON config)."""
     meta = _read_config(directory, "parent")
-    m2f = Mask2FormerForUniversalSegmentation(Mask2FormerConfig.from_dict(meta["hf_config"]))
-    model = EarlyExitMask2Former(ModelConfig(**meta["model"]), m2f)
+    model = _from_meta(meta)
     _load_weights(model, directory)
     return model.eval(), meta
 
@@ -54,32 +86,36 @@ def read_parent_blob(directory: str | Path) -> dict:
     return {"meta": meta, "weights": path.read_bytes()}
 
 
-def parent_from_blob(blob: dict) -> EarlyExitMask2Former:
+def parent_from_blob(blob: dict) -> EarlyExitModel:
     """The inverse of :func:`read_parent_blob` (safetensors bytes: nothing is unpickled)."""
     import tempfile
 
-    meta = blob["meta"]
-    m2f = Mask2FormerForUniversalSegmentation(Mask2FormerConfig.from_dict(meta["hf_config"]))
-    model = EarlyExitMask2Former(ModelConfig(**meta["model"]), m2f)
+    model = _from_meta(blob["meta"])
     with tempfile.TemporaryDirectory() as d:  # safetensors' load_model restores tensors save_model de-duplicated
         Path(d, WEIGHTS).write_bytes(blob["weights"])
         _load_weights(model, d)
     return model.eval()
 
 
-def build_parent(config: ModelConfig) -> EarlyExitMask2Former:
-    """A new parent: from ``config.pretrained`` (a local transformers directory) when set, else random init."""
-    return parent_from_pretrained(config.pretrained, config) if config.pretrained else EarlyExitMask2Former(config)
+def build_parent(config: ModelConfig | DetectionModelConfig) -> EarlyExitModel:
+    """A new parent of the config's task: from ``config.pretrained`` (a local transformers directory) when set,
+    else random init."""
+    if config.pretrained:
+        return parent_from_pretrained(config.pretrained, config)
+    return _KINDS[task_of(config)][3](config)
 
 
-def parent_from_pretrained(path: str | Path, config: ModelConfig) -> EarlyExitMask2Former:
-    """Start from a user's local transformers Mask2Former directory (``save_pretrained`` layout).
+def parent_from_pretrained(path: str | Path, config: ModelConfig | DetectionModelConfig) -> EarlyExitModel:
+    """Start from a user's local transformers Mask2Former (or, for a detection config, Deformable DETR)
+    directory (``save_pretrained`` layout).
 
     Architecture fields of ``config`` are taken from the checkpoint; ``exits`` and ``num_labels`` from
     ``config`` (a different number of labels re-initialises the class head). Nothing is downloaded."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise ModelFileError(f"{path} is not a transformers model directory (no config.json)")
+    if isinstance(config, DetectionModelConfig):
+        return _detector_from_pretrained(path, config)
     m2f = Mask2FormerForUniversalSegmentation.from_pretrained(
         str(path), local_files_only=True, use_safetensors=True, num_labels=config.num_labels,
         id2label={i: str(i) for i in range(config.num_labels)}, label2id={str(i): i for i in range(config.num_labels)},
@@ -92,6 +128,24 @@ def parent_from_pretrained(path: str | Path, config: ModelConfig) -> EarlyExitMa
                             "backbone": hf.backbone_config.model_type if hf.backbone_config.model_type in
                             ("resnet", "swin") else config.backbone, "pretrained": str(path)})
     return EarlyExitMask2Former(merged, m2f)
+
+
+def _detector_from_pretrained(path: Path, config: DetectionModelConfig) -> EarlyExitDeformableDetr:
+    labels = {"num_labels": config.num_labels, "id2label": {i: str(i) for i in range(config.num_labels)},
+              "label2id": {str(i): i for i in range(config.num_labels)}}
+    try:
+        detr = DeformableDetrForObjectDetection.from_pretrained(str(path), local_files_only=True, use_safetensors=True,
+                                                                ignore_mismatched_sizes=True, **labels)
+    except (ImportError, OSError, ValueError) as e:  # e.g. a timm backbone, and timm is not installed
+        raise ModelFileError(f"{path}: cannot load it as a Deformable DETR ({str(e).splitlines()[0]})") from None
+    hf = detr.config
+    merged = DetectionModelConfig(**{**asdict(config), "hidden_dim": hf.d_model, "encoder_layers": hf.encoder_layers,
+                                     "encoder_ffn": hf.encoder_ffn_dim, "num_heads": hf.encoder_attention_heads,
+                                     "encoder_points": hf.encoder_n_points, "decoder_layers": hf.decoder_layers,
+                                     "decoder_ffn": hf.decoder_ffn_dim, "decoder_points": hf.decoder_n_points,
+                                     "num_queries": hf.num_queries, "with_box_refine": hf.with_box_refine,
+                                     "pretrained": str(path)})
+    return EarlyExitDeformableDetr(merged, detr)
 
 
 def save_gate(gate: nn.Module, directory: str | Path, extra: dict | None = None) -> Path:

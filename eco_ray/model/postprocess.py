@@ -1,4 +1,5 @@
-"""Model output -> COCO-style panoptic prediction (id map + segments), as the original Mask2Former does it.
+"""Model output -> COCO-style predictions: panoptic (id map + segments), as the original Mask2Former does it,
+and detections in COCO's result format, as transformers' Deformable DETR does it.
 
 Why not transformers' ``post_process_panoptic_segmentation``: in transformers 5.x it multiplies the mask
 probabilities by the query scores in place and only then thresholds them for a segment's "original area",
@@ -12,6 +13,8 @@ a segment if its won pixels with mask probability >= ``mask_threshold`` are non-
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -71,3 +74,34 @@ def to_panoptic(output: ExitOutput, categories: CategorySet, size: tuple[int, in
             segments = [s for s in segments if s["id"] in present]
         out.append((id_map, segments))
     return out
+
+
+# a DETR's post-processing keeps the 100 best (query, class) pairs per image, as COCO's maxDets[-1]
+DETECTIONS_PER_IMAGE = 100
+
+
+@torch.no_grad()
+def to_detections(output, category_ids, sizes, top_k: int = DETECTIONS_PER_IMAGE) -> list[list[dict]]:
+    """Per image, detections in COCO's result format (``category_id``, ``bbox`` [x, y, w, h] in pixels of
+    ``sizes[i]`` = (height, width), ``score``), best first: transformers' Deformable DETR post-processing
+    (sigmoid scores, the ``top_k`` best (query, class) pairs), with no score threshold, as COCO AP wants."""
+    kept = _detr_processor().post_process_object_detection(output, threshold=-1.0,
+                                                           target_sizes=[tuple(s) for s in sizes], top_k=top_k)
+    ids = np.asarray(category_ids)
+    out = []
+    for det in kept:
+        boxes = det["boxes"].float().cpu().numpy()
+        xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)
+        out.append([{"category_id": int(ids[int(c)]), "bbox": [float(v) for v in b], "score": float(s)}
+                    for c, b, s in zip(det["labels"].tolist(), xywh, det["scores"].tolist())])
+    return out
+
+
+@functools.cache
+def _detr_processor():
+    # the PIL processor: the default one needs torchvision, which post-processing does not
+    from transformers.models.deformable_detr.image_processing_pil_deformable_detr import (
+        DeformableDetrImageProcessorPil,
+    )
+
+    return DeformableDetrImageProcessorPil()

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eco_ray.budget import Budget, BudgetError
-from eco_ray.config import load_config
+from eco_ray.config import ConfigError, load_config
 from eco_ray.data.synth import SynthConfig
 from eco_ray.derive.config import DeriveConfig
 from eco_ray.resources import resolve_resource
 from eco_ray.sweep.config import SweepConfig
-from eco_ray.train.config import TrainConfig, preset_layer, requested_preset
+from eco_ray.train.config import TrainConfig, preset_layer, requested, requested_preset
 
 STAGES = ("data", "train", "derive", "sweep", "select", "serve")
 
@@ -107,5 +107,9 @@ def load_pipeline_config(path: str | Path | None = None, overrides=()) -> Pipeli
     """Defaults <- the train section's model preset <- the file (a path or a shipped name: ``smoke``) <- overrides."""
     if path is not None:
         path = resolve_resource("pipelines", path)
+    task = requested("task", path, overrides, prefix="train.", default="panoptic")
+    if task != "panoptic":
+        raise ConfigError(f"bad config value for 'train.task': the pipeline runs the panoptic task; got {task!r} "
+                          f"(a detector trains with `eco-ray train --task detection`)")
     preset = requested_preset(path, overrides, prefix="train.")
     return load_config(PipelineConfig, path, overrides, layers=[{"train": preset_layer(preset)}], renamed=RENAMED)

@@ -1,5 +1,5 @@
 """Files that ship inside the package, so that an installed wheel works from any directory: model presets
-(``models/``), sweep spaces (``search_spaces/``), pipeline configs (``pipelines/``) and the Serve config
+(``models/`` for the segmenter, ``detectors/`` for the detector), sweep spaces (``search_spaces/``), pipeline configs (``pipelines/``) and the Serve config
 (``serve/serve_config.yaml``). A setting that names one takes either a path to a file of one's own or the
 name of a shipped one (``--config smoke``, ``space: default``, ``--model tiny``)."""
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-KINDS = ("models", "search_spaces", "pipelines", "serve")
+KINDS = ("models", "detectors", "search_spaces", "pipelines", "serve")
 
 
 def _folder(kind: str) -> Path:

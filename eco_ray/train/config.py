@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eco_ray.config import ConfigError, load_config
-from eco_ray.model.config import ModelConfig, preset_names, preset_path
+from eco_ray.model.config import TASKS, DetectionModelConfig, ModelConfig, preset_names, preset_path
 
 EXIT_SAMPLING = ("uniform", "deep", "deepest_plus_one", "all")
 ALPHA = ("depth", "depth_sq", "uniform", "depth_plus_one")
@@ -21,7 +21,8 @@ MOVED_KEYS = {"data_root": "!pass it with --data-root (the pipeline: data.root)"
 class TrainConfig:
     """Step A. The dataset it trains on and where its run lives are arguments of ``run_training``."""
 
-    model_preset: str = "small"  # tiny | small | swin-t: the defaults under `model`
+    task: str = "panoptic"  # panoptic (the early-exit Mask2Former) | detection (DetectionTrainConfig)
+    model_preset: str = "small"  # a preset of the task (panoptic: tiny | small | swin-t): the defaults under `model`
     model: ModelConfig = field(default_factory=ModelConfig)
     steps: int = 4000  # optimiser steps
     batch_size: int = 8  # global batch, split over the workers
@@ -50,6 +51,11 @@ class TrainConfig:
     max_failures: int = 3  # worker failures Ray Train recovers from (restarts from the last checkpoint)
 
     def validate(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if not isinstance(self.model, train_config_type(self.task).model_type()):
+            raise ValueError(f"task {self.task!r} needs its own train config (load_train_config picks it from "
+                             f"the task); this one holds a {type(self.model).__name__}")
         if self.exit_sampling not in EXIT_SAMPLING:
             raise ValueError(f"exit_sampling must be one of {EXIT_SAMPLING}, got {self.exit_sampling!r}")
         if self.alpha not in ALPHA:
@@ -68,17 +74,47 @@ class TrainConfig:
             raise ValueError("exit_sampling=deep never samples exit 0; use deepest_plus_one or uniform")
 
 
-def preset_layer(preset: str) -> dict:
-    """The model defaults of a preset, as a config layer under ``model``."""
+    @staticmethod
+    def model_type() -> type:
+        return ModelConfig
+
+
+@dataclass
+class DetectionTrainConfig(TrainConfig):
+    """Step A for the early-exit Deformable DETR: the same settings, a detector under ``model``."""
+
+    task: str = "detection"
+    model_preset: str = "small"  # a detector preset: tiny | small
+    model: DetectionModelConfig = field(default_factory=DetectionModelConfig)
+    lr: float = 2e-4  # Deformable DETR's recipe: learning rate, weight decay, gradient clipping
+    weight_decay: float = 1e-4
+    grad_clip: float = 0.1
+    registered_model: str = "eco-det-parent"
+
+    @staticmethod
+    def model_type() -> type:
+        return DetectionModelConfig
+
+
+def train_config_type(task: str) -> type[TrainConfig]:
+    if task not in TASKS:
+        raise ConfigError(f"bad config value for 'task': {task!r} is not one of {', '.join(TASKS)}")
+    return DetectionTrainConfig if task == "detection" else TrainConfig
+
+
+def preset_layer(preset: str, task: str = "panoptic") -> dict:
+    """The model defaults of a preset of the task, as a config layer under ``model``."""
     from omegaconf import OmegaConf
 
-    if preset not in preset_names():
-        raise ConfigError(f"bad config value for 'model_preset': {preset!r} is not one of {preset_names()}")
-    return {"model": OmegaConf.to_container(OmegaConf.create(preset_path(preset).read_text()))}
+    if preset not in preset_names(task):
+        raise ConfigError(f"bad config value for 'model_preset': {preset!r} is not one of the {task} presets "
+                          f"{preset_names(task)}")
+    return {"model": OmegaConf.to_container(OmegaConf.create(preset_path(preset, task).read_text()))}
 
 
-def requested_preset(path: str | Path | None, overrides=(), prefix: str = "") -> str:
-    """The ``model_preset`` a file and overrides ask for (``prefix``: where the TrainConfig sits, e.g. ``train.``)."""
+def requested(key: str, path: str | Path | None, overrides=(), prefix: str = "", default=None) -> str:
+    """The value of ``key`` that a file and overrides ask for (``prefix``: where the TrainConfig sits, e.g.
+    ``train.``), before the config is built: the task picks the schema, the preset the defaults."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -87,11 +123,19 @@ def requested_preset(path: str | Path | None, overrides=(), prefix: str = "") ->
         raw = OmegaConf.merge(raw, OmegaConf.from_dotlist([o for o in overrides if "=" in o]))
     except OmegaConfBaseException as e:
         raise ConfigError(f"bad config: {str(e).splitlines()[0]}") from None
-    node = OmegaConf.select(raw, prefix + "model_preset")
-    return str(node if node is not None else TrainConfig.model_preset)
+    node = OmegaConf.select(raw, prefix + key)
+    return str(node if node is not None else default)
+
+
+def requested_preset(path: str | Path | None, overrides=(), prefix: str = "") -> str:
+    """The ``model_preset`` a file and overrides ask for."""
+    task = requested("task", path, overrides, prefix, TrainConfig.task)
+    return requested("model_preset", path, overrides, prefix, train_config_type(task).model_preset)
 
 
 def load_train_config(path: str | Path | None = None, overrides=()) -> TrainConfig:
-    """Defaults <- the model preset named by ``model_preset`` <- the YAML file <- ``key=value`` overrides."""
-    return load_config(TrainConfig, path, overrides, layers=[preset_layer(requested_preset(path, overrides))],
-                       renamed=MOVED_KEYS)
+    """Defaults of the task <- the model preset named by ``model_preset`` <- the YAML file <- ``key=value``
+    overrides."""
+    task = requested("task", path, overrides, default=TrainConfig.task)
+    return load_config(train_config_type(task), path, overrides,
+                       layers=[preset_layer(requested_preset(path, overrides), task)], renamed=MOVED_KEYS)

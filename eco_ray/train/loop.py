@@ -1,4 +1,5 @@
-"""The training loop's parts, plain torch: exit schedule, optimiser, batches, one step, validation.
+"""The training loop's parts, plain torch: exit schedule, optimiser, batches, one step, validation. What
+depends on the task (batches, losses, validation metrics) is the task's (eco_ray/tasks).
 
 Ray Train runs them on every worker (eco_ray/train/ray_train.py); tests and notebooks can run them
 directly. The exit of a step is a pure function of (seed, step), so every data-parallel worker trains
@@ -15,12 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from eco_ray.data.coco_panoptic import CocoPanopticDataset
-from eco_ray.data.collate import collate_panoptic
-from eco_ray.data.transforms import build_transform
-from eco_ray.evaluate import evaluate_exits
-from eco_ray.metrics.panoptic import aggregate
-from eco_ray.model.early_exit import EarlyExitMask2Former
+from eco_ray.model.exits import EarlyExitModel
+from eco_ray.tasks import Task, get_task
 
 
 class ExitSchedule:
@@ -76,32 +73,20 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def training_batches(dataset: CocoPanopticDataset, batch_size: int, image_size: int, seed: int, rank: int = 0,
-                     world_size: int = 1, start_step: int = 0) -> Iterator[dict]:
-    """Endless shuffled batches of this worker's shard (every ``world_size``-th image from ``rank``),
-    with random resize-crop-flip; ``start_step`` gives a resumed run a fresh order."""
-    transform = build_transform(image_size, train=True)
-    shard = np.arange(rank, len(dataset), world_size)
-    if len(shard) < batch_size:
-        raise ValueError(f"worker {rank} has {len(shard)} training images, fewer than its batch of {batch_size}")
-    epoch = 0
-    while True:
-        rng = np.random.default_rng([seed, rank, start_step, epoch])
-        order = rng.permutation(shard)
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            samples = [transform(dataset[int(i)], rng) for i in order[start:start + batch_size]]
-            yield collate_panoptic(samples, dataset.categories)
-        epoch += 1
+def training_batches(dataset, batch_size: int, image_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                     start_step: int = 0, task: Task | None = None) -> Iterator[dict]:
+    """Endless shuffled, augmented batches of this worker's shard (the task's ``training_batches``)."""
+    return (task or get_task("panoptic")).training_batches(dataset, batch_size, image_size, seed, rank, world_size,
+                                                           start_step)
 
 
-def train_step(model: nn.Module, core: EarlyExitMask2Former, optimizer: torch.optim.Optimizer, batch: dict,
+def train_step(model: nn.Module, core: EarlyExitModel, optimizer: torch.optim.Optimizer, batch: dict,
                exits: Sequence[int], schedule: ExitSchedule, grad_clip: float, device: torch.device,
-               autocast: bool = False) -> dict[str, float]:
-    """One optimiser step on the weighted sum of the losses of ``exits``. ``model`` may be the DDP wrapper
-    of ``core``; it is called exactly once, so that DDP sees one forward per backward."""
+               autocast: bool = False, task: Task | None = None) -> dict[str, float]:
+    """One optimiser step on the weighted sum of the losses of ``exits`` (each the task's loss). ``model``
+    may be the DDP wrapper of ``core``; it is called exactly once, so that DDP sees one forward per backward."""
+    task = task or get_task("panoptic")
     x = batch["pixel_values"].to(device)
-    masks = [m.to(device) for m in batch["mask_labels"]]
-    classes = [c.to(device) for c in batch["class_labels"]]
     optimizer.zero_grad(set_to_none=True)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if autocast else nullcontext()
     with ctx:
@@ -109,7 +94,7 @@ def train_step(model: nn.Module, core: EarlyExitMask2Former, optimizer: torch.op
             outputs = {exits[0]: model(x, exit=exits[0])}
         else:
             outputs = model(x, exits=list(exits))
-        losses = {k: core.loss(outputs[k], masks, classes) for k in exits}
+        losses = task.losses(core, {k: outputs[k] for k in exits}, batch, device)
         total = sum(schedule.alpha(k) * loss for k, loss in losses.items())
     total.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(core.parameters(), grad_clip) if grad_clip > 0 else torch.tensor(0.0)
@@ -119,13 +104,8 @@ def train_step(model: nn.Module, core: EarlyExitMask2Former, optimizer: torch.op
     return metrics
 
 
-def validate(core: EarlyExitMask2Former, dataset: CocoPanopticDataset, num_images: int, batch_size: int = 16
+def validate(core: EarlyExitModel, dataset, num_images: int, batch_size: int = 16, task: Task | None = None
              ) -> dict[str, float]:
-    """PQ (all / things / stuff) and mIoU at every exit on the first ``num_images`` validation images."""
-    ev = evaluate_exits(core, dataset, indices=range(min(num_images, len(dataset))), batch_size=batch_size)
-    out = {}
-    for e, k in enumerate(ev.exits):
-        r = aggregate(ev.stats[:, e], dataset.categories)
-        out.update({f"val_pq_exit{k}": r.pq, f"val_pq_things_exit{k}": r.pq_things,
-                    f"val_pq_stuff_exit{k}": r.pq_stuff, f"val_miou_exit{k}": r.miou})
-    return out
+    """The task's validation metrics at every exit on the first ``num_images`` validation images (panoptic:
+    PQ all / things / stuff and mIoU; detection: COCO AP, AP50, AP75)."""
+    return (task or get_task("panoptic")).validate(core, dataset, num_images, batch_size)

@@ -28,7 +28,8 @@ from eco_ray.config import ConfigError, content_hash
 from eco_ray.context import RunContext
 from eco_ray.errors import EcoRayError
 from eco_ray.files import write_json as _write_json, write_text
-from eco_ray.train.config import TrainConfig
+from eco_ray.tasks import get_task
+from eco_ray.train.config import TrainConfig, requested, train_config_type
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
@@ -39,20 +40,21 @@ class TrainRunError(EcoRayError):
     """A training run that failed; the message says how to continue it from its last checkpoint."""
 
 
-def dataset_hash(root: str | Path) -> str:
-    """Hash of the annotation files of both splits (not of the pixels: fast on large datasets too)."""
-    root = Path(root)
-    return content_hash({s: hashlib.sha256((root / "annotations" / f"panoptic_{s}.json").read_bytes()).hexdigest()
+def dataset_hash(root: str | Path, task: str = "panoptic") -> str:
+    """Hash of the task's annotation files of both splits (not of the pixels: fast on large datasets too)."""
+    t = get_task(task)
+    return content_hash({s: hashlib.sha256(t.annotation_file(root, s).read_bytes()).hexdigest()
                          for s in ("train", "val")})
 
 
 def check_inputs(cfg: TrainConfig, data_root: str) -> dict:
     """Everything that can be checked before Ray starts; returns the dataset facts the run needs."""
-    from eco_ray.data import CocoPanopticDataset, DatasetError
+    from eco_ray.data import DatasetError
 
+    task = get_task(cfg.task)
     try:
-        train = CocoPanopticDataset.from_root(data_root, "train")
-        val = CocoPanopticDataset.from_root(data_root, "val")
+        train = task.open_dataset(data_root, "train")
+        val = task.open_dataset(data_root, "val")
     except DatasetError as e:
         raise ConfigError(f"data_root={data_root!r}: {e}") from None
     per_worker = cfg.batch_size // cfg.num_workers
@@ -64,8 +66,9 @@ def check_inputs(cfg: TrainConfig, data_root: str) -> dict:
     if cfg.model.pretrained and not (Path(cfg.model.pretrained) / "config.json").is_file():
         raise ConfigError(f"model.pretrained={cfg.model.pretrained!r} is not a local transformers model directory "
                           f"(no config.json); nothing is downloaded")
-    return {"num_labels": len(train.categories), "categories": train.categories.to_coco(),
-            "train_images": len(train), "val_images": len(val), "data_hash": dataset_hash(data_root)}
+    categories = task.categories(train)
+    return {"num_labels": len(categories), "categories": categories, "train_images": len(train),
+            "val_images": len(val), "data_hash": dataset_hash(data_root, cfg.task)}
 
 
 # ------------------------------------------------------------------------------------------------ worker
@@ -76,18 +79,18 @@ def _worker_loop(config: dict) -> None:
     from safetensors.torch import load_model, save_model
 
     from eco_ray.config import load_config
-    from eco_ray.data import CocoPanopticDataset
     from eco_ray.model.io import build_parent
     from eco_ray.tracking import Tracker
     from eco_ray.train.loop import ExitSchedule, lr_factor, make_optimizer, train_step, training_batches, validate
 
-    cfg = load_config(TrainConfig, layers=[config["train_config"]])
+    cfg = load_config(train_config_type(config["train_config"]["task"]), layers=[config["train_config"]])
+    task = get_task(cfg.task)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
-    train_ds = CocoPanopticDataset.from_root(config["data_root"], "train")
-    val_ds = CocoPanopticDataset.from_root(config["data_root"], "val")
+    train_ds = task.open_dataset(config["data_root"], "train")
+    val_ds = task.open_dataset(config["data_root"], "val")
     core = build_parent(cfg.model)
     optimizer_state, start_step = None, 0
     checkpoint = _resume_checkpoint(ray.train.get_checkpoint(), config["storage_run_path"], config["run_id"])
@@ -109,7 +112,7 @@ def _worker_loop(config: dict) -> None:
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
     batches = training_batches(train_ds, cfg.batch_size // world, cfg.model.image_size, cfg.seed, rank, world,
-                               start_step)
+                               start_step, task=task)
     tracker = Tracker(config["tracking_uri"]) if rank == 0 else None
     pending: list = []  # (key, value, step), sent at each checkpoint
     t0, last_print = time.perf_counter(), 0.0
@@ -118,11 +121,11 @@ def _worker_loop(config: dict) -> None:
         """Validate (when due), send the pending metrics, and report a checkpoint of step ``done``."""
         report = {"step": done, **metrics}
         if rank == 0 and is_eval:
-            val = validate(core, val_ds, cfg.eval_images)
+            val = validate(core, val_ds, cfg.eval_images, task=task)
             report.update(val)
             pending = pending + [(k, v, done) for k, v in val.items()]
-            _say("[train] validation at step %d: PQ per exit %s" % (done, ", ".join(
-                f"{k}: {val[f'val_pq_exit{k}']:.3f}" for k in core.exits)))
+            _say("[train] validation at step %d: %s per exit %s" % (done, task.metric_label, ", ".join(
+                f"{k}: {val[f'val_{task.metric}_exit{k}']:.3f}" for k in core.exits)))
         if rank == 0 and pending:
             tracker.log_metrics(config["run_id"], pending)
             pending = []
@@ -143,7 +146,7 @@ def _worker_loop(config: dict) -> None:
             group["lr"] = cfg.lr * lr_factor(step, cfg.warmup_steps, cfg.steps)
         core.train()
         metrics = train_step(model, core, optimizer, next(batches), schedule.exits_for_step(step), schedule,
-                             cfg.grad_clip, device, autocast=cfg.mixed_precision and device.type == "cuda")
+                             cfg.grad_clip, device, autocast=cfg.mixed_precision and device.type == "cuda", task=task)
         done = step + 1
         if rank == 0:
             pending += [(k, v, done) for k, v in metrics.items()]
@@ -254,7 +257,8 @@ def resume_training(name: str, ctx: RunContext) -> dict:
         raise ConfigError(f"cannot resume {name!r}: {base / 'run.json'} not found")
     info = json.loads((base / "run.json").read_text())
     # runs saved before these became arguments kept them in their config
-    cfg = load_config(TrainConfig, base / "config.yaml", renamed=dict.fromkeys(("data_root", "run_dir", "experiment")))
+    schema = train_config_type(requested("task", base / "config.yaml", default=TrainConfig.task))
+    cfg = load_config(schema, base / "config.yaml", renamed=dict.fromkeys(("data_root", "run_dir", "experiment")))
     if "data_root" not in info:
         info["data_root"] = _legacy_data_root(base)
     facts = check_inputs(cfg, info["data_root"])
@@ -304,13 +308,15 @@ def _fit(cfg: TrainConfig, name: str, base: Path, info: dict, facts: dict, ctx: 
 
 def _finish(cfg: TrainConfig, name: str, base: Path, run_id: str, tracker, facts: dict, result,
             seconds: float) -> dict:
-    """Final weights + config, the PQ-per-exit plot, artifacts and the registered model version."""
+    """Final weights + config, the plot of the validation metric per exit, artifacts and the registered model
+    version."""
     from safetensors.torch import load_model
 
     from eco_ray.model.io import build_parent, save_parent
-    from eco_ray.plots import plot_pq_per_exit
+    from eco_ray.plots import plot_metric_per_exit
     from eco_ray.tracking import Tag
 
+    task = get_task(cfg.task)
     model = build_parent(cfg.model)
     with result.checkpoint.as_directory() as d:
         load_model(model, os.path.join(d, CHECKPOINT_WEIGHTS))
@@ -318,21 +324,22 @@ def _finish(cfg: TrainConfig, name: str, base: Path, run_id: str, tracker, facts
     parent_dir = save_parent(model, base / "parent", extra={
         "categories": facts["categories"], "data_hash": facts["data_hash"], "train_run": name, "steps": state["step"]})
     metrics = result.metrics or {}
-    pq = {k: metrics.get(f"val_pq_exit{k}") for k in model.exits}
-    plot = plot_pq_per_exit(metrics, model.exits, base / "pq_per_exit.png", name)
+    per_exit = {key: {k: metrics.get(f"val_{key}_exit{k}") for k in model.exits} for key, _ in task.validation_series}
+    main = per_exit[task.metric]
+    plot = plot_metric_per_exit(metrics, model.exits, base / f"{task.metric}_per_exit.png", name,
+                                task.validation_series)
     tracker.log_artifacts(run_id, parent_dir, "parent")
     if plot:
         tracker.log_artifact(run_id, plot)
     tracker.log_metrics(run_id, {"train_seconds": seconds})
     version = tracker.register(cfg.registered_model, run_id, "parent", tags={
         Tag.DATA_HASH: facts["data_hash"], Tag.CONFIG_HASH: content_hash(asdict(cfg)), "train_run": name,
-        "steps": state["step"], **{f"val_pq_exit{k}": f"{v:.4f}" for k, v in pq.items() if v is not None}},
-        description="eco-ray early-exit Mask2Former parents (Step A)")
+        "steps": state["step"], **{f"val_{task.metric}_exit{k}": f"{v:.4f}" for k, v in main.items() if v is not None}},
+        description=f"eco-ray early-exit {task.model_name} parents (Step A)")
     tracker.end_run(run_id)
     summary = {"name": name, "run_id": run_id, "tracking_uri": tracker.uri, "steps": state["step"],
                "seconds": round(seconds, 1), "parent_dir": str(parent_dir), "registered_model": cfg.registered_model,
-               "version": version, "model_uri": f"models:/{cfg.registered_model}/{version}", "val_pq_per_exit": pq,
-               "val_pq_things_per_exit": {k: metrics.get(f"val_pq_things_exit{k}") for k in model.exits},
-               "val_pq_stuff_per_exit": {k: metrics.get(f"val_pq_stuff_exit{k}") for k in model.exits}}
+               "version": version, "model_uri": f"models:/{cfg.registered_model}/{version}", "task": task.name,
+               "metric": task.metric, **{f"val_{key}_per_exit": v for key, v in per_exit.items()}}
     _write_json(base / "summary.json", summary)  # atomic: a resumed pipeline reads it
     return summary

@@ -1,0 +1,61 @@
+"""The interface every task implements."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+class Task:
+    name: str
+    metric: str  # the validation metric per exit, logged as val_<metric>_exit<k>: "pq" | "ap"
+    metric_label: str  # as people write it: "PQ" | "AP"
+    validation_series: tuple[tuple[str, str], ...]  # (key, label) of the validation metrics, the main one first
+    model_name: str  # the parent, as people call it
+    parent_name: str  # the parent's default name in the model registry
+    annotation_kind: str  # the COCO annotation files it reads: annotations/<kind>_<split>.json
+
+    # ---------------------------------------------------------------------------------------------- data
+    def annotation_file(self, root: str | Path, split: str) -> Path:
+        return Path(root) / "annotations" / f"{self.annotation_kind}_{split}.json"
+
+    def open_dataset(self, root: str | Path, split: str):
+        raise NotImplementedError
+
+    def categories(self, dataset) -> list[dict]:
+        """The COCO categories of the parent's classes, in class-index order."""
+        raise NotImplementedError
+
+    def make_batch(self, dataset, indices: Sequence[int], image_size: int, rng: np.random.Generator,
+                   train: bool) -> dict:
+        """The samples ``indices`` as one batch with ``pixel_values`` and what ``losses`` reads (training:
+        randomly augmented with ``rng``)."""
+        raise NotImplementedError
+
+    def training_batches(self, dataset, batch_size: int, image_size: int, seed: int, rank: int = 0,
+                         world_size: int = 1, start_step: int = 0) -> Iterator[dict]:
+        """Endless shuffled batches of this worker's shard (every ``world_size``-th image from ``rank``);
+        ``start_step`` gives a resumed run a fresh order."""
+        shard = np.arange(rank, len(dataset), world_size)
+        if len(shard) < batch_size:
+            raise ValueError(f"worker {rank} has {len(shard)} training images, fewer than its batch of {batch_size}")
+        epoch = 0
+        while True:
+            rng = np.random.default_rng([seed, rank, start_step, epoch])
+            order = rng.permutation(shard)
+            for start in range(0, len(order) - batch_size + 1, batch_size):
+                yield self.make_batch(dataset, [int(i) for i in order[start:start + batch_size]], image_size, rng,
+                                      train=True)
+            epoch += 1
+
+    # --------------------------------------------------------------------------------------------- model
+    def losses(self, core, outputs: dict, batch: dict, device) -> dict:
+        """The loss of each exit in ``outputs`` (exit -> the model's output) against the batch's targets."""
+        raise NotImplementedError
+
+    def validate(self, core, dataset, num_images: int, batch_size: int = 16) -> dict[str, float]:
+        """Validation metrics at every exit on the first ``num_images`` images: ``val_<metric>_exit<k>`` and
+        the task's other keys."""
+        raise NotImplementedError

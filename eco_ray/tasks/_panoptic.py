@@ -1,0 +1,48 @@
+"""Panoptic segmentation with the early-exit Mask2Former (COCO panoptic files, PQ)."""
+
+from __future__ import annotations
+
+from eco_ray.tasks._base import Task
+
+
+class PanopticTask(Task):
+    name = "panoptic"
+    metric = "pq"
+    metric_label = "PQ"
+    validation_series = (("pq", "PQ"), ("pq_things", "PQ things"), ("pq_stuff", "PQ stuff"))
+    model_name = "Mask2Former"
+    parent_name = "eco-parent"
+    annotation_kind = "panoptic"
+
+    def open_dataset(self, root, split):
+        from eco_ray.data.coco_panoptic import CocoPanopticDataset
+
+        return CocoPanopticDataset.from_root(root, split)
+
+    def categories(self, dataset) -> list[dict]:
+        return dataset.categories.to_coco()
+
+    def make_batch(self, dataset, indices, image_size, rng, train):
+        from eco_ray.data.collate import collate_panoptic
+        from eco_ray.data.transforms import build_transform
+
+        transform = build_transform(image_size, train=train)
+        return collate_panoptic([transform(dataset[i], rng) for i in indices], dataset.categories)
+
+    def losses(self, core, outputs, batch, device):
+        masks = [m.to(device) for m in batch["mask_labels"]]
+        classes = [c.to(device) for c in batch["class_labels"]]
+        return {k: core.loss(out, masks, classes) for k, out in outputs.items()}
+
+    def validate(self, core, dataset, num_images, batch_size=16):
+        """PQ (all / things / stuff) and mIoU at every exit."""
+        from eco_ray.evaluate import evaluate_exits
+        from eco_ray.metrics.panoptic import aggregate
+
+        ev = evaluate_exits(core, dataset, indices=range(min(num_images, len(dataset))), batch_size=batch_size)
+        out = {}
+        for e, k in enumerate(ev.exits):
+            r = aggregate(ev.stats[:, e], dataset.categories)
+            out.update({f"val_pq_exit{k}": r.pq, f"val_pq_things_exit{k}": r.pq_things,
+                        f"val_pq_stuff_exit{k}": r.pq_stuff, f"val_miou_exit{k}": r.miou})
+        return out
