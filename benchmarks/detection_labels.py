@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     torch.set_num_threads(2)
-    model, meta = load_parent(resolve_model_dir(args.parent, args.tracking_uri or default_tracking_uri("runs")))
+    model, meta = load_parent(resolve_model_dir(args.parent, args.tracking_uri or default_tracking_uri("runs")),
+                              task="detection")
     ds = CocoInstancesDataset.from_root(args.data_root, args.split)
     indices = range(min(args.max_images, len(ds)))
     t0 = time.perf_counter()

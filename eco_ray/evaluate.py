@@ -164,6 +164,6 @@ def evaluate_detector_exits(model, dataset, exits: Sequence[int] | None = None, 
         if progress:
             progress(min(start + batch_size, len(indices)), len(indices))
     records = {k: match_images(dataset.document, detections[k], image_ids=ids) for k in exits}
+    gate_dim = model.config.hidden_dim * (1 if model.config.gate_input == "stride32" else 4)
     return DetectionEvaluation(np.asarray(ids), exits, detections, records,
-                               np.concatenate(feats) if feats else np.zeros((0, model.config.hidden_dim), np.float32),
-                               metas)
+                               np.concatenate(feats) if feats else np.zeros((0, gate_dim), np.float32), metas)

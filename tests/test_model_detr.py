@@ -1,5 +1,7 @@
 """The early-exit Deformable DETR against the unmodified library model; exits, gate input, loss, cost, errors."""
 
+import json
+
 import pytest
 import torch
 
@@ -7,7 +9,15 @@ from eco_ray.config import ConfigError
 from eco_ray.model.config import DetectionModelConfig, load_model_config
 from eco_ray.model.cost import exit_cost_table
 from eco_ray.model.early_exit_detr import STRIDE32_LEVEL, EarlyExitDeformableDetr
-from eco_ray.model.io import build_parent, load_parent, parent_from_blob, read_parent_blob, save_parent
+from eco_ray.model.io import (
+    ModelFileError,
+    build_parent,
+    check_pretrained,
+    load_parent,
+    parent_from_blob,
+    read_parent_blob,
+    save_parent,
+)
 from eco_ray.model.postprocess import to_detections
 
 
@@ -130,13 +140,73 @@ def test_bad_detector_configs_get_clear_errors():
 @torch.no_grad()
 def test_a_detector_parent_round_trips_through_files_blobs_and_a_transformers_directory(model, batch, tmp_path):
     save_parent(model, tmp_path / "parent", extra={"categories": [{"id": 1, "name": "a"}]})
-    loaded, meta = load_parent(tmp_path / "parent")
+    loaded, meta = load_parent(tmp_path / "parent", task="detection")
     assert meta["task"] == "detection" and isinstance(loaded, EarlyExitDeformableDetr)
-    shipped = parent_from_blob(read_parent_blob(tmp_path / "parent"))
+    shipped = parent_from_blob(read_parent_blob(tmp_path / "parent", task="detection"))
+    for wrong in (load_parent, read_parent_blob):  # the panoptic tools refuse it with the reason
+        with pytest.raises(ModelFileError, match="holds a detection parent; this takes a panoptic parent"):
+            wrong(tmp_path / "parent")
     for other in (loaded, shipped):
         torch.testing.assert_close(other(batch, exit=3).pred_boxes, model(batch, exit=3).pred_boxes, atol=0, rtol=0)
     model.detr.save_pretrained(tmp_path / "hf")
     cfg = load_model_config("tiny", ["num_labels=6", "exits=[3,6]", "hidden_dim=64"], task="detection")
     started = build_parent(DetectionModelConfig(**{**cfg.__dict__, "pretrained": str(tmp_path / "hf")})).eval()
     assert started.config.hidden_dim == 32 and started.exits == [3, 6]  # architecture from the checkpoint
-    torch.testing.assert_close(started(batch).logits, model(batch).logits, atol=0, rtol=0)
+    # the same weights; frozen and trainable batch norm round differently (~1e-7)
+    torch.testing.assert_close(started(batch).logits, model(batch).logits, atol=1e-6, rtol=1e-5)
+    assert not any(p.requires_grad for p in started.backbone.model.embedder.parameters())  # pretrained: frozen
+    with pytest.raises(ModelFileError, match="'deformable_detr'"):  # a segmenter's directory is not a detector's
+        from transformers import Mask2FormerForUniversalSegmentation
+
+        Mask2FormerForUniversalSegmentation(load_model_config("tiny").to_hf()).save_pretrained(tmp_path / "m2f")
+        check_pretrained(tmp_path / "m2f", "detection")
+    two_stage = model.detr.config.to_dict() | {"two_stage": True, "with_box_refine": True}
+    (tmp_path / "two").mkdir()
+    (tmp_path / "two" / "config.json").write_text(json.dumps(two_stage))
+    with pytest.raises(ModelFileError, match="two-stage"):
+        check_pretrained(tmp_path / "two", "detection")
+
+
+@torch.no_grad()
+def test_trainable_batch_norm_is_the_librarys_frozen_norm_in_eval(batch):
+    """The swap of frozen batch norm for BatchNorm2d changes what trains, not the function: a library model
+    with random norm statistics and its early-exit wrapper (which swaps) agree."""
+    from transformers import DeformableDetrForObjectDetection
+
+    torch.manual_seed(3)
+    cfg = load_model_config("tiny", ["train_backbone=true"], task="detection")
+    library = DeformableDetrForObjectDetection(cfg.to_hf()).eval()
+    for name, buf in library.named_buffers():
+        if "running_var" in name or name.endswith(".weight"):
+            buf.uniform_(0.5, 2.0)
+        elif "running_mean" in name or name.endswith(".bias"):
+            buf.normal_(0, 0.3)
+    reference = library(batch)
+    wrapped = EarlyExitDeformableDetr(cfg, library).eval()
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in wrapped.backbone.modules())
+    torch.testing.assert_close(wrapped(batch).logits, reference.logits, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(wrapped(batch).pred_boxes, reference.pred_boxes, atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_a_mirrored_view_is_scored_in_the_images_own_frame(model, tmp_path):
+    """evaluate_detector_exits(flip=True) predicts on the mirrored pixels and maps every box back, so both
+    views are scored against the same ground truth; here against a manual pass on the mirrored batch."""
+    from eco_ray.data.coco_instances import CocoInstancesDataset
+    from eco_ray.data.collate import collate_detection
+    from eco_ray.data.synth import SynthConfig, write_dataset
+    from eco_ray.evaluate import evaluate_detector_exits
+
+    write_dataset(tmp_path, SynthConfig(size=96, seed=2), {"val": 3}, workers=1)
+    ds = CocoInstancesDataset.from_root(tmp_path, "val")
+    ev = evaluate_detector_exits(model, ds, exits=[2, 6], flip=True)
+    batch = collate_detection([ds[i] for i in range(3)], ds.labels, 128, flip=[True] * 3)
+    manual = to_detections(model(batch["pixel_values"], exit=2), ds.category_ids, batch["sizes"])
+    got = [d for d in ev.detections[2] if d["image_id"] == ds.image_ids[1]]
+    want = manual[1]
+    assert len(got) == len(want) == 100
+    for g, w in zip(got, want):
+        x, y, bw, bh = w["bbox"]
+        assert g["bbox"] == pytest.approx([96 - x - bw, y, bw, bh]) and g["score"] == w["score"]
+    assert set(ev.records) == {2, 6} and set(ev.records[6]) == set(ds.image_ids)
+    assert ev.gate_features.shape == (3, model.config.hidden_dim)

@@ -212,7 +212,7 @@ def test_a_detector_trains_on_coco_instances_and_registers(ray_cluster, synth_ro
     client = MlflowClient(summary["tracking_uri"])
     assert len(client.get_metric_history(summary["run_id"], "loss_exit6")) == 4
     assert {"parent", "ap_per_exit.png"} <= {a.path for a in client.list_artifacts(summary["run_id"])}
-    model, meta = load_parent(resolve_model_dir(summary["model_uri"], summary["tracking_uri"]))
+    model, meta = load_parent(resolve_model_dir(summary["model_uri"], summary["tracking_uri"]), task="detection")
     ds = CocoInstancesDataset.from_root(synth_root, "val")
     assert isinstance(model, EarlyExitDeformableDetr) and meta["categories"] == ds.categories
     batch = collate_detection([ds[0], ds[1]], ds.labels, model.config.image_size)

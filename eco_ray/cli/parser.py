@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     co = sub.add_parser("cost", parents=[js], help="GFLOPs and latency of every exit of a model config",
                         description="Counts GFLOPs per image (fvcore convention: 1 multiply-accumulate = 1 FLOP; "
                                     "the deformable sampling is not counted, as in the paper) and times forward() "
-                                    "at each exit on this machine. Weights are random: cost does not depend on them.")
+                                    "at each exit on this machine. Weights are random (or the config's pretrained checkpoint): cost "
+                                    "does not depend on them.")
     co.add_argument("--task", choices=["panoptic", "detection"], default="panoptic",
                     help="panoptic: the early-exit Mask2Former; detection: the early-exit Deformable DETR "
                          "(default panoptic)")

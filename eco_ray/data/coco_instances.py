@@ -56,6 +56,10 @@ def instance_annotations(id_map: np.ndarray, segments: list[dict], image_id: int
     return out
 
 
+def _is_thing(category: dict) -> bool:
+    return int(category.get("isthing", 1)) == 1  # a category list without isthing is all things (instances)
+
+
 def instances_document(images: list[dict], per_image: list[list[dict]], categories: list[dict], info=None) -> dict:
     """A COCO instances document; annotation ids 1, 2, ... in image order; thing categories only."""
     anns, next_id = [], 1
@@ -63,15 +67,14 @@ def instances_document(images: list[dict], per_image: list[list[dict]], categori
         for ann in group:
             anns.append({"id": next_id, **ann})
             next_id += 1
-    things = [{k: c[k] for k in ("id", "name", "supercategory") if k in c} for c in categories
-              if int(c.get("isthing", 1)) == 1]
+    things = [{k: c[k] for k in ("id", "name", "supercategory") if k in c} for c in categories if _is_thing(c)]
     return {"info": dict(info or {}), "licenses": [], "images": images, "annotations": anns, "categories": things}
 
 
 def instances_from_panoptic(dataset: CocoPanopticDataset, progress=None) -> dict:
     """The COCO instances document of a panoptic dataset's things (reads every id PNG, not the images)."""
     categories = dataset.category_entries
-    thing_ids = {int(c["id"]) for c in categories if int(c.get("isthing", 0)) == 1}
+    thing_ids = {int(c["id"]) for c in categories if _is_thing(c)}
     images, per_image = [], []
     for i in range(len(dataset)):
         id_map, segments = dataset.ground_truth(i)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,22 @@ class ImageMatches:
                    np.zeros((areas, thresholds, 0), bool), np.zeros((num_categories, areas), np.int64))
 
 
+def _ground_truth(document: Mapping):
+    """A pycocotools COCO of a copy of ``document``: annotations renumbered 1, 2, ... (COCOeval records a
+    match as the truth's id, so an id of 0 would read as unmatched), ``area`` and ``iscrowd`` filled in where a
+    file leaves them out (the box's area, not a crowd); COCOeval's own additions never reach the caller's."""
+    from pycocotools.coco import COCO
+
+    anns = []
+    for n, a in enumerate(document["annotations"]):
+        w, h = a["bbox"][2], a["bbox"][3]
+        anns.append({**a, "id": n + 1, "area": a.get("area", w * h), "iscrowd": a.get("iscrowd", 0)})
+    gt = COCO()
+    gt.dataset = {**document, "annotations": anns}
+    gt.createIndex()
+    return gt
+
+
 def match_images(ground_truth: Mapping, detections: Sequence[Mapping], image_ids: Sequence[int] | None = None,
                  iou_type: str = "bbox") -> dict[int, ImageMatches]:
     """Per-image matching records of ``detections`` (COCO result format: image_id, category_id, bbox, score)
@@ -58,12 +75,11 @@ def match_images(ground_truth: Mapping, detections: Sequence[Mapping], image_ids
     from pycocotools.cocoeval import COCOeval
 
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        gt = COCO()
-        gt.dataset = dict(ground_truth)
-        gt.createIndex()
+        gt = _ground_truth(ground_truth)
         ids = sorted(gt.getImgIds() if image_ids is None else set(int(i) for i in image_ids))
         cat_ids = sorted(gt.getCatIds())
-        dets = [d for d in detections if int(d["image_id"]) in set(ids)]
+        wanted = set(ids)
+        dets = [d for d in detections if int(d["image_id"]) in wanted]
         dt = gt.loadRes([dict(d) for d in dets]) if dets else COCO()
         if not dets:
             dt.dataset = {"images": gt.dataset["images"], "categories": gt.dataset["categories"], "annotations": []}
@@ -99,21 +115,25 @@ def match_images(ground_truth: Mapping, detections: Sequence[Mapping], image_ids
 def accumulate(records: Mapping[int, ImageMatches], iou_type: str = "bbox") -> dict[str, float]:
     """COCO's 12 summary numbers (AP, AP50, AP75, APs/m/l, AR1/10/100, ARs/m/l; -1 where undefined) of the
     images in ``records``, each with its own records: COCOeval.accumulate + summarize, vectorised."""
-    p = _params(iou_type)
     ids = sorted(records)
     if not ids:
         raise ValueError("no images to evaluate")
-    first = records[ids[0]]
-    n_cat, n_area = first.truth_count.shape
-    n_thr, n_rec, max_dets = len(p.iouThrs), len(p.recThrs), list(p.maxDets)
     parts = [records[i] for i in ids]
-    category = np.concatenate([r.category for r in parts])
-    score = np.concatenate([r.score for r in parts])
-    matched = np.concatenate([r.matched for r in parts], 2)
-    ignored = np.concatenate([r.ignored for r in parts], 2)
-    truth = np.sum([r.truth_count for r in parts], axis=0)  # (K, A)
-    # rank of each detection within its (image, category): the cut at maxDet is per image and category
-    rank = np.concatenate([_rank_within_category(r.category) for r in parts])
+    return accumulate_arrays(np.concatenate([r.category for r in parts]), np.concatenate([r.score for r in parts]),
+                             np.concatenate([_rank_within_category(r.category) for r in parts]),
+                             np.concatenate([r.matched for r in parts], 2),
+                             np.concatenate([r.ignored for r in parts], 2),
+                             np.sum([r.truth_count for r in parts], axis=0), iou_type)
+
+
+def accumulate_arrays(category: np.ndarray, score: np.ndarray, rank: np.ndarray, matched: np.ndarray,
+                      ignored: np.ndarray, truth: np.ndarray, iou_type: str = "bbox") -> dict[str, float]:
+    """``accumulate`` on records already concatenated in COCOeval's order (images by ascending id, each
+    image's records grouped by category): ``rank`` is a detection's rank within its (image, category),
+    ``matched`` / ``ignored`` are (A, T, D), ``truth`` is (K, A) summed over the images."""
+    p = _params(iou_type)
+    n_cat, n_area = truth.shape
+    n_thr, n_rec, max_dets = len(p.iouThrs), len(p.recThrs), list(p.maxDets)
 
     precision = -np.ones((n_thr, n_rec, n_cat, n_area, len(max_dets)))
     recall = -np.ones((n_thr, n_cat, n_area, len(max_dets)))
@@ -185,13 +205,10 @@ def assignment_ap(records_per_exit: Mapping[int, Mapping[int, ImageMatches]], ex
 def coco_eval(ground_truth: Mapping, detections: Sequence[Mapping], image_ids: Sequence[int] | None = None,
               iou_type: str = "bbox") -> dict[str, float]:
     """A plain pycocotools COCOeval (evaluate, accumulate, summarize): the reference ``accumulate`` meets."""
-    from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
     with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO()
-        gt.dataset = dict(ground_truth)
-        gt.createIndex()
+        gt = _ground_truth(ground_truth)
         ev = COCOeval(gt, gt.loadRes([dict(d) for d in detections]), iou_type)
         if image_ids is not None:
             ev.params.imgIds = sorted(int(i) for i in image_ids)
@@ -199,3 +216,113 @@ def coco_eval(ground_truth: Mapping, detections: Sequence[Mapping], image_ids: S
         ev.accumulate()
         ev.summarize()
     return dict(zip(STAT_NAMES, (float(x) for x in ev.stats)))
+
+
+@dataclass
+class DetectionRecords:
+    """The matching records of many images at every exit and view, flat: one row per detection (the derived
+    table's form). Rows run by image (ascending id), view, exit, then in ``ImageMatches`` order, so that the
+    rows of any exit assignment are already in COCOeval's order. A detection's matched / ignored flags over
+    (area range, IoU threshold) are bits ``a * T + t`` of one integer. ``truth`` depends on the image only."""
+
+    image_ids: np.ndarray  # (N,) ascending
+    exits: list[int]
+    views: int
+    image: np.ndarray  # (R,) index into image_ids
+    view: np.ndarray  # (R,)
+    exit: np.ndarray  # (R,) index into exits
+    category: np.ndarray  # (R,)
+    score: np.ndarray  # (R,) float64
+    matched: np.ndarray  # (R,) uint64 bits
+    ignored: np.ndarray  # (R,) uint64 bits
+    truth: np.ndarray  # (N, K, A) int
+
+    @classmethod
+    def from_matches(cls, per_view: Sequence[Mapping[int, Mapping[int, ImageMatches]]]) -> DetectionRecords:
+        """``per_view[v][exit][image_id]``: every view holds the same exits and images."""
+        exits = sorted(per_view[0])
+        ids = sorted(per_view[0][exits[0]])
+        cols: dict[str, list] = {k: [] for k in ("image", "view", "exit", "category", "score", "matched", "ignored")}
+        truth = []
+        for n, i in enumerate(ids):
+            truth.append(per_view[0][exits[0]][i].truth_count)
+            for v, view in enumerate(per_view):
+                for e, k in enumerate(exits):
+                    r = view[k][i]
+                    d = r.score.size
+                    cols["image"].append(np.full(d, n, np.int32))
+                    cols["view"].append(np.full(d, v, np.int8))
+                    cols["exit"].append(np.full(d, e, np.int8))
+                    cols["category"].append(r.category.astype(np.int16))
+                    cols["score"].append(r.score)
+                    cols["matched"].append(_pack(r.matched))
+                    cols["ignored"].append(_pack(r.ignored))
+        flat = {k: np.concatenate(v) for k, v in cols.items()}
+        return cls(np.asarray(ids, np.int64), exits, len(per_view), truth=np.stack(truth), **flat)
+
+    def ap(self, choice: Sequence[int] | np.ndarray, view: int = 0, iou_type: str = "bbox",
+           images: np.ndarray | None = None) -> dict[str, float]:
+        """COCO's summary numbers when image n is answered at exit index ``choice[n]`` on ``view``, over all
+        images or the boolean mask ``images``."""
+        choice = np.asarray(choice)
+        if choice.shape != self.image_ids.shape:
+            raise ValueError(f"one exit index per image: {self.image_ids.size} images, got shape {choice.shape}")
+        if choice.size and (choice.min() < 0 or choice.max() >= len(self.exits)):
+            raise ValueError(f"exit indices must lie in 0..{len(self.exits) - 1}")
+        keep_image = np.ones(self.image_ids.size, bool) if images is None else np.asarray(images, bool)
+        if not keep_image.any():
+            raise ValueError("no images to evaluate")
+        rows = np.flatnonzero((self.view == view) & (self.exit == choice[self.image]) & keep_image[self.image])
+        image, category = self.image[rows], self.category[rows].astype(np.int64)
+        n_area, n_thr = self.truth.shape[2], len(_params(iou_type).iouThrs)
+        new_run = np.r_[True, (image[1:] != image[:-1]) | (category[1:] != category[:-1])] if rows.size else \
+            np.zeros(0, bool)
+        starts = np.flatnonzero(new_run)
+        rank = np.arange(rows.size) - np.repeat(starts, np.diff(np.r_[starts, rows.size]))
+        return accumulate_arrays(category, self.score[rows], rank, _unpack(self.matched[rows], n_area, n_thr),
+                                 _unpack(self.ignored[rows], n_area, n_thr), self.truth[keep_image].sum(0), iou_type)
+
+    def to_arrow(self):
+        """Two tables: ``detections`` (one row per detection) and ``truth`` (one row per image)."""
+        import pyarrow as pa
+
+        n, k, a = self.truth.shape
+        meta = {b"eco_ray.exits": json.dumps(self.exits).encode(), b"eco_ray.views": str(self.views).encode(),
+                b"eco_ray.truth_shape": f"{k},{a}".encode()}
+        detections = pa.table({"image_id": pa.array(self.image_ids[self.image]), "view": pa.array(self.view),
+                               "exit": pa.array(np.asarray(self.exits, np.int8)[self.exit]),
+                               "category": pa.array(self.category), "score": pa.array(self.score),
+                               "matched": pa.array(self.matched), "ignored": pa.array(self.ignored)})
+        truth = pa.table({"image_id": pa.array(self.image_ids), "truth": pa.FixedSizeListArray.from_arrays(
+            pa.array(self.truth.reshape(-1).astype(np.int32)), k * a)})
+        return detections.replace_schema_metadata(meta), truth.replace_schema_metadata(meta)
+
+    @classmethod
+    def from_arrow(cls, detections, truth) -> DetectionRecords:
+        meta = detections.schema.metadata or {}
+        if b"eco_ray.exits" not in meta:
+            raise ValueError("table has no eco_ray.exits metadata: not written by DetectionRecords.to_arrow")
+        exits = json.loads(meta[b"eco_ray.exits"])
+        k, a = (int(x) for x in meta[b"eco_ray.truth_shape"].decode().split(","))
+        ids = truth.column("image_id").to_numpy()
+        index = np.searchsorted(ids, detections.column("image_id").to_numpy())
+        exit_index = np.zeros(max(exits) + 1, np.int8)
+        exit_index[exits] = np.arange(len(exits))
+        col = {c: detections.column(c).to_numpy() for c in ("view", "exit", "category", "score", "matched", "ignored")}
+        return cls(ids, exits, int(meta[b"eco_ray.views"]), index.astype(np.int32), col["view"],
+                   exit_index[col["exit"]], col["category"], col["score"], col["matched"], col["ignored"],
+                   truth.column("truth").combine_chunks().flatten().to_numpy().reshape(len(ids), k, a))
+
+
+def _pack(flags: np.ndarray) -> np.ndarray:
+    """(A, T, D) bools -> (D,) uint64, bit a * T + t."""
+    a, t, d = flags.shape
+    if a * t > 64:
+        raise ValueError(f"{a} x {t} flags do not fit in 64 bits")
+    weights = np.left_shift(np.uint64(1), np.arange(a * t, dtype=np.uint64))
+    return (flags.reshape(a * t, d).astype(np.uint64) * weights[:, None]).sum(0, dtype=np.uint64)
+
+
+def _unpack(bits: np.ndarray, areas: int, thresholds: int) -> np.ndarray:
+    shifts = np.arange(areas * thresholds, dtype=np.uint64)
+    return ((bits[None, :] >> shifts[:, None]) & np.uint64(1)).astype(bool).reshape(areas, thresholds, -1)

@@ -134,9 +134,9 @@ class DetectionModelConfig:
     exits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6])
     pretrained: str | None = None  # a local transformers Deformable DETR directory to start from
     # true: every backbone parameter trains and its norms are BatchNorm, for a backbone learnt from scratch;
-    # false: the library's recipe for an ImageNet-pretrained ResNet (frozen batch norm, stem and first stage
-    # frozen), which would leave a randomly initialised stem fixed
-    train_backbone: bool = True
+    # false: the library's recipe for a pretrained ResNet (frozen batch norm, stem and first stage frozen),
+    # which would leave a randomly initialised stem fixed; unset: true from scratch, false from `pretrained`
+    train_backbone: bool | None = None
     # what the gate sees, computed before any encoder layer: stride32 = the pooled stride-32 projected tokens
     # (level 2 of Deformable DETR's four, which run stride 8 first); levels = every level pooled (4 x hidden_dim)
     gate_input: str = "stride32"

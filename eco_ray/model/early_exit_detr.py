@@ -51,6 +51,14 @@ def _trainable(backbone: nn.Module) -> None:
         p.requires_grad_(True)
 
 
+def _stem_frozen(backbone: nn.Module) -> None:
+    """Deformable DETR's recipe for a pretrained ResNet: the stem and the first stage do not train, stages 2-4
+    do (the library's rule looks for timm's and older names, and from_pretrained turns every gradient back
+    on, so it is applied here by the names of transformers' ResNet)."""
+    for name, p in backbone.named_parameters():
+        p.requires_grad_(any(f"stages.{i}." in name for i in (1, 2, 3)))
+
+
 @dataclass
 class DetectionExitOutput:
     """Predictions of one exit. Lists run over decoder layers; the last entry is the final prediction."""
@@ -86,8 +94,10 @@ class EarlyExitDeformableDetr(EarlyExitModel):
         if len(self.detr.model.encoder.layers) != config.encoder_layers:
             raise ValueError(f"model has {len(self.detr.model.encoder.layers)} encoder layers, config says "
                              f"{config.encoder_layers}")
-        if config.train_backbone:
+        if config.train_backbone if config.train_backbone is not None else config.pretrained is None:
             _trainable(self.detr.model.backbone.model)
+        else:
+            _stem_frozen(self.detr.model.backbone.model)
 
     # library modules, by what they are
     @property

@@ -32,7 +32,7 @@ class EncoderInputs:
 
     embeds: Tensor  # (B, L, d) flattened multi-scale tokens after input projection
     pos: Tensor  # (B, L, d) positional + level embeddings
-    mask: Tensor  # (B, L) padding mask (True = a real pixel; all real here)
+    mask: Tensor  # (B, L) the padding mask in the convention of the model's layers (no padding here)
     reference_points: Tensor
     valid_ratios: Tensor
     spatial_shapes: list[tuple[int, int]]

@@ -68,18 +68,27 @@ def save_parent(model: EarlyExitModel, directory: str | Path, extra: dict | None
     return directory
 
 
-def load_parent(directory: str | Path) -> tuple[EarlyExitModel, dict]:
-    """-> (model in eval mode, the whole JSON config)."""
+def _check_task(meta: dict, task: str | None, directory) -> None:
+    have = meta.get("task", "panoptic")
+    if task is not None and have != task:
+        raise ModelFileError(f"{directory} holds a {have} parent; this takes a {task} parent")
+
+
+def load_parent(directory: str | Path, task: str | None = "panoptic") -> tuple[EarlyExitModel, dict]:
+    """-> (model in eval mode, the whole JSON config). ``task``: the task the caller serves (None: any); a
+    parent of another task is a ModelFileError that says so."""
     meta = _read_config(directory, "parent")
+    _check_task(meta, task, directory)
     model = _from_meta(meta)
     _load_weights(model, directory)
     return model.eval(), meta
 
 
-def read_parent_blob(directory: str | Path) -> dict:
+def read_parent_blob(directory: str | Path, task: str | None = "panoptic") -> dict:
     """A parent as plain bytes + config, to ship through Ray's object store to workers on other nodes
-    (which need no shared file system or MLflow access for the model)."""
+    (which need no shared file system or MLflow access for the model); ``task`` as for :func:`load_parent`."""
     meta = _read_config(directory, "parent")
+    _check_task(meta, task, directory)
     path = Path(directory) / WEIGHTS
     if not path.is_file():
         raise ModelFileError(f"weights not found: {path}")
@@ -112,8 +121,7 @@ def parent_from_pretrained(path: str | Path, config: ModelConfig | DetectionMode
     Architecture fields of ``config`` are taken from the checkpoint; ``exits`` and ``num_labels`` from
     ``config`` (a different number of labels re-initialises the class head). Nothing is downloaded."""
     path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ModelFileError(f"{path} is not a transformers model directory (no config.json)")
+    check_pretrained(path, task_of(config))
     if isinstance(config, DetectionModelConfig):
         return _detector_from_pretrained(path, config)
     m2f = Mask2FormerForUniversalSegmentation.from_pretrained(
@@ -128,6 +136,26 @@ def parent_from_pretrained(path: str | Path, config: ModelConfig | DetectionMode
                             "backbone": hf.backbone_config.model_type if hf.backbone_config.model_type in
                             ("resnet", "swin") else config.backbone, "pretrained": str(path)})
     return EarlyExitMask2Former(merged, m2f)
+
+
+def check_pretrained(path: str | Path, task: str = "panoptic") -> None:
+    """A local transformers directory that can start a parent of ``task``: a ModelFileError naming what is
+    wrong otherwise (read from its config.json, before any weights load)."""
+    path = Path(path)
+    try:
+        hf = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        raise ModelFileError(f"{path} is not a transformers model directory (no config.json); nothing is "
+                             f"downloaded") from None
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{path / 'config.json'}: cannot read it ({e})") from None
+    want = "deformable_detr" if task == "detection" else "mask2former"
+    if hf.get("model_type") != want:
+        raise ModelFileError(f"{path} holds a {hf.get('model_type')!r} model; a {task} parent starts from a "
+                             f"{want!r} one")
+    if task == "detection" and (hf.get("two_stage") or hf.get("num_feature_levels", 4) != 4):
+        raise ModelFileError(f"{path}: a two-stage Deformable DETR or one without 4 feature levels cannot have "
+                             f"early exits here (docs/model.md)")
 
 
 def _detector_from_pretrained(path: Path, config: DetectionModelConfig) -> EarlyExitDeformableDetr:

@@ -15,6 +15,7 @@ a segment if its won pixels with mask probability >= ``mask_threshold`` are non-
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -85,7 +86,9 @@ def to_detections(output, category_ids, sizes, top_k: int = DETECTIONS_PER_IMAGE
     """Per image, detections in COCO's result format (``category_id``, ``bbox`` [x, y, w, h] in pixels of
     ``sizes[i]`` = (height, width), ``score``), best first: transformers' Deformable DETR post-processing
     (sigmoid scores, the ``top_k`` best (query, class) pairs), with no score threshold, as COCO AP wants."""
-    kept = _detr_processor().post_process_object_detection(output, threshold=-1.0,
+    # in float32: bf16 scores (autocast) keep ~3 digits, and the ties they make would reorder COCO's ranking
+    full = SimpleNamespace(logits=output.logits.float(), pred_boxes=output.pred_boxes.float())
+    kept = _detr_processor().post_process_object_detection(full, threshold=-1.0,
                                                            target_sizes=[tuple(s) for s in sizes], top_k=top_k)
     ids = np.asarray(category_ids)
     out = []

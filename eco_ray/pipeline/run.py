@@ -105,9 +105,10 @@ class Pipeline:
         return self._stage("data", key, run, lambda out: (Path(out["root"]) / "eco_ray_synth.json").is_file())
 
     def train(self, data: dict) -> dict:
+        from eco_ray.train.config import train_config_key
         from eco_ray.train.ray_train import resume_training, run_training
 
-        key = content_hash({"data": data["key"], "train": asdict(self.cfg.train)})
+        key = content_hash({"data": data["key"], "train": train_config_key(self.cfg.train)})
 
         def run():
             name, resume = self._run_name("train", key, lambda n: (self.ctx.train_dir(n) / "run.json").is_file())

@@ -86,7 +86,8 @@ class DetectionTrainConfig(TrainConfig):
     task: str = "detection"
     model_preset: str = "small"  # a detector preset: tiny | small
     model: DetectionModelConfig = field(default_factory=DetectionModelConfig)
-    lr: float = 2e-4  # Deformable DETR's recipe: learning rate, weight decay, gradient clipping
+    lr: float = 2e-4  # Deformable DETR's learning rate, weight decay and gradient clipping (not its 0.1x rate
+    # for the sampling offsets and reference points: one rate for all)
     weight_decay: float = 1e-4
     grad_clip: float = 0.1
     registered_model: str = "eco-det-parent"
@@ -94,6 +95,17 @@ class DetectionTrainConfig(TrainConfig):
     @staticmethod
     def model_type() -> type:
         return DetectionModelConfig
+
+
+def train_config_key(cfg: TrainConfig) -> dict:
+    """The config as reuse keys and hashes see it: a panoptic config without its ``task``, so that runs made
+    before the task existed keep their keys (and their reuse)."""
+    from dataclasses import asdict
+
+    d = asdict(cfg)
+    if d.get("task") == "panoptic":
+        del d["task"]
+    return d
 
 
 def train_config_type(task: str) -> type[TrainConfig]:

@@ -29,7 +29,7 @@ from eco_ray.context import RunContext
 from eco_ray.errors import EcoRayError
 from eco_ray.files import write_json as _write_json, write_text
 from eco_ray.tasks import get_task
-from eco_ray.train.config import TrainConfig, requested, train_config_type
+from eco_ray.train.config import TrainConfig, requested, train_config_key, train_config_type
 
 CHECKPOINT_WEIGHTS = "model.safetensors"
 CHECKPOINT_OPTIMIZER = "optimizer.pt"
@@ -63,9 +63,13 @@ def check_inputs(cfg: TrainConfig, data_root: str) -> dict:
                           f"{cfg.num_workers} workers with batch {per_worker} each")
     if len(val) == 0:
         raise ConfigError(f"data_root={data_root!r} has no validation images")
-    if cfg.model.pretrained and not (Path(cfg.model.pretrained) / "config.json").is_file():
-        raise ConfigError(f"model.pretrained={cfg.model.pretrained!r} is not a local transformers model directory "
-                          f"(no config.json); nothing is downloaded")
+    if cfg.model.pretrained:
+        from eco_ray.model.io import ModelFileError, check_pretrained
+
+        try:
+            check_pretrained(cfg.model.pretrained, cfg.task)
+        except ModelFileError as e:
+            raise ConfigError(f"model.pretrained={cfg.model.pretrained!r}: {e}") from None
     categories = task.categories(train)
     return {"num_labels": len(categories), "categories": categories, "train_images": len(train),
             "val_images": len(val), "data_hash": dataset_hash(data_root, cfg.task)}
@@ -221,7 +225,8 @@ def new_run_name() -> str:
 
 
 def run_training(cfg: TrainConfig, *, data_root: str | Path, ctx: RunContext, name: str | None = None) -> dict:
-    """Train a new parent on the COCO-panoptic dataset at ``data_root``; returns a summary with the run name,
+    """Train a new parent of the config's task on the dataset at ``data_root`` (COCO panoptic or instance
+    files); returns a summary with the run name,
     MLflow run id and the registered model version. A name already taken is refused (resume it instead)."""
     from eco_ray.config import to_yaml
     from eco_ray.tracking import Stage, Tag
@@ -240,7 +245,7 @@ def run_training(cfg: TrainConfig, *, data_root: str | Path, ctx: RunContext, na
     base.mkdir(parents=True, exist_ok=True)
     write_text(base / "config.yaml", to_yaml(cfg))
     run_id = tracker.start_run(Stage.TRAIN, name, {Tag.DATA_HASH: facts["data_hash"],
-                                                   Tag.CONFIG_HASH: content_hash(asdict(cfg))},
+                                                   Tag.CONFIG_HASH: content_hash(train_config_key(cfg))},
                                {**asdict(cfg), "data_root": data_root})
     info = {"name": name, "run_id": run_id, "tracking_uri": ctx.tracking_uri, "data_hash": facts["data_hash"],
             "data_root": data_root}
@@ -333,7 +338,7 @@ def _finish(cfg: TrainConfig, name: str, base: Path, run_id: str, tracker, facts
         tracker.log_artifact(run_id, plot)
     tracker.log_metrics(run_id, {"train_seconds": seconds})
     version = tracker.register(cfg.registered_model, run_id, "parent", tags={
-        Tag.DATA_HASH: facts["data_hash"], Tag.CONFIG_HASH: content_hash(asdict(cfg)), "train_run": name,
+        Tag.DATA_HASH: facts["data_hash"], Tag.CONFIG_HASH: content_hash(train_config_key(cfg)), "train_run": name,
         "steps": state["step"], **{f"val_{task.metric}_exit{k}": f"{v:.4f}" for k, v in main.items() if v is not None}},
         description=f"eco-ray early-exit {task.model_name} parents (Step A)")
     tracker.end_run(run_id)
