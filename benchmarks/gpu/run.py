@@ -115,7 +115,8 @@ def main() -> None:
     mix = {k: float(v) for k, v in (item.split(":") for item in args.kind_mix.split(","))}
     synth = SynthConfig(size=cfg["size"], seed=args.seed, kind_mix=mix)
     if not (out / "data" / "annotations" / "panoptic_val.json").is_file():
-        write_dataset(out / "data", synth, {"train": cfg["train"], "val": cfg["val"]}, workers=cfg["workers"])
+        write_dataset(out / "data", synth, {"train": cfg["train"], "val": cfg["val"]}, workers=cfg["workers"],
+                      instances=False)
     train_ds, val_ds = (CocoPanopticDataset.from_root(out / "data", s) for s in ("train", "val"))
     timings["data_s"] = time.perf_counter() - t
     log(f"data: {len(train_ds)} train / {len(val_ds)} val images at {cfg['size']} px in {timings['data_s']:.0f} s")

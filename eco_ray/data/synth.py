@@ -317,7 +317,7 @@ def _thing_fill(cfg: SynthConfig, canvas: _Canvas, kind: str, rng, under: np.nda
 
 # ----------------------------------------------------------------------------------------------- dataset
 def _encode_one(args) -> tuple[dict, dict, list[dict]]:
-    cfg, split, index, out = args
+    cfg, split, index, out, instances = args
     image, id_map, category_of, meta = generate_image(cfg, split, index)
     image_id = index + 1
     name = f"{image_id:012d}.png"
@@ -326,13 +326,16 @@ def _encode_one(args) -> tuple[dict, dict, list[dict]]:
     image_entry = {"id": image_id, "file_name": name, "width": cfg.size, "height": cfg.size, **meta}
     segments = segments_from_id_map(id_map, category_of)
     ann = {"image_id": image_id, "file_name": name, "segments_info": segments}
-    return image_entry, ann, instance_annotations(id_map, segments, image_id, THING_IDS)
+    return image_entry, ann, instance_annotations(id_map, segments, image_id, THING_IDS) if instances else []
 
 
 def write_dataset(out: str | Path, cfg: SynthConfig, splits: dict[str, int], workers: int | None = None,
-                  progress=None) -> dict:
+                  progress=None, *, instances: bool = True) -> dict:
     """Write a COCO-panoptic dataset in the COCO 2017 layout, with COCO instance annotations of its things for
-    the same scenes (``instances_<split>.json``); return a summary (counts, timing, histograms)."""
+    the same scenes (``instances_<split>.json``); return a summary (counts, timing, histograms).
+
+    ``instances=False`` writes the panoptic files only, so a panoptic-only run needs no pycocotools (their
+    masks are RLE-encoded with it); ``data instances`` adds them later from the panoptic files."""
     cfg.validate()
     out = Path(out)
     workers = workers or min(4, os.cpu_count() or 1)
@@ -341,20 +344,22 @@ def write_dataset(out: str | Path, cfg: SynthConfig, splits: dict[str, int], wor
     for split, n in splits.items():
         (out / split).mkdir(parents=True, exist_ok=True)
         (out / "annotations" / f"panoptic_{split}").mkdir(parents=True, exist_ok=True)
-        jobs = [(cfg, split, i, out) for i in range(n)]
-        images, anns, instances = [], [], []
+        jobs = [(cfg, split, i, out, instances) for i in range(n)]
+        images, anns, instance_lists = [], [], []
         with ProcessPoolExecutor(workers) as pool:
             for k, (im, ann, inst) in enumerate(pool.map(_encode_one, jobs, chunksize=32)):
                 images.append(im)
                 anns.append(ann)
-                instances.append(inst)
+                instance_lists.append(inst)
                 if progress and (k + 1) % 250 == 0:
                     progress(split, k + 1, n)
         info = {"description": "eco-ray synthetic panoptic benchmark", "generator": asdict(cfg), "split": split}
         doc = {"info": info, "licenses": [], "images": images, "annotations": anns, "categories": CATEGORIES}
         (out / "annotations" / f"panoptic_{split}.json").write_text(json.dumps(doc))
         plain = [{k: im[k] for k in ("id", "file_name", "width", "height")} for im in images]
-        instances_path(out, split).write_text(json.dumps(instances_document(plain, instances, CATEGORIES, info)))
+        if instances:
+            document = instances_document(plain, instance_lists, CATEGORIES, info)
+            instances_path(out, split).write_text(json.dumps(document))
         summary["splits"][split] = describe(images)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     return summary
