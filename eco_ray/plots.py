@@ -31,28 +31,31 @@ def _static_and_oracle(ax, static, oracle, key: str) -> None:
     """Static depth (annotated by exit) and the oracle curve; points are OperatingPoints."""
     pts = [p for p in static if getattr(p, key) is not None]
     if pts:
-        ax.plot([p.cost(key) for p in pts], [p.pq for p in pts], "o-", color="0.3", label="static depth")
+        ax.plot([p.cost(key) for p in pts], [p.quality for p in pts], "o-", color="0.3", label="static depth")
         for p in pts:
-            ax.annotate(f"exit {p.exit}", (p.cost(key), p.pq), textcoords="offset points", xytext=(3, -10),
+            ax.annotate(f"exit {p.exit}", (p.cost(key), p.quality), textcoords="offset points", xytext=(3, -10),
                         fontsize=7, color="0.3")
     pts = sorted((p for p in oracle if getattr(p, key) is not None), key=lambda p: p.cost(key))
     if pts:
-        ax.plot([p.cost(key) for p in pts], [p.pq for p in pts], "--", color="tab:green", label="oracle (per image)")
+        ax.plot([p.cost(key) for p in pts], [p.quality for p in pts], "--", color="tab:green",
+                label="oracle (per image)")
     ax.set_xlabel(COST_LABELS.get(key, key))
     ax.grid(alpha=0.3)
 
 
 def plot_tradeoff(static, oracle, gates: dict[str, list], path: str | Path, cost_key: str = "encoder_gflops_mean",
                   title: str = "") -> Path:
-    """PQ against mean cost: static-depth curve, oracle curve, and the gate points (one series per label)."""
+    """Quality (PQ, or AP for a detector) against mean cost: static-depth curve, oracle curve, and the gate
+    points (one series per label)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4.2))
     _static_and_oracle(ax, static, oracle, cost_key)
     markers = iter("s^Dv*Px")
     for label, points in gates.items():
         pts = sorted(points, key=lambda p: p.cost(cost_key))
-        ax.plot([p.cost(cost_key) for p in pts], [p.pq for p in pts], next(markers, "o"), ls=":", ms=7, label=label)
-    ax.set_ylabel("validation PQ")
+        ax.plot([p.cost(cost_key) for p in pts], [p.quality for p in pts], next(markers, "o"), ls=":", ms=7,
+                label=label)
+    ax.set_ylabel(f"validation {static[0].metric.upper() if static else 'PQ'}")
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
@@ -101,20 +104,25 @@ def plot_sweep(summary, path: str | Path) -> Path:
 
 
 def plot_derived(manifest: dict, path: str | Path) -> Path:
-    """Static PQ per exit, and the histogram of each image's shallowest sufficient exit, per split."""
+    """Static quality (PQ, or AP for a detector) per exit, and the histogram of each image's shallowest
+    sufficient exit, per split."""
+    from eco_ray.tasks import get_task
+
+    task = get_task(manifest.get("task", "panoptic"))
     plt = _pyplot()
     exits = manifest["exits"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for split, s in manifest["splits"].items():
         static = {int(k): v for k, v in s["static"].items()}
-        ax1.plot(exits, [static[k]["pq"] for k in exits], marker="o", label=f"{split} PQ")
+        ax1.plot(exits, [static[k][task.metric] for k in exits], marker="o", label=f"{split} {task.metric_label}")
         hist = {int(k): v for k, v in s["sufficient_exit_histogram"].items()}
         counts = np.asarray([hist.get(k, 0) for k in exits], float)
         ax2.plot(exits, counts / max(counts.sum(), 1), marker="s", label=split)
-    ax1.set(xlabel="exit (encoder layers run)", ylabel="PQ (plain view)", xticks=exits, title="static depth")
+    ax1.set(xlabel="exit (encoder layers run)", ylabel=f"{task.metric_label} (plain view)", xticks=exits,
+            title="static depth")
     tol = manifest["config"]["sufficient_tolerance"]
     ax2.set(xlabel="shallowest sufficient exit", ylabel="share of images", xticks=exits,
-            title=f"per-image PQ within {tol} of exit {exits[-1]}")
+            title=f"per-image label within {tol} of exit {exits[-1]}")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -150,32 +158,33 @@ def plot_diagnosis(d, path: str | Path, title: str = "") -> Path:
     point with its bootstrap 95% interval on the lead over the static line (right panel)."""
     plt = _pyplot()
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 4.2))
-    ax.plot([p["encoder_gflops_mean"] for p in d.static], [p["pq"] for p in d.static], "o-", color="0.3",
+    metric, label = d.metric, d.metric.upper()
+    ax.plot([p["encoder_gflops_mean"] for p in d.static], [p[metric] for p in d.static], "o-", color="0.3",
             label="static depth")
     for p in d.static:
-        ax.annotate(f"exit {p['exit']}", (p["encoder_gflops_mean"], p["pq"]), textcoords="offset points",
+        ax.annotate(f"exit {p['exit']}", (p["encoder_gflops_mean"], p[metric]), textcoords="offset points",
                     xytext=(3, -10), fontsize=7, color="0.3")
     series = [("usual oracle (noise-inflated)", d.oracle, "tab:green", "^"),
               ("cross-view oracle (what is real)", d.cross_view_oracle, "tab:orange", "s")]
     if d.gate is not None:
         series.append((f"gate ({d.gate_source or 'given'})", [d.gate], "tab:blue", "D"))
-    for i, (label, leads, colour, marker) in enumerate(series):
-        ax.plot([p.encoder_gflops_mean for p in leads], [p.pq for p in leads], marker, color=colour, ls="",
-                label=label)
+    for i, (name, leads, colour, marker) in enumerate(series):
+        ax.plot([p.encoder_gflops_mean for p in leads], [p.quality for p in leads], marker, color=colour, ls="",
+                label=name)
         xs = np.arange(len(leads)) + 0.25 * i
         bx.errorbar(xs, [p.lead for p in leads],
                     yerr=[[p.lead - p.lead_ci95[0] for p in leads], [p.lead_ci95[1] - p.lead for p in leads]],
-                    fmt=marker, color=colour, capsize=3, label=label)
+                    fmt=marker, color=colour, capsize=3, label=name)
     labels = [f"beta {p.beta:g}" for p in d.cross_view_oracle]
     bx.set_xticks(np.arange(len(labels)), labels)
     bx.axhline(0, color="0.3", lw=1)
     bx.axhline(d.min_lead, color="0.5", lw=1, ls=":", label=f"worth it: {d.min_lead:+g}")
-    bx.set_ylabel("PQ lead over the static line at equal compute")
+    bx.set_ylabel(f"{label} lead over the static line at equal compute")
     bx.set_title(f"verdict: {d.verdict} (95% intervals, {d.images} {d.split} images)", fontsize=9)
     bx.grid(alpha=0.3)
     bx.legend(fontsize=7)
     ax.set_xlabel(COST_LABELS["encoder_gflops_mean"])
-    ax.set_ylabel(f"{d.split} PQ")
+    ax.set_ylabel(f"{d.split} {label}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     if title:

@@ -8,31 +8,50 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-# the numeric figures of an operating point that trials report, MLflow logs and budgets read
-METRICS = ("pq", "pq_things", "pq_stuff", "sq", "rq", "miou", "encoder_gflops_mean", "encoder_gflops_p95",
-           "latency_ms_mean", "latency_ms_p95", "layers_mean", "layers_p95")
+# the numeric figures of an operating point that trials report, MLflow logs and budgets read: a segmenter's
+# PQ and its parts, or a detector's COCO AP and its parts, then the costs
+QUALITY_METRICS = {"pq": ("pq", "pq_things", "pq_stuff", "sq", "rq", "miou"), "ap": ("ap", "ap50", "ap75")}
+COST_METRICS = ("encoder_gflops_mean", "encoder_gflops_p95", "latency_ms_mean", "latency_ms_p95", "layers_mean",
+                "layers_p95")
+METRICS = (*QUALITY_METRICS["pq"], *QUALITY_METRICS["ap"], *COST_METRICS)
 
 
 @dataclass
 class OperatingPoint:
-    """A per-image exit assignment evaluated exactly on a split: quality, cost, and where the images went."""
+    """A per-image exit assignment evaluated exactly on a split: quality, cost, and where the images went.
 
-    pq: float
-    pq_things: float
-    pq_stuff: float
-    sq: float
-    rq: float
-    miou: float
+    The quality is the task's: PQ (with things, stuff, SQ, RQ, mIoU) for a segmenter, COCO AP (with AP50,
+    AP75) for a detector; the other task's fields stay None."""
+
     encoder_gflops_mean: float
     encoder_gflops_p95: float
     layers_mean: float
     layers_p95: float
     exit_histogram: dict[int, int]
+    pq: float | None = None
+    pq_things: float | None = None
+    pq_stuff: float | None = None
+    sq: float | None = None
+    rq: float | None = None
+    miou: float | None = None
+    ap: float | None = None
+    ap50: float | None = None
+    ap75: float | None = None
     latency_ms_mean: float | None = None  # None where the table has no measured latency
     latency_ms_p95: float | None = None
     exit: int | None = None  # a static-depth point: every image at this exit
     beta: float | None = None  # a gate's or an oracle's trade-off
     picked_on: str | None = None  # the cross-view oracle: the view the exits were picked on
+
+    @property
+    def metric(self) -> str:
+        """``pq`` or ``ap``: which quality this point has."""
+        return "pq" if self.pq is not None else "ap"
+
+    @property
+    def quality(self) -> float:
+        """The point's headline quality: PQ, or AP for a detector."""
+        return float(self.pq if self.pq is not None else self.ap)
 
     def metrics(self) -> dict[str, float]:
         """The numeric figures that are set (a point without latency has no latency key)."""
@@ -58,9 +77,10 @@ class OperatingPoint:
 
 
 def static_at(static: list[OperatingPoint], cost: float, key: str = "encoder_gflops_mean") -> float:
-    """PQ of the static-depth curve at ``cost`` (linear between exits): the equal-compute baseline."""
+    """The quality (PQ or AP) of the static-depth curve at ``cost`` (linear between exits): the equal-compute
+    baseline."""
     pts = sorted(static, key=lambda p: p.cost(key))
-    return float(np.interp(cost, [p.cost(key) for p in pts], [p.pq for p in pts]))
+    return float(np.interp(cost, [p.cost(key) for p in pts], [p.quality for p in pts]))
 
 
 @dataclass

@@ -75,14 +75,22 @@ def evaluate_assignment(stats: PanopticStats | SparseStats, choice: np.ndarray, 
     (N, E, C) dense or sparse."""
     choice = np.asarray(choice, dtype=np.int64)
     r = aggregate(assignment_totals(stats, choice), categories)
+    return operating_point(choice, costs, exits, pq=r.pq, pq_things=r.pq_things, pq_stuff=r.pq_stuff, sq=r.sq,
+                           rq=r.rq, miou=r.miou)
+
+
+def operating_point(choice: np.ndarray, costs: dict[str, Sequence[float]], exits: Sequence[int],
+                    **quality: float) -> OperatingPoint:
+    """The point of a per-image choice of exit indices with its ``quality`` figures (the task's): mean and
+    p95 of each cost, and the exit histogram."""
+    choice = np.asarray(choice, dtype=np.int64)
     spent = {}
     for name, per_exit in costs.items():
         values = np.asarray(per_exit, dtype=np.float64)[choice]
         spent[f"{name}_mean"] = float(values.mean()) if values.size else 0.0
         spent[f"{name}_p95"] = float(np.percentile(values, 95)) if values.size else 0.0
     counts = np.bincount(choice, minlength=len(exits))
-    return OperatingPoint(pq=r.pq, pq_things=r.pq_things, pq_stuff=r.pq_stuff, sq=r.sq, rq=r.rq, miou=r.miou,
-                          exit_histogram={int(k): int(n) for k, n in zip(exits, counts)}, **spent)
+    return OperatingPoint(exit_histogram={int(k): int(n) for k, n in zip(exits, counts)}, **spent, **quality)
 
 
 def static_points(stats: PanopticStats | SparseStats, categories: CategorySet, costs: dict[str, Sequence[float]],

@@ -102,3 +102,87 @@ def test_flat_records_of_two_views_assemble_any_assignment_and_round_trip_throug
         flat.ap(np.zeros(3, int))
     with pytest.raises(ValueError, match="exit indices must lie"):
         flat.ap(np.full(30, 3))
+
+
+def _records(seed: int, n_images: int = 24, n_exits: int = 3, distinct: bool = False):
+    gt, per_exit = _scene(seed, n_images=n_images, n_exits=n_exits)
+    if distinct:  # no two detections share a score
+        rng = np.random.default_rng(seed)
+        for dets in per_exit:
+            for d in dets:
+                d["score"] = float(rng.random())
+    view0 = {k: match_images(gt, dets) for k, dets in enumerate(per_exit)}
+    view1 = {k: match_images(gt, dets) for k, dets in enumerate(per_exit[::-1])}
+    return gt, per_exit, view0, view1, DetectionRecords.from_matches([view0, view1])
+
+
+def test_many_assignments_at_once_equal_the_assembled_ap_ties_included():
+    gt, per_exit, view0, view1, flat = _records(21)
+    rng = np.random.default_rng(0)
+    assign = rng.integers(0, 3, (7, len(flat)))
+    assign[0], assign[1] = 0, 2
+    for view in (0, 1):
+        got = flat.ap_of(assign, view=view)
+        want = [flat.ap(a, view)["AP"] for a in assign]
+        assert got == pytest.approx(want, abs=1e-12)
+    # counts of 0 leave images out, as a subset does
+    keep = (np.arange(len(flat)) % 4 != 1).astype(float)
+    assert flat.ap_of(assign[2], keep[None])[0] == pytest.approx(flat.ap(assign[2], images=keep > 0)["AP"], abs=1e-12)
+
+
+def test_an_image_counted_twice_is_cocoeval_on_two_copies_of_it():
+    gt, per_exit, view0, view1, flat = _records(22, distinct=True)
+    rng = np.random.default_rng(1)
+    ids = flat.image_ids.tolist()
+    for _ in range(3):
+        counts = rng.integers(0, 4, len(ids))
+        choice = rng.integers(0, 3, len(ids))
+        copies = {"images": [], "annotations": [], "categories": gt["categories"]}
+        dets = []
+        for n, i in enumerate(ids):
+            for c in range(counts[n]):
+                new_id = i + 100000 * c
+                copies["images"].append({**next(im for im in gt["images"] if im["id"] == i), "id": new_id})
+                copies["annotations"] += [{**a, "image_id": new_id} for a in gt["annotations"] if a["image_id"] == i]
+                dets += [{**d, "image_id": new_id} for d in per_exit[choice[n]] if d["image_id"] == i]
+        want = coco_eval(copies, dets)["AP"]
+        assert flat.ap_of(choice, counts[None])[0] == pytest.approx(want, abs=1e-12)
+
+
+def test_per_image_ap_and_contributions_are_what_their_definitions_say():
+    gt, per_exit, view0, view1, flat = _records(23, n_images=14)
+    ids = flat.image_ids.tolist()
+    own = flat.per_image_ap()
+    for n, i in enumerate(ids):
+        for v, view in enumerate((view0, view1)):
+            for k in range(3):
+                assert own[n, v, k] == pytest.approx(max(0.0, accumulate({i: view[k][i]})["AP"]), abs=1e-12)
+    block = 5
+    dap = flat.contributions(block=block)
+    assert np.all(dap[:, :, -1] == 0)
+    for n, i in enumerate(ids):
+        start = n - n % block
+        members = ids[start:start + block]
+        for v, view in enumerate((view0, view1)):
+            base = accumulate({j: view[2][j] for j in members})["AP"]
+            for k in range(2):
+                moved = accumulate({j: view[k if j == i else 2][j] for j in members})["AP"]
+                assert dap[n, v, k] == pytest.approx((moved - base) * len(members), abs=1e-9)
+    assert np.abs(dap[:, :, :2]).max() > 0  # the exits do differ
+
+
+def test_records_split_by_image_and_exit_and_join_again():
+    gt, per_exit, view0, view1, flat = _records(24, n_images=12)
+    mask = np.arange(12) % 3 != 0
+    part, rest = flat.take(mask), flat.take(~mask)
+    choice = np.random.default_rng(2).integers(0, 3, 12)
+    assert part.ap(choice[mask])["AP"] == pytest.approx(flat.ap(choice, images=mask)["AP"], abs=1e-12)
+    joined = DetectionRecords.concat([rest, part])
+    assert joined.image_ids.tolist() == flat.image_ids.tolist()
+    assert joined.ap(choice, 1) == pytest.approx(flat.ap(choice, 1), abs=1e-12)
+    two = flat.with_exits([0, 2])
+    assert two.exits == [0, 2]
+    assert two.ap(np.where(choice == 2, 1, 0))["AP"] == pytest.approx(flat.ap(np.where(choice == 2, 2, 0))["AP"],
+                                                                       abs=1e-12)
+    with pytest.raises(ValueError, match="overlap"):
+        DetectionRecords.concat([flat, part])

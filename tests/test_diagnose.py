@@ -97,8 +97,8 @@ def test_a_planted_depth_need_that_a_feature_predicts_pays():
     assert d.gain_reliability[2] > 0.5
     gate_input = next(p for p in d.probes if p.input == "gate input")
     assert gate_input.share > 0.7  # the feature carries the real gain
-    assert d.per_kind_pq_by_exit["hard"][6] - d.per_kind_pq_by_exit["hard"][2] > 0.2
-    assert abs(d.per_kind_pq_by_exit["easy"][6] - d.per_kind_pq_by_exit["easy"][2]) < 0.02
+    assert d.per_kind_by_exit["hard"][6] - d.per_kind_by_exit["hard"][2] > 0.2
+    assert abs(d.per_kind_by_exit["easy"][6] - d.per_kind_by_exit["easy"][2]) < 0.02
     # a gate that sends exactly the hard images deep captures most of it
     hard = split.gate_features[:, 0] > 0
     gate = diagnose(split, CATS, GFLOPS, resamples=300, gate_choice=np.where(hard, 4, 0), gate_source="perfect")
@@ -169,7 +169,7 @@ def test_the_diagnose_command_on_tables_on_disk(tmp_path, capsys):
     assert "verdict: PAYS" in out and "cross-view oracle" in out and (good / "diagnosis.png").stat().st_size > 0
     assert main(["diagnose", "--derived", str(good), "--resamples", "100", "--json", "--exits", "2,4,6"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["exits"] == [2, 4, 6] and doc["schema_version"] == 1 and set(doc["static"][0]) >= {"exit", "pq"}
+    assert doc["exits"] == [2, 4, 6] and doc["schema_version"] == 2 and set(doc["static"][0]) >= {"exit", "pq"}
     split = table(30)
     one_view = table_dir("one-view", replace(split, views=["plain"], stats=split.dense_stats()[:, :1]))
     empty = table_dir("empty", split.subset(np.zeros(30, bool)))

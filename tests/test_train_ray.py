@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -194,9 +195,10 @@ def test_resume_after_the_driver_is_killed(synth_root, tmp_path):
 
 
 
-def test_a_detector_trains_on_coco_instances_and_registers(ray_cluster, synth_root, tmp_path):
+def test_a_detector_trains_registers_and_derives_its_table(ray_cluster, synth_root, tmp_path):
     """Step A for detection: the same Ray Train loop, the task's batches, loss and validation (COCO AP), the
-    detector registered under its own name and loading as one."""
+    detector registered under its own name and loading as one. Then Step B from the registry on the same Ray
+    (the table's AP per exit is the validation's on the same images) and the verdict on it."""
     from eco_ray.data.coco_instances import CocoInstancesDataset
     from eco_ray.data.collate import collate_detection
     from eco_ray.model.early_exit_detr import EarlyExitDeformableDetr
@@ -219,3 +221,29 @@ def test_a_detector_trains_on_coco_instances_and_registers(ray_cluster, synth_ro
     with torch.no_grad():
         dets = to_detections(model.forward_per_image(batch["pixel_values"], [3, 6]), ds.category_ids, batch["sizes"])
     assert [len(d) for d in dets] == [100, 100]
+
+    from eco_ray.config import load_config
+    from eco_ray.derive.config import DeriveConfig
+    from eco_ray.derive.run import run_derive
+    from eco_ray.derive.table import DerivedDataset
+    from eco_ray.diagnose.run import diagnose_table
+
+    ctx = RunContext.create(tmp_path, summary["tracking_uri"])
+    derive_cfg = load_config(DeriveConfig, overrides=["max_images=8", "chunk_size=3", "batch_size=4",
+                                                      "label_block=4", "measure_latency=false"])
+    manifest = run_derive(derive_cfg, parent=summary["model_uri"], data_root=synth_root, ctx=ctx)
+    table = DerivedDataset.open(manifest["path"])
+    val = table.split("val")
+    assert manifest["task"] == "detection" and table.exits == [3, 6] and len(val) == 8
+    for k in (3, 6):  # the validation scored the same first 8 images at each exit
+        assert table.static("val")[k]["ap"] == pytest.approx(summary["val_ap_per_exit"][k], abs=1e-6)
+    assert val.labels["dap"].shape == (8, 2, 2) and np.all(val.labels["dap"][:, :, -1] == 0)
+    runs = client.search_runs([client.get_run(manifest["mlflow_run_id"]).info.experiment_id],
+                              f"attributes.run_id = '{manifest['mlflow_run_id']}'")
+    assert {"val_ap_exit3", "val_ap50_exit6"} <= set(runs[0].data.metrics)
+    again = run_derive(derive_cfg, parent=summary["model_uri"], data_root=synth_root, ctx=ctx)
+    assert again["reused"] and again["key"] == manifest["key"]
+    d, plot = diagnose_table(manifest["path"], ctx, resamples=50)
+    assert d.metric == "ap" and plot.is_file() and len(d.cross_view_oracle) == 3
+    with pytest.raises(ConfigError, match="data_root="):
+        run_derive(derive_cfg, parent=summary["model_uri"], data_root=tmp_path / "nowhere", ctx=ctx)

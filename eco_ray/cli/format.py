@@ -76,9 +76,14 @@ def derived(m: dict, tolerance: float) -> str:
     for split, s in m["splits"].items():
         static = {int(k): v for k, v in s["static"].items()}
         lines.append(f"[{split}] {s['images']} images in {m['timings'].get(split, {}).get('seconds', '?')} s")
-        lines.append("  static PQ per exit:     " + ", ".join(f"{k}: {static[k]['pq']:.3f}" for k in exits))
-        lines.append(f"  things / stuff at exit {exits[-1]}: {static[exits[-1]]['pq_things']:.3f} / "
-                     f"{static[exits[-1]]['pq_stuff']:.3f}")
+        if m.get("task", "panoptic") == "detection":
+            lines.append("  static AP per exit:     " + ", ".join(f"{k}: {static[k]['ap']:.3f}" for k in exits))
+            lines.append(f"  AP50 / AP75 at exit {exits[-1]}: {static[exits[-1]]['ap50']:.3f} / "
+                         f"{static[exits[-1]]['ap75']:.3f}")
+        else:
+            lines.append("  static PQ per exit:     " + ", ".join(f"{k}: {static[k]['pq']:.3f}" for k in exits))
+            lines.append(f"  things / stuff at exit {exits[-1]}: {static[exits[-1]]['pq_things']:.3f} / "
+                         f"{static[exits[-1]]['pq_stuff']:.3f}")
         nf = s["noise_floor"]
         if "mean_abs_diff" in nf:
             lines.append(f"  label noise (plain vs flip, same exit): mean |dq| {nf['mean_abs_diff']:.3f}, "
@@ -94,12 +99,15 @@ def derived(m: dict, tolerance: float) -> str:
 
 def gate(run) -> str:
     fit = run.fit
-    head = f"{'':>22} {'PQ':>6} {'things':>7} {'stuff':>6} {'GFLOPs':>8} {'p95':>7} {'ms':>6}  exits"
+    # a segmenter's PQ with things and stuff, or a detector's AP with AP50 and AP75
+    names = ("pq", "pq_things", "pq_stuff") if fit.static[0].metric == "pq" else ("ap", "ap50", "ap75")
+    labels = {"pq": "PQ", "pq_things": "things", "pq_stuff": "stuff", "ap": "AP", "ap50": "AP50", "ap75": "AP75"}
+    head = f"{'':>22} " + " ".join(f"{labels[n]:>7}" for n in names) + f" {'GFLOPs':>8} {'p95':>7} {'ms':>6}  exits"
 
     def row(label, p):
         ms = f"{p.latency_ms_mean:>6.2f}" if p.latency_ms_mean is not None else f"{'-':>6}"  # not derived
-        return (f"{label:>22} {p.pq:>6.3f} {p.pq_things:>7.3f} {p.pq_stuff:>6.3f} {p.encoder_gflops_mean:>8.4f} "
-                f"{p.encoder_gflops_p95:>7.4f} {ms}  {p.exit_histogram}")
+        return (f"{label:>22} " + " ".join(f"{getattr(p, n):>7.3f}" for n in names) +
+                f" {p.encoder_gflops_mean:>8.4f} {p.encoder_gflops_p95:>7.4f} {ms}  {p.exit_histogram}")
 
     lines = [f"{fit.kind} gate, cost {fit.cost}: fit {fit.fit_seconds:.2f} s, exact evaluation {fit.eval_seconds:.2f} s; "
              f"saved in {run.path} (MLflow run {run.run_id})", head]
@@ -166,17 +174,19 @@ def diagnosis(d, plot) -> str:
     lines += [f"  - {r}" for r in d.reasons]
     lines.append("")
     lines.append(f"{'':<34}" + "".join(f"{'exit ' + str(p['exit']):>9}" for p in d.static))
-    lines.append(f"{'static PQ':<34}" + "".join(f"{p['pq']:>9.4f}" for p in d.static))
+    label = d.metric.upper()
+    lines.append(f"{'static ' + label:<34}" + "".join(f"{p[d.metric]:>9.4f}" for p in d.static))
     lines.append(f"{'encoder GFLOPs':<34}" + "".join(f"{p['encoder_gflops_mean']:>9.4f}" for p in d.static))
-    for kind, row in d.per_kind_pq_by_exit.items():
-        lines.append(f"{'  PQ of ' + kind + ' images':<34}" + "".join(f"{row[p['exit']]:>9.4f}" for p in d.static))
+    for kind, row in d.per_kind_by_exit.items():
+        lines.append(f"{'  ' + label + ' of ' + kind + ' images':<34}" + "".join(f"{row[p['exit']]:>9.4f}"
+                                                                             for p in d.static))
     lines.append("")
-    lines.append(f"{'lead over static at equal compute':<34}{'beta':>7}{'PQ':>9}{'GFLOPs':>9}{'lead':>9}  95% interval")
-    for label, leads in (("usual oracle (noise-inflated)", d.oracle), ("cross-view oracle (real)", d.cross_view_oracle),
+    lines.append(f"{'lead over static at equal compute':<34}{'beta':>7}{label:>9}{'GFLOPs':>9}{'lead':>9}  95% interval")
+    for name, leads in (("usual oracle (noise-inflated)", d.oracle), ("cross-view oracle (real)", d.cross_view_oracle),
                          ("gate", [d.gate] if d.gate else [])):
         for p in leads:
             beta = f"{p.beta:g}" if p.beta is not None else "-"
-            lines.append(f"{label:<34}{beta:>7}{p.pq:>9.4f}{p.encoder_gflops_mean:>9.4f}{p.lead:>+9.4f}  "
+            lines.append(f"{name:<34}{beta:>7}{p.quality:>9.4f}{p.encoder_gflops_mean:>9.4f}{p.lead:>+9.4f}  "
                          f"[{p.lead_ci95[0]:+.4f}, {p.lead_ci95[1]:+.4f}]")
     lines.append("")
     rel = ", ".join(f"{k}: {v:+.2f}" for k, v in d.gain_reliability.items())

@@ -79,7 +79,8 @@ def instances_from_panoptic(dataset: CocoPanopticDataset, progress=None) -> dict
     for i in range(len(dataset)):
         id_map, segments = dataset.ground_truth(i)
         meta = dataset.image_meta(i)
-        images.append({k: meta[k] for k in ("id", "file_name", "width", "height") if k in meta})
+        images.append({k: v for k, v in meta.items()
+                       if k in ("id", "file_name", "width", "height") or k.startswith("eco_")})
         per_image.append(instance_annotations(id_map, segments, int(meta["id"]), thing_ids))
         if progress and (i + 1) % 500 == 0:
             progress(i + 1, len(dataset))

@@ -356,7 +356,8 @@ def write_dataset(out: str | Path, cfg: SynthConfig, splits: dict[str, int], wor
         info = {"description": "eco-ray synthetic panoptic benchmark", "generator": asdict(cfg), "split": split}
         doc = {"info": info, "licenses": [], "images": images, "annotations": anns, "categories": CATEGORIES}
         (out / "annotations" / f"panoptic_{split}.json").write_text(json.dumps(doc))
-        plain = [{k: im[k] for k in ("id", "file_name", "width", "height")} for im in images]
+        plain = [{k: v for k, v in im.items() if k in ("id", "file_name", "width", "height") or k.startswith("eco_")}
+                 for im in images]
         if instances:
             document = instances_document(plain, instance_lists, CATEGORIES, info)
             instances_path(out, split).write_text(json.dumps(document))

@@ -30,7 +30,8 @@ class DeriveConfig:
     measure_latency: bool = True  # time every exit on this machine (else GFLOPs only)
     latency_repeats: int = 20
     gate_input: str | None = None  # stride32 | levels; default: the parent's (ModelConfig.gate_input)
-    sufficient_tolerance: float = 0.02  # per-image PQ within this of the deepest exit counts as sufficient
+    sufficient_tolerance: float = 0.02  # a label within this of the deepest exit's counts as sufficient
+    label_block: int = 256  # detection: each image's contribution to the AP is measured within blocks of this many
 
     def validate(self) -> None:
         if not self.splits:
@@ -39,7 +40,7 @@ class DeriveConfig:
                 len(set(self.views)) != len(self.views):
             raise ValueError(f"views must start with 'plain' and use each of {list(VIEWS)} at most once, "
                              f"got {self.views}")
-        for name in ("chunk_size", "batch_size", "latency_repeats"):
+        for name in ("chunk_size", "batch_size", "latency_repeats", "label_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_images < 0 or self.cpus_per_task <= 0 or self.gpus_per_task < 0:

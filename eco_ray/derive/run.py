@@ -1,10 +1,11 @@
 """Step B on Ray: the parent at every exit on every image, as a reusable, versioned derived dataset.
 
-Driver: resolves the parent (MLflow URI or directory), checks the dataset, computes the cache key
-(parent weights hash + annotation hashes + settings) and reuses an existing derived dataset with the
+Driver: resolves the parent (MLflow URI or directory) and its task, checks the dataset, computes the cache
+key (parent weights hash + annotation hashes + settings) and reuses an existing derived dataset with the
 same key. Otherwise it ships the parent's safetensors bytes through the object store and runs one Ray
 task per chunk of images (one multi-exit forward per image and view: backbone and encoder once, every
-exit tapped); a task lost with its worker is retried by Ray. Then it measures the exit cost table on
+exit tapped; what is kept of it is the task's: panoptic statistics or detection matching records); a task
+lost with its worker is retried by Ray. Then it measures the exit cost table on
 this machine, writes the split files and the manifest (see eco_ray/derive/table.py), and logs the
 dataset, its noise floor and plots to MLflow.
 """
@@ -19,14 +20,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 
 from eco_ray.cluster import init_ray
 from eco_ray.config import ConfigError, content_hash
 from eco_ray.context import RunContext
 from eco_ray.derive.config import DeriveConfig
 from eco_ray.tracking import Stage, Tag, parent_links
-from eco_ray.derive.table import MANIFEST, DerivedDataset, DerivedSplit, split_summary, write_manifest, write_split
+from eco_ray.derive.table import MANIFEST, DerivedDataset, write_manifest, write_split
 
 
 def _sha(path: Path) -> str:
@@ -37,34 +37,31 @@ def _sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def _derive_chunk(blob_ref, root: str, split: str, indices: list[int], views: list[str], batch_size: int,
-                  threshold: float, mask_threshold: float, overlap_threshold: float, gate_input: str) -> dict:
+def _derive_chunk(blob_ref, root: str, split: str, indices: list[int], cfg: DeriveConfig, gate_input: str) -> dict:
     """One Ray task: every exit of every view of ``indices``; plain arrays back to the driver."""
     import ray
     import torch
 
-    from eco_ray.data import CocoPanopticDataset
-    from eco_ray.evaluate import evaluate_exits
-    from eco_ray.metrics.panoptic import PanopticStats
-    from eco_ray.metrics.sparse import SparseStats
+    from eco_ray.tasks import get_task
 
     torch.set_num_threads(1)
     model = _cached_parent(blob_ref)
     on_gpu = torch.cuda.is_available() and bool(ray.get_gpu_ids())  # a task given gpus_per_task
     model.to("cuda" if on_gpu else "cpu")
     model.config.gate_input = gate_input  # the effective one, resolved by run_derive (workers cache the model)
-    ds = CocoPanopticDataset.from_root(root, split)
-    per_view = [evaluate_exits(model, ds, indices=indices, batch_size=batch_size, flip=(v == "flip"),
-                               threshold=threshold, mask_threshold=mask_threshold,
-                               overlap_threshold=overlap_threshold, autocast=on_gpu) for v in views]
-    stats = PanopticStats(**{k: np.stack([getattr(ev.stats, k) for ev in per_view], axis=1)
-                             for k in per_view[0].stats.as_dict()})
-    plain = per_view[0]
-    # sparse before it leaves the worker: the driver never holds the dense (image, view, exit, category) arrays
-    return {"image_ids": plain.image_ids, "exits": plain.exits, "stats": SparseStats.from_dense(stats),
-            "gate_features": plain.gate_features,
-            "kinds": [m.get("eco_kind", "") for m in plain.meta],
-            "num_objects": [int(m.get("eco_num_objects", -1)) for m in plain.meta]}
+    task = get_task(blob_ref["meta"].get("task", "panoptic"))
+    return task.derive_part(model, task.open_dataset(root, split), indices, cfg.views, cfg, autocast=on_gpu)
+
+
+def _ray_map(cfg: DeriveConfig):
+    """Run ``fn(*args)`` for each item as a Ray task (retried when lost with its worker); results in order."""
+    import ray
+
+    def map_blocks(fn, items):
+        remote = ray.remote(num_cpus=cfg.cpus_per_task, max_retries=3)(fn)
+        return ray.get([remote.remote(*args) for args in items])
+
+    return map_blocks
 
 
 _PARENT_CACHE: dict = {}
@@ -90,42 +87,50 @@ def _progress(split: str, done: int, total: int, t0: float) -> None:
 
 def run_derive(cfg: DeriveConfig, *, parent: str, data_root: str | Path, ctx: RunContext, out: str | Path | None = None,
                overwrite: bool = False) -> dict:
-    """Derive (or reuse) the table of ``parent`` (a models:/ or runs:/ URI, or a directory) on the COCO-panoptic
-    dataset at ``data_root``, into ``out`` (default ``<run_dir>/derived/<key>``); returns the manifest plus
-    ``{"path", "reused"}``."""
+    """Derive (or reuse) the table of ``parent`` (a models:/ or runs:/ URI, or a directory) on the dataset at
+    ``data_root`` (COCO panoptic for a segmenter, COCO instances for a detector: the parent's task), into
+    ``out`` (default ``<run_dir>/derived/<key>``); returns the manifest plus ``{"path", "reused"}``."""
     import ray
 
-    from eco_ray.data import CocoPanopticDataset, DatasetError
-    from eco_ray.metrics.panoptic import CategorySet
-    from eco_ray.model.io import parent_from_blob, read_parent_blob
+    from eco_ray.data import DatasetError
+    from eco_ray.model.io import ModelFileError, parent_from_blob, read_parent_blob
+    from eco_ray.tasks import get_task
     from eco_ray.tracking import describe_model_uri, resolve_model_dir
 
     cfg.validate()
     data_root = str(data_root)
     # everything that can fail does so before Ray starts
+    parent_info = describe_model_uri(parent, ctx.tracking_uri)
+    parent_dir = resolve_model_dir(parent, ctx.tracking_uri)
+    try:
+        blob = read_parent_blob(parent_dir, task=None)
+        task = get_task(blob["meta"].get("task", "panoptic"))
+    except (ModelFileError, ValueError) as e:
+        raise ConfigError(f"--parent {parent}: {e}") from None
     datasets = {}
     for split in cfg.splits:
         try:
-            datasets[split] = CocoPanopticDataset.from_root(data_root, split)
+            datasets[split] = task.open_dataset(data_root, split)
         except DatasetError as e:
             raise ConfigError(f"data_root={data_root!r}, split {split!r}: {e}") from None
-    parent_info = describe_model_uri(parent, ctx.tracking_uri)
-    parent_dir = resolve_model_dir(parent, ctx.tracking_uri)
-    blob = read_parent_blob(parent_dir)
     parent_info["weights_sha256"] = hashlib.sha256(blob["weights"]).hexdigest()
-    categories = CategorySet(datasets[cfg.splits[0]].categories.to_coco())
+    categories = task.categories(datasets[cfg.splits[0]])
     gate_input = cfg.gate_input or blob["meta"]["model"].get("gate_input", "stride32")
     model_categories = blob["meta"].get("categories")
-    if model_categories and list(CategorySet(model_categories).ids) != list(categories.ids):
-        raise ConfigError(f"the parent was trained on categories {list(CategorySet(model_categories).ids)}, but "
-                          f"{data_root} has {list(categories.ids)}")
+    ids = [int(c["id"]) for c in categories]
+    if model_categories and [int(c["id"]) for c in model_categories] != ids:
+        raise ConfigError(f"the parent was trained on categories {[int(c['id']) for c in model_categories]}, but "
+                          f"{data_root} has {ids}")
     data_info = {"root": str(Path(data_root).resolve()),
-                 "annotations_sha256": {s: _sha(ds.paths.annotations_json) for s, ds in datasets.items()}}
+                 "annotations_sha256": {s: _sha(task.annotation_file(data_root, s)) for s in datasets}}
+    settings = {"splits": cfg.splits, "views": cfg.views, "max_images": cfg.max_images}
+    if task.name == "panoptic":  # the thresholds of panoptic post-processing (a panoptic key is as it was)
+        settings.update(threshold=cfg.threshold, mask_threshold=cfg.mask_threshold,
+                        overlap_threshold=cfg.overlap_threshold)
+    else:
+        settings.update(task=task.name, label_block=cfg.label_block)
     key = content_hash({"parent": parent_info["weights_sha256"], "data": data_info["annotations_sha256"],
-                        "splits": cfg.splits, "views": cfg.views, "max_images": cfg.max_images,
-                        "threshold": cfg.threshold, "mask_threshold": cfg.mask_threshold,
-                        "overlap_threshold": cfg.overlap_threshold,
-                        **({"gate_input": cfg.gate_input} if cfg.gate_input else {})})
+                        **settings, **({"gate_input": cfg.gate_input} if cfg.gate_input else {})})
     out = Path(out) if out else ctx.derived_dir(key)
     if ctx.run_dir.resolve().is_relative_to(out.resolve()):
         # the table's files are logged to MLflow from `out`: an artifact store inside it would copy itself
@@ -144,7 +149,7 @@ def run_derive(cfg: DeriveConfig, *, parent: str, data_root: str | Path, ctx: Ru
     out.mkdir(parents=True)
 
     init_ray(ctx.address, log_to_driver=True)
-    task = ray.remote(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task, max_retries=3)(_derive_chunk)
+    remote = ray.remote(num_cpus=cfg.cpus_per_task, num_gpus=cfg.gpus_per_task, max_retries=3)(_derive_chunk)
     blob_ref = ray.put(blob)
     root = str(Path(data_root).resolve())
     t_start = time.perf_counter()
@@ -153,8 +158,7 @@ def run_derive(cfg: DeriveConfig, *, parent: str, data_root: str | Path, ctx: Ru
         n = len(ds) if cfg.max_images == 0 else min(cfg.max_images, len(ds))
         chunks = [list(range(i, min(i + cfg.chunk_size, n))) for i in range(0, n, cfg.chunk_size)]
         t0 = time.perf_counter()
-        pending = {task.remote(blob_ref, root, split, c, cfg.views, cfg.batch_size, cfg.threshold,
-                               cfg.mask_threshold, cfg.overlap_threshold, gate_input): len(c) for c in chunks}
+        pending = {remote.remote(blob_ref, root, split, c, cfg, gate_input): len(c) for c in chunks}
         parts, done = [], 0
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
@@ -163,7 +167,7 @@ def run_derive(cfg: DeriveConfig, *, parent: str, data_root: str | Path, ctx: Ru
                 done += pending.pop(ref)
             _progress(split, done, n, t0)
         timings[split] = {"images": n, "seconds": round(time.perf_counter() - t0, 2)}
-        splits[split] = _assemble(split, parts, cfg.views)
+        splits[split] = task.assemble_split(split, parts, cfg.views, cfg, map_blocks=_ray_map(cfg))
         write_split(out, splits[split])
     derive_seconds = time.perf_counter() - t_start
 
@@ -172,33 +176,23 @@ def run_derive(cfg: DeriveConfig, *, parent: str, data_root: str | Path, ctx: Ru
     model = parent_from_blob(blob)
     costs = exit_cost_table(model, repeats=cfg.latency_repeats, measure_latency=cfg.measure_latency)
     manifest = {
-        "key": key, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "parent": parent_info,
+        "key": key, "task": task.name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "parent": parent_info,
         "data": data_info, "config": asdict(cfg), "exits": model.exits, "views": cfg.views,
-        "categories": categories.to_coco(), "gate_input": gate_input, "gate_input_dim": int(next(iter(splits.values())).gate_features.shape[1]),
-        "costs": costs, "splits": {s: split_summary(d, categories, cfg.sufficient_tolerance) for s, d in splits.items()},
+        "categories": categories, "gate_input": gate_input,
+        "gate_input_dim": int(next(iter(splits.values())).gate_features.shape[1]), "costs": costs,
+        "splits": {s: task.split_summary(d, categories, cfg.sufficient_tolerance) for s, d in splits.items()},
         "timings": {**timings, "total_seconds": round(derive_seconds, 2), "cpus": ray.cluster_resources().get("CPU")},
     }
     tracker = ctx.tracker()
     manifest["mlflow_run_id"] = tracker.start_run(Stage.DERIVE, f"derive-{key}", {
         Tag.DERIVED_KEY: key, **parent_links(parent_info), Tag.DERIVED_PATH: str(out.resolve())}, asdict(cfg))
     write_manifest(out, manifest)  # last: a directory with a manifest is complete
-    _log_to_mlflow(tracker, out, manifest)
+    _log_to_mlflow(tracker, out, manifest, task)
     return {**DerivedDataset.open(out).manifest, "path": str(out), "reused": False}
 
 
-def _assemble(split: str, parts: list[dict], views: list[str]) -> DerivedSplit:
-    from eco_ray.metrics.sparse import SparseStats
-
-    ids = np.concatenate([p["image_ids"] for p in parts])
-    order = np.argsort(ids, kind="stable")
-    stats = SparseStats.concat([p["stats"] for p in parts]).take(order)
-    return DerivedSplit(split, ids[order].astype(np.int64), list(parts[0]["exits"]), views, stats,
-                        np.concatenate([p["gate_features"] for p in parts])[order].astype(np.float32),
-                        np.asarray(sum((p["kinds"] for p in parts), []), dtype=object)[order],
-                        np.asarray(sum((p["num_objects"] for p in parts), []), dtype=np.int64)[order])
-
-
-def _log_to_mlflow(tracker, out: Path, manifest: dict) -> None:
+def _log_to_mlflow(tracker, out: Path, manifest: dict, task) -> None:
     from eco_ray.plots import plot_derived
 
     run_id = manifest["mlflow_run_id"]
@@ -209,8 +203,7 @@ def _log_to_mlflow(tracker, out: Path, manifest: dict) -> None:
             metrics.update({f"{split}_noise_mean_abs_diff": nf["mean_abs_diff"],
                             f"{split}_noise_share_above_tol": nf["share_above_tolerance"]})
         for k, r in s["static"].items():
-            metrics.update({f"{split}_pq_exit{k}": r["pq"], f"{split}_pq_things_exit{k}": r["pq_things"],
-                            f"{split}_pq_stuff_exit{k}": r["pq_stuff"]})
+            metrics.update({f"{split}_{name}_exit{k}": r[name] for name, _ in task.validation_series})
     tracker.log_metrics(run_id, metrics)
     tracker.log_artifacts(run_id, out, "derived")
     with tempfile.TemporaryDirectory() as d:

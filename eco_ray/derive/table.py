@@ -41,6 +41,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from eco_ray.derive import _detection
 from eco_ray.errors import EcoRayError
 from eco_ray.metrics.panoptic import CategorySet, PanopticStats, per_image_pq, pq_contributions
 from eco_ray.metrics.sparse import STAT_NAMES, SparseStats
@@ -70,6 +71,9 @@ class DerivedSplit:
     num_objects: np.ndarray  # (N,) int64
     _cache: dict = field(init=False, repr=False, compare=False, default_factory=dict)
 
+    task = "panoptic"
+    metric = "pq"
+
     def __setattr__(self, name, value):
         if name == "stats":  # dense statistics are stored sparse; whatever was cached from the old ones goes
             value = SparseStats.from_dense(value) if isinstance(value, PanopticStats) else value
@@ -85,6 +89,12 @@ class DerivedSplit:
         if "eval" not in self._cache:
             self._cache["eval"] = self.stats.inner(0)
         return self._cache["eval"]
+
+    def operating_point(self, choice: np.ndarray, categories: CategorySet, costs: dict):
+        """The exact PQ (and parts), costs and exit histogram of a per-image choice of exit indices."""
+        from eco_ray.tradeoff import evaluate_assignment
+
+        return evaluate_assignment(self.eval_stats, choice, categories, costs, self.exits)
 
     def dense_stats(self) -> PanopticStats:
         """(N, V, E, C) as dense arrays: for small tables and tests (COCO-sized tables do not fit)."""
@@ -102,11 +112,11 @@ class DerivedSplit:
         """(N, E) per-image PQ averaged over the views: the paper's label source."""
         return self.quality_per_view.mean(axis=1)
 
-    def quality_of(self, measure: str = "pq") -> np.ndarray:
-        """(N, E) label source: ``pq`` per-image PQ, or ``dpq`` each image's linearised contribution to the
-        dataset PQ (eco_ray.metrics.panoptic.pq_contributions, per view around the deepest exit, over this
-        split's images); both averaged over the views."""
-        if measure == "pq":
+    def quality_of(self, measure: str | None = "pq") -> np.ndarray:
+        """(N, E) label source: ``pq`` per-image PQ (the default, also for None), or ``dpq`` each image's
+        linearised contribution to the dataset PQ (eco_ray.metrics.panoptic.pq_contributions, per view around
+        the deepest exit, over this split's images); both averaged over the views."""
+        if measure in ("pq", None):
             return self.quality
         if measure == "dpq":
             if "dpq" not in self._cache:
@@ -114,7 +124,7 @@ class DerivedSplit:
                 self._cache["dpq"] = self.stats.per_image(
                     lambda block: pq_contributions(block, totals=totals, images=len(self))).mean(axis=1)
             return self._cache["dpq"]
-        raise ValueError(f"quality must be one of {QUALITY_MEASURES}, got {measure!r}")
+        raise ValueError(f"quality must be one of {QUALITY_MEASURES} for a panoptic table, got {measure!r}")
 
     def subset(self, mask: np.ndarray, name: str | None = None) -> DerivedSplit:
         out = DerivedSplit(name or self.split, self.image_ids[mask], self.exits, self.views, self.stats.take(mask),
@@ -142,15 +152,8 @@ class DerivedSplit:
 
     # ------------------------------------------------------------------ storage
     def images_arrow(self) -> pa.Table:
-        d = self.gate_features.shape[1]
-        feats = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(self.gate_features, np.float32)
-                                                           .reshape(-1)), d)
-        meta = {b"eco_ray.exits": json.dumps(self.exits).encode(), b"eco_ray.views": json.dumps(self.views).encode()}
-        return pa.table({"image_id": pa.array(self.image_ids.astype(np.int64)),
-                         "kind": pa.array([str(k) for k in self.kinds], pa.string()),
-                         "num_objects": pa.array(self.num_objects.astype(np.int64)),
-                         "entries": pa.array(np.diff(self.stats.offsets).astype(np.int32)),
-                         "gate_features": feats}).replace_schema_metadata(meta)
+        return images_table(self.image_ids, self.kinds, self.num_objects, self.gate_features, self.exits, self.views,
+                            {"entries": pa.array(np.diff(self.stats.offsets).astype(np.int32))})
 
     def stats_arrow(self) -> pa.Table:
         s = self.stats
@@ -163,19 +166,26 @@ class DerivedSplit:
                 b"eco_ray.num_categories": str(s.num_categories).encode()}
         return pa.table(columns).replace_schema_metadata(meta)
 
+    def tables(self) -> dict[str, pa.Table]:
+        return {"images": self.images_arrow(), "stats": self.stats_arrow()}
+
+    @classmethod
+    def from_tables(cls, split: str, tables: dict[str, pa.Table]) -> DerivedSplit:
+        return cls.from_arrow(split, tables["images"], tables["stats"])
+
     @classmethod
     def from_arrow(cls, split: str, images: pa.Table, stats: pa.Table) -> DerivedSplit:
         meta, smeta = images.schema.metadata or {}, stats.schema.metadata or {}
         n = images.num_rows
         inner = tuple(int(x) for x in smeta[b"eco_ray.stats_shape"].decode().split(","))
         offsets = np.zeros(n + 1, np.int64)
-        offsets[1:] = np.cumsum(_column(images, "entries"), dtype=np.int64)
-        values = {name: _column(stats, name).reshape((stats.num_rows, *inner)) for name in STAT_NAMES}
-        sparse = SparseStats(offsets, _column(stats, "category"), values, int(smeta[b"eco_ray.num_categories"]))
+        offsets[1:] = np.cumsum(column(images, "entries"), dtype=np.int64)
+        values = {name: column(stats, name).reshape((stats.num_rows, *inner)) for name in STAT_NAMES}
+        sparse = SparseStats(offsets, column(stats, "category"), values, int(smeta[b"eco_ray.num_categories"]))
         d = images.schema.field("gate_features").type.list_size
-        return cls(split, _column(images, "image_id"), json.loads(meta[b"eco_ray.exits"]),
-                   json.loads(meta[b"eco_ray.views"]), sparse, _column(images, "gate_features").reshape(n, d),
-                   np.asarray(images.column("kind").to_pylist(), dtype=object), _column(images, "num_objects"))
+        return cls(split, column(images, "image_id"), json.loads(meta[b"eco_ray.exits"]),
+                   json.loads(meta[b"eco_ray.views"]), sparse, column(images, "gate_features").reshape(n, d),
+                   np.asarray(images.column("kind").to_pylist(), dtype=object), column(images, "num_objects"))
 
     @classmethod
     def from_parquet_v1(cls, split: str, table: pa.Table) -> DerivedSplit:
@@ -190,7 +200,21 @@ class DerivedSplit:
                    table.column("num_objects").to_numpy().astype(np.int64))
 
 
-def _column(table: pa.Table, name: str) -> np.ndarray:
+def images_table(image_ids: np.ndarray, kinds: np.ndarray, num_objects: np.ndarray, gate_features: np.ndarray,
+                 exits: list[int], views: list[str], extra: dict[str, pa.Array],
+                 metadata: dict[bytes, bytes] | None = None) -> pa.Table:
+    """A split's one row per image: id, kind, objects, the gate input, and the task's ``extra`` columns."""
+    d = gate_features.shape[1]
+    feats = pa.FixedSizeListArray.from_arrays(pa.array(np.ascontiguousarray(gate_features, np.float32).reshape(-1)), d)
+    meta = {b"eco_ray.exits": json.dumps(list(exits)).encode(), b"eco_ray.views": json.dumps(list(views)).encode(),
+            **(metadata or {})}
+    columns = {"image_id": pa.array(np.asarray(image_ids).astype(np.int64)),
+               "kind": pa.array([str(k) for k in kinds], pa.string()),
+               "num_objects": pa.array(np.asarray(num_objects).astype(np.int64)), **extra, "gate_features": feats}
+    return pa.table(columns).replace_schema_metadata(meta)
+
+
+def column(table: pa.Table, name: str) -> np.ndarray:
     """A column as a numpy array: a zero-copy view of the (memory-mapped) buffer where Arrow allows it;
     fixed-size lists flattened."""
     col = table.column(name)
@@ -240,23 +264,29 @@ def noise_floor(split: DerivedSplit, tolerance: float = 0.02) -> dict:
     }
 
 
-def split_summary(split: DerivedSplit, categories, tolerance: float) -> dict:
-    """Per split: static PQ per exit (plain view), the noise floor, the shallowest sufficient exit."""
-    from eco_ray.metrics.panoptic import aggregate
+def label_summary(split, tolerance: float) -> dict:
+    """What a split's labels say, whatever the task: the noise floor, each image's shallowest sufficient exit
+    (overall and per kind), the mean label per exit."""
     from eco_ray.tradeoff import shallowest_sufficient
 
-    totals = split.eval_stats.totals()  # (E, C)
-    static = {int(k): aggregate(totals[e], categories).summary() for e, k in enumerate(split.exits)}
     suff = shallowest_sufficient(split.quality, tolerance)
     hist = {int(k): int((suff == e).sum()) for e, k in enumerate(split.exits)}
     by_kind = {}
     for kind in sorted(set(split.kinds.tolist()) - {""}):
         sel = split.kinds == kind
         by_kind[kind] = {int(k): int((suff[sel] == e).sum()) for e, k in enumerate(split.exits)}
-    return {"images": len(split), "static": static, "noise_floor": noise_floor(split, tolerance),
-            "sufficient_exit_histogram": hist, "sufficient_exit_histogram_by_kind": by_kind,
+    return {"noise_floor": noise_floor(split, tolerance), "sufficient_exit_histogram": hist,
+            "sufficient_exit_histogram_by_kind": by_kind,
             "quality_mean_per_exit": {int(k): float(split.quality[:, e].mean()) for e, k in enumerate(split.exits)}}
 
+
+def split_summary(split: DerivedSplit, categories, tolerance: float) -> dict:
+    """Per split: static PQ per exit (plain view), the noise floor, the shallowest sufficient exit."""
+    from eco_ray.metrics.panoptic import aggregate
+
+    totals = split.eval_stats.totals()  # (E, C)
+    static = {int(k): aggregate(totals[e], categories).summary() for e, k in enumerate(split.exits)}
+    return {"images": len(split), "static": static, **label_summary(split, tolerance)}
 
 
 @dataclass
@@ -287,8 +317,14 @@ class DerivedDataset:
         return list(self.manifest["exits"])
 
     @property
+    def task(self) -> str:
+        """``panoptic`` or ``detection`` (a table written before detection names none: panoptic)."""
+        return self.manifest.get("task", "panoptic")
+
+    @property
     def categories(self) -> CategorySet:
-        return CategorySet(self.manifest["categories"])
+        # a detector's categories are COCO instance categories, all things
+        return CategorySet([{**c, "isthing": c.get("isthing", 1)} for c in self.manifest["categories"]])
 
     @property
     def split_names(self) -> list[str]:
@@ -298,7 +334,7 @@ class DerivedDataset:
         if name not in self._splits:
             if name not in self.manifest["splits"]:
                 raise DerivedDataError(f"{self.root} has no split {name!r}; it has {self.split_names}")
-            self._splits[name] = read_split(self.root, name, self.manifest["schema_version"])
+            self._splits[name] = read_split(self.root, name, self.manifest["schema_version"], self.task)
         return self._splits[name]
 
     @property
@@ -394,14 +430,25 @@ def open_derived(ref: str, tracking_uri: str | None = None) -> DerivedDataset:
     return DerivedDataset.open(local)
 
 
-def split_files(root: Path, name: str, version: int = SCHEMA_VERSION) -> list[Path]:
+TASK_TABLES = {"panoptic": ("images", "stats"), "detection": _detection.TABLES}
+
+
+def _split_type(task: str):
+    if task not in TASK_TABLES:
+        raise DerivedDataError(f"a derived table of unknown task {task!r} (known: {', '.join(TASK_TABLES)})")
+    return DerivedSplit if task == "panoptic" else _detection.DetectionSplit
+
+
+def split_files(root: Path, name: str, version: int = SCHEMA_VERSION, task: str = "panoptic") -> list[Path]:
     if version == 1:
         return [root / f"{name}.parquet"]
-    return [root / f"{name}.images.arrow", root / f"{name}.stats.arrow"]
+    return [root / f"{name}.{table}.arrow" for table in TASK_TABLES[task]]
 
 
-def read_split(root: Path, name: str, version: int = SCHEMA_VERSION) -> DerivedSplit:
-    paths = split_files(root, name, version)
+def read_split(root: Path, name: str, version: int = SCHEMA_VERSION, task: str = "panoptic"):
+    """The split ``name`` of the table at ``root``: a DerivedSplit (panoptic) or a DetectionSplit."""
+    split_type = _split_type(task)
+    paths = split_files(root, name, version, task)
     for path in paths:
         if not path.is_file():
             raise DerivedDataError(f"{path} is missing: the derived dataset is incomplete")
@@ -409,24 +456,26 @@ def read_split(root: Path, name: str, version: int = SCHEMA_VERSION) -> DerivedS
     try:
         if version == 1:
             return DerivedSplit.from_parquet_v1(name, pq.read_table(path))
-        tables = []
-        for path in paths:
-            tables.append(pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all())
-        path = root / f"{name}.*.arrow"  # a failure past here is of the pair
-        return DerivedSplit.from_arrow(name, *tables)
+        tables = {}
+        for table, path in zip(TASK_TABLES[task], paths):
+            tables[table] = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        path = root / f"{name}.*.arrow"  # a failure past here is of the set
+        return split_type.from_tables(name, tables)
     except (KeyError, ValueError, OSError, pa.ArrowException) as e:
         raise DerivedDataError(f"{path} is not a derived table this eco-ray reads ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else ''}): derive it again") from None
 
 
-def write_split(root: Path, split: DerivedSplit) -> list[Path]:
-    """Both Arrow files of a split, each written whole to a temporary name and renamed."""
-    paths = split_files(root, split.split)
-    for path, table in zip(paths, (split.images_arrow(), split.stats_arrow())):
+def write_split(root: Path, split) -> list[Path]:
+    """Every Arrow file of a split, each written whole to a temporary name and renamed."""
+    paths = []
+    for table_name, table in split.tables().items():
+        path = Path(root) / f"{split.split}.{table_name}.arrow"
         tmp = path.with_suffix(".arrow.tmp")
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table, max_chunksize=max(table.num_rows, 1))
         tmp.replace(path)
+        paths.append(path)
     return paths
 
 

@@ -10,7 +10,8 @@ image) leads the static-depth line partly on noise. What is real survives a chan
 - the **cross-view oracle**: each image's exit picked on the flipped view and scored on the plain one, so
   the noise it picks on is independent of the noise it is scored with. Its lead over the static line at the
   same mean encoder GFLOPs is what the images' real differences in needed depth are worth, with a bootstrap
-  95% interval over images (dataset-level PQ recomputed exactly from the stored statistics per resample);
+  95% interval over images (the dataset metric recomputed exactly from the stored statistics or matching
+  records per resample);
 - a **probe**: how much of the real gain a cross-validated linear model can predict from the gate input
   (and from any image-level attribute the table holds), as a share of the ceiling sqrt(reliability);
 - optionally a fitted **gate**'s lead, with its interval, on images no fit saw.
@@ -33,10 +34,9 @@ from eco_ray.bootstrap import interval, resample_counts
 from eco_ray.derive.table import relative_costs
 from eco_ray.errors import EcoRayError
 from eco_ray.metrics.panoptic import CategorySet, PanopticStats, totals_summary
-from eco_ray.metrics.sparse import SparseStats
 from eco_ray.tradeoff import choose
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 VERDICTS = ("pays", "does not pay", "cannot tell yet")
 DEFAULT_BETAS = (0.02, 0.1, 0.3)
 # the betas that trace the cross-view oracle's curve, to read it at a gate's compute
@@ -51,10 +51,10 @@ class DiagnoseError(EcoRayError):
 class Lead:
     """A per-image exit choice against the static-depth line at the same mean encoder GFLOPs."""
 
-    pq: float
+    quality: float  # the dataset metric of the choice: PQ, or AP for a detector
     encoder_gflops_mean: float
-    static_pq_at_cost: float  # the straight line between the two static exits around that compute
-    lead: float  # pq - static_pq_at_cost
+    static_at_cost: float  # the straight line between the two static exits around that compute
+    lead: float  # quality - static_at_cost
     lead_ci95: tuple[float, float]
     exit_histogram: dict[int, int]
     beta: float | None = None
@@ -74,7 +74,8 @@ class Diagnosis:
     views: list[str]
     exits: list[int]
     encoder_gflops: list[float]
-    static: list[dict]  # per exit: exit, pq, pq_things, pq_stuff, encoder_gflops_mean
+    metric: str  # what quality is: "pq" | "ap"
+    static: list[dict]  # per exit: exit, the metric and its parts (pq_things, ... | ap50, ...), encoder_gflops_mean
     oracle: list[Lead]  # picks and scores on the plain view: inflated by label noise
     cross_view_oracle: list[Lead]
     label_noise_share: float
@@ -85,7 +86,7 @@ class Diagnosis:
     probe_images: int
     probe_ceiling: float
     probes: list[Probe]
-    per_kind_pq_by_exit: dict[str, dict[int, float]]
+    per_kind_by_exit: dict[str, dict[int, float]]  # the metric over each kind's images
     gate: Lead | None
     gate_source: str | None
     gate_capture: float | None  # gate lead / cross-view oracle lead at the gate's compute
@@ -127,39 +128,76 @@ def _jsonable(obj):
 
 
 # ------------------------------------------------------------------------------------------- the pieces
-def _static_line(costs: np.ndarray, static_pq: np.ndarray, cost: np.ndarray) -> np.ndarray:
-    """The static curve read at ``cost``, per resample: static_pq (B, E), cost (B,) -> (B,). Linear between
+def _static_line(costs: np.ndarray, static_quality: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """The static curve read at ``cost``, per resample: static_quality (B, E), cost (B,) -> (B,). Linear between
     exits, clamped at the ends (as np.interp)."""
     costs = np.asarray(costs, np.float64)
     c = np.clip(cost, costs[0], costs[-1])
     j = np.clip(np.searchsorted(costs, c, side="right") - 1, 0, len(costs) - 2) if len(costs) > 1 else np.zeros_like(c, int)
     if len(costs) == 1:
-        return static_pq[:, 0]
+        return static_quality[:, 0]
     span = costs[j + 1] - costs[j]
     t = np.where(span > 0, (c - costs[j]) / np.where(span > 0, span, 1), 0.0)
-    rows = np.arange(static_pq.shape[0])
-    return static_pq[rows, j] + t * (static_pq[rows, j + 1] - static_pq[rows, j])
+    rows = np.arange(static_quality.shape[0])
+    return static_quality[rows, j] + t * (static_quality[rows, j + 1] - static_quality[rows, j])
 
 
 class _Scorer:
-    """Exact dataset PQ and the static line of one split, on the full sample and on every resample."""
+    """The exact dataset metric and the static line of one split, on the full sample and on every resample
+    (row 0 of ``weights``: every image once; the others: bootstrap counts). One subclass per task."""
 
-    def __init__(self, stats: SparseStats, costs: Sequence[float], exits: Sequence[int], isthing: np.ndarray,
-                 resamples: int, seed: int):
-        self.stats, self.isthing, self.exits = stats, isthing, [int(k) for k in exits]  # stats: the plain view
+    metric = ""
+    parts: tuple[str, ...] = ()  # the static rows' other figures
+
+    def __init__(self, split, categories: CategorySet | None, costs: Sequence[float], resamples: int, seed: int):
+        self.split, self.exits = split, [int(k) for k in split.exits]
         self.costs = np.asarray(costs, np.float64)
-        n = len(stats)
-        self.weights = np.vstack([np.ones((1, n)), resample_counts(n, resamples, seed)])  # row 0: all images
+        n = len(split)
+        self.weights = np.vstack([np.ones((1, n)), resample_counts(n, resamples, seed)])
+        self.static_quality = self._resampled(None)  # (1 + B, E)
+
+    def _resampled(self, choice: np.ndarray | None) -> np.ndarray:
+        """(1 + B,) the metric of ``choice`` per resample; (1 + B, E) of each static exit for None."""
+        raise NotImplementedError
+
+    def point(self, choice: np.ndarray) -> float:
+        """The metric of ``choice`` on the full sample."""
+        raise NotImplementedError
+
+    def static_rows(self) -> list[dict]:
+        raise NotImplementedError
+
+    def per_kind(self) -> dict[str, dict[int, float]]:
+        raise NotImplementedError
+
+    def lead(self, choice: np.ndarray, beta: float | None = None) -> Lead:
+        quality = self._resampled(choice)  # (1 + B,)
+        n = len(choice)
+        cost = self.weights @ self.costs[choice] / n  # (1 + B,)
+        line = _static_line(self.costs, self.static_quality, cost)
+        leads = quality - line
+        counts = np.bincount(choice, minlength=len(self.costs))
+        return Lead(float(quality[0]), float(cost[0]), float(line[0]), float(leads[0]), interval(leads[1:]),
+                    dict(zip(self.exits, map(int, counts))), beta)
+
+    def kinds(self) -> list[str]:
+        return sorted(set(self.split.kinds.tolist()) - {""})
+
+
+class _PanopticScorer(_Scorer):
+    metric, parts = "pq", ("pq_things", "pq_stuff")
+
+    def __init__(self, split, categories, costs, resamples, seed):
+        self.stats, self.isthing = split.eval_stats, categories.isthing  # the plain view
         # dataset PQ is made of two sums per category: the matched IoU and 2 x (TP + FP/2 + FN/2), an integer
-        v = stats.values
+        v = self.stats.values
         self._pq_values = {"iou_sum": v["iou_sum"],
                            "denominator2": 2 * v["tp"].astype(np.int64) + v["fp"] + v["fn"]}
-        self.static_pq = self._pq(self._resampled())  # (1 + B, E)
+        super().__init__(split, categories, costs, resamples, seed)
 
-    def _resampled(self, choice: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        return self.stats.weighted_totals(self.weights, choice, names=tuple(self._pq_values), values=self._pq_values)
-
-    def _pq(self, totals: dict[str, np.ndarray]) -> np.ndarray:
+    def _resampled(self, choice):
+        totals = self.stats.weighted_totals(self.weights, choice, names=tuple(self._pq_values),
+                                            values=self._pq_values)
         # totals_summary's PQ from the two sums: TP + FP/2 + FN/2 is denominator2 / 2 exactly (the other
         # fields stay zero; SQ, RQ and mIoU are not read here)
         zeros = np.zeros_like(totals["denominator2"])
@@ -167,15 +205,59 @@ class _Scorer:
                               sem_inter=zeros, sem_union=zeros)
         return totals_summary(stats, self.isthing)["pq"]
 
-    def lead(self, choice: np.ndarray, beta: float | None = None) -> Lead:
-        pq = self._pq(self._resampled(choice))  # (1 + B,)
-        n = len(choice)
-        cost = self.weights @ self.costs[choice] / n  # (1 + B,)
-        line = _static_line(self.costs, self.static_pq, cost)
-        leads = pq - line
-        counts = np.bincount(choice, minlength=len(self.costs))
-        return Lead(float(pq[0]), float(cost[0]), float(line[0]), float(leads[0]), interval(leads[1:]),
-                    dict(zip(self.exits, map(int, counts))), beta)
+    def point(self, choice):
+        return float(totals_summary(self.stats.totals(choice), self.isthing)["pq"])
+
+    def static_rows(self):
+        exit_totals = self.stats.totals()  # (E, C)
+        rows = []
+        for e, k in enumerate(self.exits):
+            s = totals_summary(exit_totals[e], self.isthing)
+            rows.append({"exit": k, "pq": float(s["pq"]), "pq_things": float(s["pq_things"]),
+                         "pq_stuff": float(s["pq_stuff"]), "encoder_gflops_mean": float(self.costs[e])})
+        return rows
+
+    def per_kind(self):
+        out = {}
+        for kind in self.kinds():
+            totals = self.stats.take(self.split.kinds == kind).totals()  # (E, C): summed over the kind's images
+            pq = totals_summary(totals, self.isthing)["pq"]
+            out[kind] = {k: float(pq[e]) for e, k in enumerate(self.exits)}
+        return out
+
+
+class _DetectionScorer(_Scorer):
+    """COCO AP (IoU .50:.95) from the table's matching records: a resample counts each image as often as it
+    was drawn, which is COCOeval on that many copies of it (eco_ray.metrics.detection.weighted_ap)."""
+
+    metric, parts = "ap", ("ap50", "ap75")
+
+    def _resampled(self, choice):
+        n = len(self.split)
+        if choice is None:
+            return np.stack([self.split.metric_of(np.full(self.weights.shape, e), self.weights)
+                             for e in range(len(self.exits))], axis=1)
+        return self.split.metric_of(np.broadcast_to(np.asarray(choice)[None], (self.weights.shape[0], n)),
+                                    self.weights)
+
+    def point(self, choice):
+        return float(self.split.metric_of(np.asarray(choice)[None])[0])
+
+    def static_rows(self):
+        static = self.split.static_summaries()
+        return [{"exit": k, **{m: static[k][m] for m in (self.metric, *self.parts)},
+                 "encoder_gflops_mean": float(self.costs[e])} for e, k in enumerate(self.exits)]
+
+    def per_kind(self):
+        out = {}
+        for kind in self.kinds():
+            sel = self.split.kinds == kind
+            out[kind] = {k: self.split.summary_of(np.full(len(self.split), e), images=sel)["ap"]
+                         for e, k in enumerate(self.exits)}
+        return out
+
+
+_SCORERS = {"panoptic": _PanopticScorer, "detection": _DetectionScorer}
 
 
 def _corr(a: np.ndarray, b: np.ndarray) -> float:
@@ -209,13 +291,13 @@ def _onehot(values: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ the diagnosis
-def diagnose(split, categories: CategorySet, encoder_gflops: Sequence[float], *, probe_split=None,
+def diagnose(split, categories: CategorySet | None, encoder_gflops: Sequence[float], *, probe_split=None,
              betas: Sequence[float] = DEFAULT_BETAS, resamples: int = 1000, seed: int = 0,
              gate_choice: np.ndarray | None = None, gate_source: str | None = None, min_lead: float = 0.005,
              target_halfwidth: float = 0.005, tolerance: float = 0.02) -> Diagnosis:
-    """Diagnose ``split`` (a DerivedSplit with >= 2 views). ``probe_split`` (default: ``split``) is where the
-    probe is cross-validated; ``gate_choice`` (exit indices, one per image of ``split``) adds a fitted
-    gate's lead."""
+    """Diagnose ``split`` (a derived split with >= 2 views: panoptic, judged on PQ with ``categories``, or
+    detection, judged on COCO AP). ``probe_split`` (default: ``split``) is where the probe is cross-validated;
+    ``gate_choice`` (exit indices, one per image of ``split``) adds a fitted gate's lead."""
     t0 = time.perf_counter()
     _check(split, "split")
     probe_split = split if probe_split is None else probe_split
@@ -224,16 +306,9 @@ def diagnose(split, categories: CategorySet, encoder_gflops: Sequence[float], *,
     if costs.shape != (len(split.exits),):
         raise DiagnoseError(f"need one encoder GFLOPs value per exit ({len(split.exits)}), got {costs.shape}")
     rel = relative_costs(costs)
-    isthing = categories.isthing
-    scorer = _Scorer(split.eval_stats, costs, split.exits, isthing, resamples, seed)
+    scorer = _SCORERS[getattr(split, "task", "panoptic")](split, categories, costs, resamples, seed)
     q = split.quality_per_view  # (N, V, E)
-
-    static = []
-    exit_totals = split.eval_stats.totals()  # (E, C)
-    for e, k in enumerate(split.exits):
-        s = totals_summary(exit_totals[e], isthing)
-        static.append({"exit": int(k), "pq": float(s["pq"]), "pq_things": float(s["pq_things"]),
-                       "pq_stuff": float(s["pq_stuff"]), "encoder_gflops_mean": float(costs[e])})
+    static = scorer.static_rows()
     oracle = [scorer.lead(choose(q[:, 0], rel, b), b) for b in betas]
     cross = [scorer.lead(choose(q[:, 1], rel, b), b) for b in betas]
 
@@ -242,7 +317,7 @@ def diagnose(split, categories: CategorySet, encoder_gflops: Sequence[float], *,
     reliability = {int(k): _corr(gain[:, 0, e], gain[:, 1, e]) for e, k in enumerate(split.exits[:-1])}
 
     probes, ceiling = _probes(probe_split, seed)
-    per_kind = _per_kind(split, isthing)
+    per_kind = scorer.per_kind()
 
     gate = capture = None
     if gate_choice is not None:
@@ -254,9 +329,9 @@ def diagnose(split, categories: CategorySet, encoder_gflops: Sequence[float], *,
         cv_lead_there = float(np.interp(gate.encoder_gflops_mean, [c for c, _ in curve], [l for _, l in curve]))
         capture = gate.lead / cv_lead_there if cv_lead_there > 1e-9 else None
 
-    verdict, reasons, needed = _verdict(cross, len(split), min_lead, target_halfwidth)
+    verdict, reasons, needed = _verdict(cross, len(split), min_lead, target_halfwidth, scorer.metric.upper())
     reasons.insert(0, f"label noise: {float((np.abs(diff) > tolerance).mean()):.0%} of (image, exit) pairs move more "
-                      f"than {tolerance} PQ between the two views; an image's gain from exit {split.exits[0]} to "
+                      f"than {tolerance} between the two views; an image's gain from exit {split.exits[0]} to "
                       f"{split.exits[-1]} correlates at {reliability.get(split.exits[0], 0.0):+.2f} between them")
     if probes:
         p = probes[0]
@@ -269,11 +344,11 @@ def diagnose(split, categories: CategorySet, encoder_gflops: Sequence[float], *,
                                    else ""))
     return Diagnosis(
         split=split.split, images=len(split), views=list(split.views), exits=[int(k) for k in split.exits],
-        encoder_gflops=costs.tolist(), static=static, oracle=oracle, cross_view_oracle=cross,
+        encoder_gflops=costs.tolist(), metric=scorer.metric, static=static, oracle=oracle, cross_view_oracle=cross,
         label_noise_share=float((np.abs(diff) > tolerance).mean()),
         label_noise_mean_abs_diff=float(np.abs(diff).mean()), tolerance=tolerance, gain_reliability=reliability,
         probe_split=probe_split.split, probe_images=len(probe_split), probe_ceiling=ceiling, probes=probes,
-        per_kind_pq_by_exit=per_kind, gate=gate, gate_source=gate_source, gate_capture=capture, verdict=verdict,
+        per_kind_by_exit=per_kind, gate=gate, gate_source=gate_source, gate_capture=capture, verdict=verdict,
         reasons=reasons, images_for_tight_interval=needed, min_lead=min_lead, target_halfwidth=target_halfwidth,
         resamples=resamples, seconds=round(time.perf_counter() - t0, 3))
 
@@ -281,10 +356,9 @@ def diagnose(split, categories: CategorySet, encoder_gflops: Sequence[float], *,
 def scorer_point(scorer: _Scorer, q: np.ndarray, rel: np.ndarray, beta: float) -> tuple[float, float]:
     """(mean cost, lead) of the cross-view oracle at ``beta``, without the bootstrap."""
     choice = choose(q[:, 1], rel, beta)
-    pq = float(totals_summary(scorer.stats.totals(choice), scorer.isthing)["pq"])
     cost = float(scorer.costs[choice].mean())
-    line = float(_static_line(scorer.costs, scorer.static_pq[:1], np.asarray([cost]))[0])
-    return cost, pq - line
+    line = float(_static_line(scorer.costs, scorer.static_quality[:1], np.asarray([cost]))[0])
+    return cost, scorer.point(choice) - line
 
 
 def _check(split, what: str) -> None:
@@ -317,25 +391,14 @@ def _probes(split, seed: int) -> tuple[list[Probe], float]:
     return out, ceiling
 
 
-def _per_kind(split, isthing) -> dict[str, dict[int, float]]:
-    kinds = sorted(set(split.kinds.tolist()) - {""})
-    out = {}
-    for kind in kinds:
-        sel = split.kinds == kind
-        totals = split.eval_stats.take(sel).totals()  # (E, C): summed over the kind's images
-        pq = totals_summary(totals, isthing)["pq"]
-        out[kind] = {int(k): float(pq[e]) for e, k in enumerate(split.exits)}
-    return out
-
-
-def _verdict(cross: list[Lead], n: int, min_lead: float, target_halfwidth: float
+def _verdict(cross: list[Lead], n: int, min_lead: float, target_halfwidth: float, metric_label: str = "PQ"
              ) -> tuple[str, list[str], int | None]:
     best = max(cross, key=lambda p: p.lead)
     lo, hi = best.lead_ci95
     line = (f"the cross-view oracle leads the static line by {best.lead:+.4f} [{lo:+.4f}, {hi:+.4f}] at beta "
             f"{best.beta:g} ({best.encoder_gflops_mean:.4f} mean encoder GFLOPs, {n} images)")
     if any(p.lead_ci95[0] > 0 and p.lead >= min_lead for p in cross):
-        return "pays", [line + f": real per-image depth need worth at least {min_lead} PQ"], None
+        return "pays", [line + f": real per-image depth need worth at least {min_lead} {metric_label}"], None
     if all(p.lead_ci95[1] < min_lead for p in cross):
         return "does not pay", [line + f"; at every beta the interval lies below {min_lead}: the images do not "
                                        "differ enough in the depth they need"], None

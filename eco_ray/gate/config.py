@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from eco_ray.derive._detection import QUALITY_MEASURES as DETECTION_MEASURES
 from eco_ray.derive.table import COST_MEASURES, QUALITY_MEASURES
 from eco_ray.model.gates import GATE_KINDS, canonical_kind
 
@@ -19,7 +20,9 @@ class GateConfig:
     kind: str = "classify"  # classify (the paper's, one beta) | quality (predicts every exit's quality: any beta)
     beta: float = 0.05  # trade-off, in units of the deepest exit's cost (classify: trained for it)
     cost: str = "gflops"  # gflops (encoder GFLOPs) | latency (ms, batch 1, where derived) | layers
-    quality: str = "pq"  # label source: pq (per-image PQ, the paper) | dpq (contribution to the dataset PQ)
+    # label source, null = the table's default: pq (per-image PQ, the paper) | dpq (contribution to the dataset
+    # PQ) on a panoptic table; dap (contribution to the dataset AP, the default) | ap on a detection table
+    quality: str | None = None
     lr: float = 0.01
     weight_decay: float = 1e-4
     epochs: int = 300  # optimiser steps (over every row, or over batch_size rows each)
@@ -37,8 +40,8 @@ class GateConfig:
         self.kind = canonical_kind(self.kind)  # "budget", the quality gate's old name, still reads
         if self.kind not in GATE_KINDS:
             raise ValueError(f"kind must be one of {GATE_KINDS}, got {self.kind!r}")
-        if self.quality not in QUALITY_MEASURES:
-            raise ValueError(f"quality must be one of {QUALITY_MEASURES}, got {self.quality!r}")
+        if self.quality is not None and self.quality not in QUALITY_MEASURES + DETECTION_MEASURES:
+            raise ValueError(f"quality must be one of {QUALITY_MEASURES + DETECTION_MEASURES}, got {self.quality!r}")
         if self.cost not in COST_MEASURES:
             raise ValueError(f"cost must be one of {COST_MEASURES}, got {self.cost!r}")
         if not np.isfinite(self.beta) or self.beta < 0:

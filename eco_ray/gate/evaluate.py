@@ -1,8 +1,8 @@
 """Exact evaluation of gate decisions from the derived table, with the baselines every report carries.
 
 Pure numpy over eco_ray.tradeoff: no model runs. The statistics are those of the plain view (what a
-served image gets); the oracle knows each image's plain-view per-image PQ, so it is an upper bound for
-per-image decisions at the same beta. ``fit_and_evaluate`` is the unit a sweep trial runs (no I/O).
+served image gets), the quality the table's task's (PQ, or COCO AP for a detector); the oracle knows each
+image's plain-view label, so it is an upper bound for per-image decisions at the same beta. ``fit_and_evaluate`` is the unit a sweep trial runs (no I/O).
 """
 
 from __future__ import annotations
@@ -18,18 +18,25 @@ from eco_ray.gate.fit import fit_gate
 from eco_ray.metrics.panoptic import CategorySet
 from eco_ray.model.gates import decide
 from eco_ray.results import FitResult, GateEvaluation, OperatingPoint
-from eco_ray.tradeoff import choose, evaluate_assignment, static_points
+from eco_ray.tradeoff import choose
 
 ORACLE_BETAS = tuple([0.0] + np.geomspace(1e-3, 2.0, 30).tolist())
 
 
 def static_baseline(split: DerivedSplit, categories: CategorySet, cost_cols: dict) -> list[OperatingPoint]:
-    return static_points(split.eval_stats, categories, cost_cols, split.exits)
+    """Every image at the same exit, for each exit: the static-depth curve."""
+    points = []
+    for e, k in enumerate(split.exits):
+        point = split.operating_point(np.full(len(split), e), categories, cost_cols)
+        point.exit = int(k)
+        points.append(point)
+    return points
 
 
 def evaluate_choice(split: DerivedSplit, categories: CategorySet, cost_cols: dict, choice: np.ndarray,
                     beta: float | None = None) -> OperatingPoint:
-    point = evaluate_assignment(split.eval_stats, choice, categories, cost_cols, split.exits)
+    """The exact quality (the table's task's: PQ or AP) and costs of a per-image choice of exit indices."""
+    point = split.operating_point(np.asarray(choice, np.int64), categories, cost_cols)
     point.beta = None if beta is None else float(beta)
     return point
 

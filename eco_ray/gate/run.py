@@ -24,7 +24,7 @@ def gate_record(ds: DerivedDataset, cfg: GateConfig, beta: float, operating_poin
     on, the cost measure its beta is in (serving decides with the same one), every exit's costs, the gate
     input, its settings and its operating points."""
     m = ds.manifest
-    record = {"derived_key": m["key"], "parent": m["parent"], "beta": float(beta), "cost": cfg.cost,
+    record = {"derived_key": m["key"], "task": ds.task, "parent": m["parent"], "beta": float(beta), "cost": cfg.cost,
               "costs": ds.cost_table.per_measure(), "categories": m["categories"], "config": asdict(cfg),
               "gate_input": m.get("gate_input", "stride32"), "operating_points": operating_points}
     if fitted_on is not None:

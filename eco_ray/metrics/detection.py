@@ -218,6 +218,61 @@ def coco_eval(ground_truth: Mapping, detections: Sequence[Mapping], image_ids: S
     return dict(zip(STAT_NAMES, (float(x) for x in ev.stats)))
 
 
+def weighted_ap(category: np.ndarray, score: np.ndarray, rank: np.ndarray, exit: np.ndarray, image: np.ndarray,
+                tp: np.ndarray, counted: np.ndarray, truth: np.ndarray, assign: np.ndarray,
+                counts: np.ndarray | None = None, iou_type: str = "bbox", cells: int = 1 << 22) -> np.ndarray:
+    """COCO AP (IoU .50:.95, all areas, 100 detections per image and category) of B assignments at once.
+
+    The rows are detections in COCOeval's order (images by ascending id, each image's grouped by category):
+    their ``category``, ``score``, ``rank`` within (image, category), ``exit`` and ``image`` indices, and for
+    the area range "all" ``tp`` (T, R): matched and not ignored, ``counted`` (T, R): not ignored. Under
+    assignment b, image n is answered at exit ``assign[b, n]`` and counts ``counts[b, n]`` times (default 1;
+    a bootstrap resample's counts, or 0 to leave an image out); ``truth`` (N, K) is each image's ground truths
+    that count. -> (B,) AP, -1 where no category has ground truth.
+
+    An assignment with counts of 0 and 1 is exactly COCOeval on the images it counts, ties included: a row
+    that weighs 0 repeats the point before it on the precision-recall curve, which changes no reading of the
+    envelope. Counting an image w times is COCOeval on w copies of it where scores are distinct: the w copies
+    of a detection are then adjacent in the sort with the same flags, and the envelope read at any recall
+    between them is the one after the last copy (a score tied with another image's detection is taken in
+    image order instead of after every image). ``cells`` bounds the work arrays' size."""
+    p = _params(iou_type)
+    rec, max_det = np.asarray(p.recThrs), p.maxDets[-1]
+    assign = np.atleast_2d(assign)
+    b_all, n_cat = assign.shape[0], truth.shape[1]
+    counts = np.ones(assign.shape, np.float64) if counts is None else np.atleast_2d(counts).astype(np.float64)
+    npig_all = counts @ truth.astype(np.float64)  # (B, K)
+    per_cat = np.full((b_all, n_cat), np.nan)
+    n_thr = tp.shape[0]
+    for k in range(n_cat):
+        keep = np.flatnonzero((category == k) & (rank < max_det))
+        order = keep[np.argsort(-score[keep], kind="mergesort")]
+        has = npig_all[:, k] > 0
+        if order.size == 0:
+            per_cat[has, k] = 0.0
+            continue
+        tp_k = tp[:, order].astype(np.float64)
+        fp_k = (counted[:, order] & ~tp[:, order]).astype(np.float64)
+        img_k, exit_k = image[order], exit[order]
+        step = max(1, cells // (n_thr * order.size))
+        for b0 in range(0, b_all, step):
+            sl = slice(b0, min(b0 + step, b_all))
+            w = counts[sl][:, img_k] * (assign[sl][:, img_k] == exit_k)  # (b, R)
+            tc = np.cumsum(w[:, None, :] * tp_k[None], axis=2)  # (b, T, R)
+            fc = np.cumsum(w[:, None, :] * fp_k[None], axis=2)
+            npig = npig_all[sl, k]
+            rc = tc / np.where(npig > 0, npig, 1.0)[:, None, None]
+            pr = tc / (fc + tc + np.spacing(1))
+            pr = np.maximum.accumulate(pr[..., ::-1], axis=2)[..., ::-1]
+            nb, r = rc.shape[0], rc.shape[2]
+            rc2, pr2 = rc.reshape(nb * n_thr, r), pr.reshape(nb * n_thr, r)
+            at = np.stack([np.searchsorted(row, rec, side="left") for row in rc2])  # (b*T, 101)
+            q = np.where(at < r, np.take_along_axis(pr2, np.minimum(at, r - 1), axis=1), 0.0)
+            per_cat[sl, k] = np.where(npig > 0, q.reshape(nb, -1).mean(axis=1), np.nan)
+    valid = ~np.isnan(per_cat)
+    return np.where(valid.any(1), np.nansum(per_cat, 1) / np.maximum(valid.sum(1), 1), -1.0)
+
+
 @dataclass
 class DetectionRecords:
     """The matching records of many images at every exit and view, flat: one row per detection (the derived
@@ -281,6 +336,113 @@ class DetectionRecords:
         rank = np.arange(rows.size) - np.repeat(starts, np.diff(np.r_[starts, rows.size]))
         return accumulate_arrays(category, self.score[rows], rank, _unpack(self.matched[rows], n_area, n_thr),
                                  _unpack(self.ignored[rows], n_area, n_thr), self.truth[keep_image].sum(0), iou_type)
+
+    def __len__(self) -> int:
+        return int(self.image_ids.size)
+
+    def _rank(self, rows: np.ndarray) -> np.ndarray:
+        """Each row's rank within its (image, view, exit, category) run: rows are stored in runs."""
+        image, view, exit, category = self.image[rows], self.view[rows], self.exit[rows], self.category[rows]
+        if rows.size == 0:
+            return np.zeros(0, np.int64)
+        new_run = np.r_[True, (image[1:] != image[:-1]) | (view[1:] != view[:-1]) | (exit[1:] != exit[:-1])
+                        | (category[1:] != category[:-1])]
+        starts = np.flatnonzero(new_run)
+        return np.arange(rows.size) - np.repeat(starts, np.diff(np.r_[starts, rows.size]))
+
+    def ap_of(self, assign: np.ndarray, counts: np.ndarray | None = None, view: int = 0,
+              iou_type: str = "bbox") -> np.ndarray:
+        """COCO AP of B exit assignments (exit indices, (B, N) or (N,)) on ``view`` at once, with images
+        counted ``counts`` (B, N) times (a bootstrap resample; default once): ``weighted_ap``."""
+        assign = np.atleast_2d(np.asarray(assign))
+        if assign.shape[1] != self.image_ids.size:
+            raise ValueError(f"one exit index per image: {self.image_ids.size} images, got shape {assign.shape}")
+        if assign.size and (assign.min() < 0 or assign.max() >= len(self.exits)):
+            raise ValueError(f"exit indices must lie in 0..{len(self.exits) - 1}")
+        # only the rows some assignment can pick: the others would weigh 0 everywhere
+        rows = np.flatnonzero((self.view == view) & np.isin(self.exit, np.unique(assign)))
+        return self._weighted(rows, assign, counts, iou_type)
+
+    def _weighted(self, rows: np.ndarray, assign: np.ndarray, counts: np.ndarray | None, iou_type: str,
+                  image_offset: int = 0) -> np.ndarray:
+        n_thr = len(_params(iou_type).iouThrs)
+        flags = _unpack(self.matched[rows], self.truth.shape[2], n_thr)[0]  # area range "all"
+        ignored = _unpack(self.ignored[rows], self.truth.shape[2], n_thr)[0]
+        n = assign.shape[1]
+        return weighted_ap(self.category[rows].astype(np.int64), self.score[rows], self._rank(rows),
+                           self.exit[rows].astype(np.int64), self.image[rows].astype(np.int64) - image_offset,
+                           flags & ~ignored, ~ignored, self.truth[image_offset:image_offset + n, :, 0], assign,
+                           counts, iou_type)
+
+    def per_image_ap(self, iou_type: str = "bbox") -> np.ndarray:
+        """(N, V, E) each image's own AP at each exit and view (0 where it has no ground truth that counts)."""
+        n, e = self.image_ids.size, len(self.exits)
+        out = np.zeros((n, self.views, e))
+        bounds = np.searchsorted(self.image, np.arange(n + 1))  # rows are stored by image
+        every_exit = np.arange(e)[:, None]
+        for i in range(n):
+            rows = np.arange(bounds[i], bounds[i + 1])
+            for v in range(self.views):
+                out[i, v] = self._weighted(rows[self.view[rows] == v], every_exit, None, iou_type, image_offset=i)
+        return np.maximum(out, 0.0)
+
+    def contributions(self, block: int = 256, iou_type: str = "bbox") -> np.ndarray:
+        """(N, V, E) each image's linearised contribution to the dataset AP: the AP of its block (``block``
+        consecutive images by id) with the image moved from the deepest exit to exit k, minus the block's AP
+        at the deepest exit, times the block's size (0 at the deepest exit). Blocks keep the cost linear in
+        the images; the AP of a few hundred images is what the label was measured on (docs/results.md)."""
+        n, e = self.image_ids.size, len(self.exits)
+        out = np.zeros((n, self.views, e))
+        deepest = e - 1
+        bounds = np.searchsorted(self.image, np.arange(0, n + block, block).clip(max=n))
+        for b, start in enumerate(range(0, n, block)):
+            m = min(block, n - start)
+            rows = np.arange(bounds[b], bounds[b + 1])
+            for j in range(deepest):
+                assign = np.full((m + 1, m), deepest)
+                assign[np.arange(1, m + 1), np.arange(m)] = j  # row 0: the whole block at the deepest exit
+                for v in range(self.views):
+                    picked = rows[(self.view[rows] == v) & np.isin(self.exit[rows], (j, deepest))]
+                    ap = self._weighted(picked, assign, None, iou_type, image_offset=start)
+                    out[start:start + m, v, j] = (ap[1:] - ap[0]) * m
+        return out
+
+    def take(self, mask: np.ndarray) -> DetectionRecords:
+        """The records of the images where ``mask`` is true (a boolean mask over ``image_ids``)."""
+        mask = np.asarray(mask, bool)
+        new_index = np.cumsum(mask) - 1
+        rows = mask[self.image]
+        return DetectionRecords(self.image_ids[mask], list(self.exits), self.views,
+                                new_index[self.image[rows]].astype(self.image.dtype), self.view[rows],
+                                self.exit[rows], self.category[rows], self.score[rows], self.matched[rows],
+                                self.ignored[rows], self.truth[mask])
+
+    def with_exits(self, exits: Sequence[int]) -> DetectionRecords:
+        """The same images with only ``exits`` (a subset of this table's)."""
+        idx = [self.exits.index(k) for k in exits]
+        remap = np.full(len(self.exits), -1, np.int64)
+        remap[idx] = np.arange(len(idx))
+        rows = remap[self.exit] >= 0
+        return DetectionRecords(self.image_ids, list(exits), self.views, self.image[rows], self.view[rows],
+                                remap[self.exit[rows]].astype(self.exit.dtype), self.category[rows],
+                                self.score[rows], self.matched[rows], self.ignored[rows], self.truth)
+
+    @classmethod
+    def concat(cls, parts: Sequence[DetectionRecords]) -> DetectionRecords:
+        """Records of disjoint image sets (Step B's chunks, in any order) as one, images by ascending id."""
+        ids = np.concatenate([r.image_ids for r in parts])
+        order = np.argsort(ids, kind="stable")
+        if np.any(np.diff(ids[order]) == 0):
+            raise ValueError("the parts' images overlap: each image's records must come from one part")
+        offsets = np.cumsum([0] + [r.image_ids.size for r in parts[:-1]])
+        position = np.empty(ids.size, np.int64)
+        position[order] = np.arange(ids.size)  # old global image index -> its place by id
+        image = position[np.concatenate([r.image.astype(np.int64) + o for r, o in zip(parts, offsets)])]
+        rows = np.argsort(image, kind="stable")  # each image's rows keep their (view, exit, category) order
+        cat = {c: np.concatenate([getattr(r, c) for r in parts])[rows]
+               for c in ("view", "exit", "category", "score", "matched", "ignored")}
+        return cls(ids[order], list(parts[0].exits), parts[0].views, image[rows].astype(np.int32),
+                   truth=np.concatenate([r.truth for r in parts])[order], **cat)
 
     def to_arrow(self):
         """Two tables: ``detections`` (one row per detection) and ``truth`` (one row per image)."""

@@ -57,7 +57,7 @@ def run_trial(config: dict, derived: str, sweep_dir: str, train_split: str, eval
                 continue
             value = float(value)
             if not math.isfinite(value):  # never report a NaN: Optuna would keep the trial RUNNING
-                value = 0.0 if key.startswith(("pq", "sq", "rq", "miou")) else worst[key.rsplit("_", 1)[0]]
+                value = 0.0 if key.startswith(("pq", "sq", "rq", "miou", "ap")) else worst[key.rsplit("_", 1)[0]]
             out[key] = value
         return out
 

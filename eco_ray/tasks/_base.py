@@ -59,3 +59,26 @@ class Task:
         """Validation metrics at every exit on the first ``num_images`` images: ``val_<metric>_exit<k>`` and
         the task's other keys."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------- Step B
+    def derive_part(self, model, dataset, indices: Sequence[int], views: Sequence[str], settings,
+                    autocast: bool) -> dict:
+        """One Step B chunk: every exit of every view of ``indices``, as plain arrays for the driver
+        (``image_ids``, ``gate_features``, ``kinds``, ``num_objects`` and the task's statistics)."""
+        raise NotImplementedError
+
+    def assemble_split(self, split: str, parts: list[dict], views: Sequence[str], settings, map_blocks=None):
+        """The derived split of a table from its chunks (in any order). ``map_blocks(fn, [args, ...])`` runs
+        ``fn(*args)`` for each item where the stage says (Ray tasks in Step B) and returns the results in order:
+        for work on the whole split that parts of it can do apart."""
+        raise NotImplementedError
+
+    def split_summary(self, split, categories: list[dict], tolerance: float) -> dict:
+        """The manifest's summary of a split: ``static`` (exit -> the task's metrics), the label noise floor, ..."""
+        raise NotImplementedError
+
+
+def image_attributes(meta: Sequence[dict]) -> dict:
+    """The generator's image attributes a table keeps (for other datasets: "" and -1)."""
+    return {"kinds": [m.get("eco_kind", "") for m in meta],
+            "num_objects": [int(m.get("eco_num_objects", -1)) for m in meta]}

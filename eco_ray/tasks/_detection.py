@@ -46,3 +46,25 @@ class DetectionTask(Task):
             out.update({f"val_ap_exit{k}": stats["AP"], f"val_ap50_exit{k}": stats["AP50"],
                         f"val_ap75_exit{k}": stats["AP75"]})
         return out
+
+    def derive_part(self, model, dataset, indices, views, settings, autocast):
+        from eco_ray.evaluate import evaluate_detector_exits
+        from eco_ray.metrics.detection import DetectionRecords
+        from eco_ray.tasks._base import image_attributes
+
+        per_view = [evaluate_detector_exits(model, dataset, indices=indices, batch_size=settings.batch_size,
+                                            flip=(v == "flip"), autocast=autocast) for v in views]
+        plain = per_view[0]
+        return {"image_ids": plain.image_ids, "exits": plain.exits,
+                "records": DetectionRecords.from_matches([ev.records for ev in per_view]),
+                "gate_features": plain.gate_features, **image_attributes(plain.meta)}
+
+    def assemble_split(self, split, parts, views, settings, map_blocks=None):
+        from eco_ray.derive._detection import assemble
+
+        return assemble(split, parts, list(views), settings.label_block, map_blocks)
+
+    def split_summary(self, split, categories, tolerance):
+        from eco_ray.derive._detection import split_summary
+
+        return split_summary(split, tolerance)

@@ -46,3 +46,42 @@ class PanopticTask(Task):
             out.update({f"val_pq_exit{k}": r.pq, f"val_pq_things_exit{k}": r.pq_things,
                         f"val_pq_stuff_exit{k}": r.pq_stuff, f"val_miou_exit{k}": r.miou})
         return out
+
+    def derive_part(self, model, dataset, indices, views, settings, autocast):
+        import numpy as np
+
+        from eco_ray.evaluate import evaluate_exits
+        from eco_ray.metrics.panoptic import PanopticStats
+        from eco_ray.metrics.sparse import SparseStats
+        from eco_ray.tasks._base import image_attributes
+
+        per_view = [evaluate_exits(model, dataset, indices=indices, batch_size=settings.batch_size,
+                                   flip=(v == "flip"), threshold=settings.threshold,
+                                   mask_threshold=settings.mask_threshold,
+                                   overlap_threshold=settings.overlap_threshold, autocast=autocast) for v in views]
+        stats = PanopticStats(**{k: np.stack([getattr(ev.stats, k) for ev in per_view], axis=1)
+                                 for k in per_view[0].stats.as_dict()})
+        plain = per_view[0]
+        # sparse before it leaves the worker: the driver never holds the dense (image, view, exit, category) arrays
+        return {"image_ids": plain.image_ids, "exits": plain.exits, "stats": SparseStats.from_dense(stats),
+                "gate_features": plain.gate_features, **image_attributes(plain.meta)}
+
+    def assemble_split(self, split, parts, views, settings, map_blocks=None):
+        import numpy as np
+
+        from eco_ray.derive.table import DerivedSplit
+        from eco_ray.metrics.sparse import SparseStats
+
+        ids = np.concatenate([p["image_ids"] for p in parts])
+        order = np.argsort(ids, kind="stable")
+        stats = SparseStats.concat([p["stats"] for p in parts]).take(order)
+        return DerivedSplit(split, ids[order].astype(np.int64), list(parts[0]["exits"]), list(views), stats,
+                            np.concatenate([p["gate_features"] for p in parts])[order].astype(np.float32),
+                            np.asarray(sum((p["kinds"] for p in parts), []), dtype=object)[order],
+                            np.asarray(sum((p["num_objects"] for p in parts), []), dtype=np.int64)[order])
+
+    def split_summary(self, split, categories, tolerance):
+        from eco_ray.derive.table import split_summary
+        from eco_ray.metrics.panoptic import CategorySet
+
+        return split_summary(split, CategorySet(categories), tolerance)
