@@ -13,6 +13,9 @@ Candidates, per image i and exit k:
 - ``dap``: the dataset AP with image i moved from the deepest exit to exit k, minus the dataset AP at the
   deepest exit (a linearised contribution, as the panoptic ``dpq``), times the number of images.
 
+``ap`` and ``dap`` are computed as the derived table computes them (eco_ray.metrics.detection.DetectionRecords,
+with the whole image set as one block); the pilot that chose ``dap`` for the table ran on this script.
+
     python benchmarks/detection_labels.py --parent models:/eco-det-parent/1 --data-root runs/data \
         [--tracking-uri URI] [--split val] [--max-images 300] [--json OUT]
 """
@@ -31,35 +34,21 @@ import torch
 BETAS = (0.02, 0.05, 0.1, 0.3)
 
 
-def per_image(records: dict, ids: list[int], exits: list[int], stat: str) -> np.ndarray:
+def per_image_ap50(records: dict, ids: list[int], exits: list[int]) -> np.ndarray:
+    """(N, E) each image's own AP50 (0 where undefined): the one candidate the derived table does not keep."""
     from eco_ray.metrics.detection import accumulate
 
     q = np.zeros((len(ids), len(exits)))
     for e, k in enumerate(exits):
         for n, i in enumerate(ids):
-            q[n, e] = max(0.0, accumulate({i: records[k][i]})[stat])
-    return q
-
-
-def contributions(records: dict, ids: list[int], exits: list[int]) -> np.ndarray:
-    from eco_ray.metrics.detection import accumulate
-
-    deepest = exits[-1]
-    base_records = dict(records[deepest])
-    base = accumulate(base_records)["AP"]
-    q = np.zeros((len(ids), len(exits)))
-    for e, k in enumerate(exits[:-1]):
-        for n, i in enumerate(ids):
-            moved = dict(base_records)
-            moved[i] = records[k][i]
-            q[n, e] = (accumulate(moved)["AP"] - base) * len(ids)
+            q[n, e] = max(0.0, accumulate({i: records[k][i]})["AP50"])
     return q
 
 
 def main(argv=None) -> int:
     from eco_ray.data.coco_instances import CocoInstancesDataset
     from eco_ray.evaluate import evaluate_detector_exits
-    from eco_ray.metrics.detection import assignment_ap
+    from eco_ray.metrics.detection import DetectionRecords, assignment_ap
     from eco_ray.model.cost import count_exit_gflops
     from eco_ray.model.io import load_parent
     from eco_ray.tracking import default_tracking_uri, resolve_model_dir
@@ -82,7 +71,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     views = [evaluate_detector_exits(model, ds, indices=indices, flip=flip) for flip in (False, True)]
     eval_s = time.perf_counter() - t0
-    exits, ids = views[0].exits, [int(i) for i in views[0].image_ids]
+    exits, ids = views[0].exits, sorted(int(i) for i in views[0].image_ids)  # the records' order
     gflops = np.array([row["encoder_gflops"] for row in count_exit_gflops(model, model.config.image_size)["exits"]])
     rel = gflops / gflops[-1]
     records = [v.records for v in views]
@@ -94,10 +83,11 @@ def main(argv=None) -> int:
         return got - float(np.interp(cost, gflops, static)), cost
 
     t0 = time.perf_counter()
-    labels = {}
-    for name in ("ap", "ap50", "dap"):
-        labels[name] = [per_image(r, ids, exits, "AP" if name == "ap" else "AP50") if name != "dap"
-                        else contributions(r, ids, exits) for r in records]
+    # ap and dap as the derived table computes them (one block: the contribution to the AP of all the images)
+    flat = DetectionRecords.from_matches(records)
+    own, dap = flat.per_image_ap(), flat.contributions(block=len(ids))
+    labels = {"ap": [own[:, 0], own[:, 1]], "ap50": [per_image_ap50(r, ids, exits) for r in records],
+              "dap": [dap[:, 0], dap[:, 1]]}
     label_s = time.perf_counter() - t0
     result = {"parent": args.parent, "split": args.split, "images": len(ids), "exits": exits,
               "encoder_gflops": gflops.tolist(), "static_ap_view0": static.tolist(),

@@ -8,8 +8,9 @@ pipeline's select stage and a served request's compute cap. Its names on the com
     max_latency_ms=Y        latency in ms at most Y (batch 1, measured where the table was derived)
     max_relative_latency=F  the same, as a share of the full-depth latency
     min_pq=Z                PQ at least Z (selection: then the cheapest such point)
+    min_ap=Z                COCO AP at least Z (a detector's gates; selection as min_pq)
 
-A point is anything with the evaluation keys (``pq``, ``encoder_gflops_mean``, ``latency_ms_mean``).
+A point is anything with the evaluation keys (``pq`` or ``ap``, ``encoder_gflops_mean``, ``latency_ms_mean``).
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ from eco_ray.errors import EcoRayError
 # metric -> (the key it reads in an evaluated point, the cost measure of the derived table, unit)
 METRICS = {"encoder_gflops": ("encoder_gflops_mean", "gflops", "mean encoder GFLOPs"),
            "latency_ms": ("latency_ms_mean", "latency", "ms mean latency"),
-           "pq": ("pq", None, "PQ")}
+           "pq": ("pq", None, "PQ"), "ap": ("ap", None, "AP")}
+QUALITY = ("pq", "ap")  # the metrics a budget sets a lower limit on
 NAMES = {"max_gflops": ("encoder_gflops", False), "max_relative_gflops": ("encoder_gflops", True),
          "max_latency_ms": ("latency_ms", False), "max_relative_latency": ("latency_ms", True),
-         "min_pq": ("pq", False)}
+         "min_pq": ("pq", False), "min_ap": ("ap", False)}
 
 
 class BudgetError(EcoRayError):
@@ -34,15 +36,15 @@ class BudgetError(EcoRayError):
 
 @dataclass(frozen=True)
 class Budget:
-    metric: str  # encoder_gflops | latency_ms (upper limits) | pq (a lower limit)
+    metric: str  # encoder_gflops | latency_ms (upper limits) | pq | ap (lower limits)
     limit: float
     relative: bool = False  # limit as a share of the full-depth value (costs only)
 
     def __post_init__(self):
         if self.metric not in METRICS:
             raise BudgetError(f"budget metric must be one of {list(METRICS)}, got {self.metric!r}")
-        if self.relative and self.metric == "pq":
-            raise BudgetError("a PQ budget cannot be relative to full depth: use min_pq")
+        if self.relative and self.metric in QUALITY:
+            raise BudgetError(f"a {self.metric.upper()} budget cannot be relative to full depth: use min_{self.metric}")
         if not (isinstance(self.limit, (int, float)) and math.isfinite(self.limit)) or self.limit < 0:
             raise BudgetError(f"{self.name} must be a finite number >= 0, got {self.limit!r}")
         if self.relative and not 0 < self.limit <= 1:
@@ -71,12 +73,12 @@ class Budget:
 
     @property
     def cost_measure(self) -> str | None:
-        """The derived table's cost measure behind the metric (``gflops``, ``latency``), None for PQ."""
+        """The derived table's cost measure behind the metric (``gflops``, ``latency``), None for PQ or AP."""
         return METRICS[self.metric][1]
 
     @property
     def is_lower_limit(self) -> bool:
-        return self.metric == "pq"
+        return self.metric in QUALITY
 
     def absolute(self, full_depth: float | None = None) -> Budget:
         """The budget in absolute units; a relative one needs the full-depth value of its metric."""

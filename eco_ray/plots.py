@@ -66,7 +66,7 @@ def plot_sweep(summary, path: str | Path) -> Path:
     """Two panels on the same cost axis: the split the trials were selected on (all trials, the Pareto front,
     static depth, the oracle, the budget) and the eval split (the front's gates, static depth, the oracle)."""
     plt = _pyplot()
-    key = summary.objective_cost
+    key, metric = summary.objective_cost, summary.metric
     sel = summary.selection_split
     fig, axes = plt.subplots(1, 2, figsize=(11.5, 4.5), sharex=True)
     ax = axes[0]
@@ -74,12 +74,12 @@ def plot_sweep(summary, path: str | Path) -> Path:
     for feasible, style in ((True, dict(c="tab:blue", alpha=0.5)), (False, dict(c="tab:red", alpha=0.4, marker="x"))):
         pts = [t.metrics for t in done if bool(t.feasible) == feasible]
         if pts:
-            ax.scatter([p[key] for p in pts], [p["pq"] for p in pts], s=14,
+            ax.scatter([p[key] for p in pts], [p[metric] for p in pts], s=14,
                        label="trials" if feasible else "trials over budget", **style)
     front = sorted(summary.front, key=lambda p: p[key])
     if front:
-        ax.step([p[key] for p in front], [p["pq"] for p in front], where="post", c="tab:blue", lw=1.5)
-        ax.scatter([p[key] for p in front], [p["pq"] for p in front], s=40, facecolors="none", edgecolors="k",
+        ax.step([p[key] for p in front], [p[metric] for p in front], where="post", c="tab:blue", lw=1.5)
+        ax.scatter([p[key] for p in front], [p[metric] for p in front], s=40, facecolors="none", edgecolors="k",
                    label="Pareto front")
     for limit_key, limit in summary.constraints.items():
         if limit_key == key:
@@ -93,13 +93,13 @@ def plot_sweep(summary, path: str | Path) -> Path:
     vkey = f"val_{key}"
     front_val = sorted((p for p in summary.front if vkey in p), key=lambda p: p[vkey])
     if front_val:
-        ax.scatter([p[vkey] for p in front_val], [p["val_pq"] for p in front_val], s=40, c="tab:blue",
+        ax.scatter([p[vkey] for p in front_val], [p[f"val_{metric}"] for p in front_val], s=40, c="tab:blue",
                    label="the front's gates")
     _static_and_oracle(ax, summary.static_val, summary.oracle_val, key)
     ev = summary.eval_split
     ax.set_title(f"the same gates on the {ev['split']} split ({ev['images']} images, never selected on)", fontsize=9)
     ax.legend(fontsize=8)
-    axes[0].set_ylabel("PQ")
+    axes[0].set_ylabel(metric.upper())
     return _save(fig, path)
 
 

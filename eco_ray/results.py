@@ -168,6 +168,7 @@ class SweepSummary:
     trials_run_now: int = 0
     interrupted_trials_closed: int = 0
     trials_per_minute: float | None = None
+    metric: str = "pq"  # the quality objective: pq, or ap on a detector's table
     extra: dict = field(default_factory=dict)
 
     @property

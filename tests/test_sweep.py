@@ -14,7 +14,7 @@ import optuna
 import pytest
 from mlflow import MlflowClient
 
-from eco_ray.budget import Budget
+from eco_ray.budget import Budget, BudgetError
 from eco_ray.cli import main
 from eco_ray.config import ConfigError, load_config
 from eco_ray.context import RunContext
@@ -229,6 +229,16 @@ def test_pick_trial_rules():
         pick_trial(pts, Budget.named("max_gflops", 0.01))
     with pytest.raises(RegistryError, match="best reaches PQ 0.6000"):
         pick_trial(pts, Budget.named("min_pq", 0.9))
+    # a detector's trials are scored on AP: the same rules, on AP; a PQ floor is refused with the one to use
+    det = [{"ap": p["pq"] / 2, **{k: v for k, v in p.items() if k != "pq"}} for p in pts]
+    assert pick_trial(det, Budget.named("max_gflops", 0.16))[0] is det[2]
+    assert pick_trial(det, Budget.named("min_ap", 0.27))[0] is det[2]
+    with pytest.raises(RegistryError, match="best reaches AP 0.3000"):
+        pick_trial(det, Budget.named("min_ap", 0.9))
+    with pytest.raises(RegistryError, match="use min_ap"):
+        pick_trial(det, Budget.named("min_pq", 0.1))
+    with pytest.raises(BudgetError, match="use min_ap"):
+        Budget("ap", 0.5, relative=True)
 
 
 def test_resuming_a_sweep_begun_before_held_out_scoring_keeps_its_scoring(tiny_derived, tmp_path, ray_local):

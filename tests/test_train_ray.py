@@ -19,7 +19,7 @@ from eco_ray.context import RunContext
 from eco_ray.data import CocoPanopticDataset, collate_panoptic
 from eco_ray.model.io import load_parent
 from eco_ray.model.postprocess import to_panoptic
-from eco_ray.tracking import resolve_model_dir
+from eco_ray.tracking import RegistryError, resolve_model_dir
 from eco_ray.train.config import load_train_config
 
 pytestmark = pytest.mark.slow
@@ -245,5 +245,19 @@ def test_a_detector_trains_registers_and_derives_its_table(ray_cluster, synth_ro
     assert again["reused"] and again["key"] == manifest["key"]
     d, plot = diagnose_table(manifest["path"], ctx, resamples=50)
     assert d.metric == "ap" and plot.is_file() and len(d.cross_view_oracle) == 3
+
+    # Step C: a sweep over the table samples the detection labels, scores its trials on AP, and the selection
+    # registers the chosen gate as a detector's
+    from eco_ray.sweep import SweepConfig, run_sweep, select
+    from eco_ray.budget import Budget
+
+    s = run_sweep(load_config(SweepConfig, overrides=["trials=2", "concurrency=2", "holdout=0.25"]),
+                  derived=manifest["path"], ctx=ctx, name="det-sweep")
+    assert s.metric == "ap" and s.complete == 2 and s.failed == 0
+    assert all("ap" in t.metrics and "pq" not in t.metrics and t.params["quality"] in ("dap", "ap") for t in s.trials)
+    chosen = select("det-sweep", Budget.named("min_ap", 0.0), ctx=ctx)
+    assert chosen.registered_model == "eco-det-gate" and chosen.model_uri == "models:/eco-det-gate@production"
+    with pytest.raises(RegistryError, match="use min_ap"):
+        select("det-sweep", Budget.named("min_pq", 0.0), ctx=ctx)
     with pytest.raises(ConfigError, match="data_root="):
         run_derive(derive_cfg, parent=summary["model_uri"], data_root=tmp_path / "nowhere", ctx=ctx)

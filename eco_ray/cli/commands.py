@@ -390,7 +390,8 @@ def select(args) -> int:
     from eco_ray.sweep import select as choose_and_register
 
     name, limit = next((n, getattr(args, n)) for n in ("max_gflops", "max_relative_gflops", "max_latency_ms",
-                                                        "max_relative_latency", "min_pq") if getattr(args, n) is not None)
+                                                        "max_relative_latency", "min_pq", "min_ap")
+                       if getattr(args, n) is not None)
     ctx = _context(args)
     budget = Budget.named(name, limit)
     r = choose_and_register(args.sweep, budget, ctx=ctx, registered_model=args.registered_model, alias=args.alias,

@@ -120,35 +120,44 @@ def gate(run) -> str:
 
 def sweep(s) -> str:
     rate = s.trials_per_minute
-    key = s.objective_cost
+    key, m = s.objective_cost, s.metric
+    label = m.upper()
     sel, ev = s.selection_split, s.eval_split
     where = (f"{sel['images']} held-out {sel['split']} images" if sel["held_out"] > 0 else
              f"the {sel['split']} split itself")
     lines = [f"sweep {s.name}: {s.complete} complete ({s.feasible} within budget), {s.failed} failed; "
              f"{s.trials_run_now} run now in {s.seconds:.0f} s" + (f" ({rate:.0f} trials/min)" if rate else ""),
-             f"Pareto front (PQ up, {key} down) on {where}, {len(s.front)} points; then the same gate on "
+             f"Pareto front ({label} up, {key} down) on {where}, {len(s.front)} points; then the same gate on "
              f"{ev['split']} ({ev['images']} images):"]
     for p in s.front:
         params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in p["params"].items())
-        lines.append(f"  trial {p['number']:>4}: PQ {p['pq']:.4f}  {key} {p[key]:.4f} | {ev['split']}: PQ "
-                     f"{p.get('val_pq', NAN):.4f}  {key} {p.get('val_' + key, NAN):.4f}  [{params}]")
-    for label, rows in ((where, s.static), (ev["split"], s.static_val)):
+        lines.append(f"  trial {p['number']:>4}: {label} {p[m]:.4f}  {key} {p[key]:.4f} | {ev['split']}: {label} "
+                     f"{p.get('val_' + m, NAN):.4f}  {key} {p.get('val_' + key, NAN):.4f}  [{params}]")
+    for where_label, rows in ((where, s.static), (ev["split"], s.static_val)):
         pts = [p for p in rows if getattr(p, key) is not None]
-        lines.append(f"static depth on {label}: " + ", ".join(f"exit {p.exit}: PQ {p.pq:.4f} @ {p.cost(key):.4f}"
-                                                              for p in pts))
+        lines.append(f"static depth on {where_label}: " + ", ".join(
+            f"exit {p.exit}: {label} {p.quality:.4f} @ {p.cost(key):.4f}" for p in pts))
     lines.append(f"MLflow parent run {s.run_id}; plot {s.plot}")
     return "\n".join(lines)
 
 
 def selection(r) -> str:
     c = r.chosen
+    if "ap" in c:  # a detector's gate: COCO AP with AP50 and AP75
+        figures = [("ap", "AP"), ("ap50", "AP50"), ("ap75", "AP75")]
+    else:
+        figures = [("pq", "PQ"), ("pq_things", "things"), ("pq_stuff", "stuff")]
+
+    def quality(prefix: str) -> str:
+        (main, label), *parts = figures
+        return (f"{label} {c.get(prefix + main, NAN):.4f} (" +
+                ", ".join(f"{n} {c.get(prefix + k, NAN):.4f}" for k, n in parts) + ")")
+
     lines = [f"selected trial {c['optuna_trial']} of sweep {r.sweep} ({r.candidates} candidates): {r.why}",
-             f"  PQ {c['pq']:.4f} (things {c.get('pq_things', NAN):.4f}, stuff {c.get('pq_stuff', NAN):.4f}), "
-             f"{c['encoder_gflops_mean']:.4f} mean encoder GFLOPs"
+             f"  {quality('')}, {c['encoder_gflops_mean']:.4f} mean encoder GFLOPs"
              + (f", {c['latency_ms_mean']:.2f} ms" if c.get("latency_ms_mean") is not None else "")]
-    if "val_pq" in c:
-        lines.append(f"  on the validation split (never selected on): PQ {c['val_pq']:.4f} (things "
-                     f"{c.get('val_pq_things', NAN):.4f}, stuff {c.get('val_pq_stuff', NAN):.4f}), "
+    if "val_" + figures[0][0] in c:
+        lines.append(f"  on the validation split (never selected on): {quality('val_')}, "
                      f"{c.get('val_encoder_gflops_mean', NAN):.4f} mean encoder GFLOPs")
     lines += [f"  params: {c['params']}",
               f"registered {r.registered_model} version {r.version}; alias {r.alias!r} -> version {r.version} "

@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = dsub.add_parser("synth", parents=[_settings_flags("generator (SynthConfig, eco_ray/data/synth.py)",
                                                           "kind_mix.relational=0.5"), js],
                         help="generate the synthetic COCO-panoptic benchmark (COCO 2017 layout)",
-                        description="Writes OUT/{train,val}/ images, OUT/annotations/panoptic_{train,val}.json and "
-                                    "OUT/annotations/panoptic_{train,val}/ id PNGs. Deterministic for a seed.")
+                        description="Writes OUT/{train,val}/ images, OUT/annotations/panoptic_{train,val}.json, "
+                                    "OUT/annotations/panoptic_{train,val}/ id PNGs and the COCO instance files of the "
+                                    "same scenes, OUT/annotations/instances_{train,val}.json. Deterministic for a seed.")
     s.add_argument("--out", required=True, help="output directory")
     s.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
     s.add_argument("--val", type=int, default=300, help="validation images (default 300)")
@@ -198,13 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Step B: per-image, per-exit statistics + gate inputs + exit costs (Ray)",
                        description="Runs the parent once per image and view with every exit tapped, distributed "
                                    "over Ray tasks, and writes a derived dataset (Arrow files; schema: eco_ray/derive/table.py): "
-                                   "per image and exit the additive panoptic statistics, the pooled gate input, "
-                                   "and the measured cost of every exit. The flipped view measures the label noise "
+                                   "per image and exit the additive panoptic statistics (a detector's: the COCOeval "
+                                   "matching records of its detections and two labels), the pooled gate input, "
+                                   "and the measured cost of every exit. The parent's task picks the dataset's files. The flipped view measures the label noise "
                                    "and averages it down. The same inputs are reused, not recomputed.")
     d.add_argument("--parent", default="models:/eco-parent/latest",
-                   help="models:/eco-parent@alias, models:/eco-parent/VERSION, runs:/ID/parent or a directory "
-                        "(default models:/eco-parent/latest)")
-    d.add_argument("--data-root", help="COCO-panoptic dataset root (default <run-dir>/data)")
+                   help="models:/eco-parent@alias, models:/eco-parent/VERSION (a detector: eco-det-parent), "
+                        "runs:/ID/parent or a directory (default models:/eco-parent/latest)")
+    d.add_argument("--data-root", help="dataset root in the COCO 2017 layout: panoptic files for a segmenter, "
+                                       "instance files for a detector (default <run-dir>/data)")
     d.add_argument("--split", help="comma-separated splits (default train,val)")
     d.add_argument("--max-images", type=int, help="at most this many images per split (default all)")
     d.add_argument("--out", help="output directory (default <run-dir>/derived/<key>)")
@@ -291,8 +294,9 @@ def build_parser() -> argparse.ArgumentParser:
     sl = sub.add_parser("select", parents=[ctx_no_ray, js],
                         help="pick the best gate of a sweep under a budget; register it, move an alias",
                         description="Among the sweep's finished trials in MLflow (scored on the held-out training "
-                                    "images): the highest PQ within the budget, or the cheapest reaching --min-pq. "
-                                    "The gate is registered (default eco-gate) and the alias (default production) "
+                                    "images): the highest PQ (AP for a detector's) within the budget, or the cheapest "
+                                    "reaching --min-pq (--min-ap). The gate is registered (default eco-gate, "
+                                    "eco-det-gate for a detector's) and the alias (default production) "
                                     "moved to it. A budget no trial meets is an error that shows the cheapest "
                                     "available point; the alias stays where it was. The same selection again "
                                     "returns the version it registered.")
@@ -304,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--max-latency-ms", type=float, help="mean latency per image (ms, batch 1) at most")
     budget.add_argument("--max-relative-latency", type=float, help="mean latency at most this share of full depth")
     budget.add_argument("--min-pq", type=float, help="PQ at least (then the cheapest)")
-    sl.add_argument("--registered-model", default="eco-gate", help="registry name (default eco-gate)")
+    budget.add_argument("--min-ap", type=float, help="COCO AP at least (a detector's gates; then the cheapest)")
+    sl.add_argument("--registered-model", help="registry name (default eco-gate; eco-det-gate for a detector's)")
     sl.add_argument("--alias", default="production", help="alias to move (default production)")
     sl.set_defaults(func=c.select)
 

@@ -322,6 +322,11 @@ class DerivedDataset:
         return self.manifest.get("task", "panoptic")
 
     @property
+    def metric(self) -> str:
+        """The dataset metric its evaluations report: ``pq``, or ``ap`` for a detector's table."""
+        return "ap" if self.task == "detection" else "pq"
+
+    @property
     def categories(self) -> CategorySet:
         # a detector's categories are COCO instance categories, all things
         return CategorySet([{**c, "isthing": c.get("isthing", 1)} for c in self.manifest["categories"]])

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from eco_ray.budget import Budget
 
 SAMPLERS = ("tpe", "nsga2", "random")
+TASK_SPACES = {"panoptic": "default", "detection": "detection"}  # what space "default" means, per table task
 OBJECTIVE_COSTS = {"gflops": "encoder_gflops_mean", "latency": "latency_ms_mean"}
 # keys that were settings before and are arguments now: refused with the flag that replaced them
 MOVED_KEYS = {"derived": "!pass it with --derived (the pipeline: set by the derive stage)",
@@ -20,7 +21,9 @@ ABSENT_IN_OLD_SWEEPS = {"holdout": 0.0}
 
 @dataclass
 class SweepConfig:
-    space: str = "default"  # a search-space YAML file, or the name of a shipped one (eco_ray/resources/search_spaces)
+    # a search-space YAML file, or the name of a shipped one (eco_ray/resources/search_spaces); "default" is the
+    # shipped space of the table's task: default.yaml (panoptic), detection.yaml (its labels are a detector's)
+    space: str = "default"
     trials: int = 40  # finished trials the sweep ends with
     concurrency: int = 2  # trials at a time
     sampler: str = "tpe"  # tpe | nsga2 | random
@@ -51,6 +54,10 @@ class SweepConfig:
             v = getattr(self, name)
             if v is not None and not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name} must be a positive number, got {v}")
+
+    def space_for(self, task: str) -> str:
+        """The search space a sweep over a table of ``task`` samples."""
+        return TASK_SPACES.get(task, self.space) if self.space == "default" else self.space
 
     @property
     def objective_key(self) -> str:

@@ -1,4 +1,5 @@
-"""``eco-ray sweep``: Ray Tune + Optuna, multi-objective (maximise PQ, minimise encoder GFLOPs or latency).
+"""``eco-ray sweep``: Ray Tune + Optuna, multi-objective (maximise PQ, or AP on a detector's table; minimise
+encoder GFLOPs or latency).
 
 Each trial is one Step-C fit + exact evaluation from the derived table (eco_ray/sweep/trial.py), so trials
 take seconds and run ``concurrency`` at a time on the local cluster or across a real one.
@@ -142,15 +143,16 @@ def run_sweep(cfg: SweepConfig, *, derived: str | Path, ctx: RunContext, name: s
     if (sdir / "sweep.json").exists():
         raise ConfigError(f"a sweep named {name!r} exists already; continue it with --resume {name} or pick "
                           f"another --name")
-    load_space(cfg.space)  # before Ray starts: a bad space or table fails fast
-    ds = _check_table(cfg, derived)
+    ds = _check_table(cfg, derived)  # before Ray starts: a bad space or table fails fast
+    space_name = cfg.space_for(ds.task)
+    load_space(space_name)
     _warn_if_it_does_not_pay(ds, cfg.eval_split)
     storage = cfg.storage or f"sqlite:///{(sdir / 'optuna.db').resolve()}"
     tracker = ctx.tracker()
     sdir.mkdir(parents=True, exist_ok=True)
     saved = SweepConfig(**{**asdict(cfg), "storage": mask_url(storage)})
     write_text(sdir / "config.yaml", to_yaml(saved))
-    write_text(sdir / "space.yaml", resolve_resource("search_spaces", cfg.space).read_text())  # frozen with it
+    write_text(sdir / "space.yaml", resolve_resource("search_spaces", space_name).read_text())  # frozen with it
     parent = tracker.start_run(Stage.SWEEP, name, {
         Tag.SWEEP: name, Tag.DERIVED_KEY: ds.manifest["key"], Tag.PARENT_URI: ds.manifest["parent"]["uri"],
         Tag.PARENT_VERSION: ds.manifest["parent"].get("version", ""), Tag.STUDY: study_name(name)},
@@ -237,7 +239,8 @@ def _run(cfg: SweepConfig, info: dict, storage: str, ds, sdir: Path, ctx: RunCon
             if missing <= 0:
                 break
             started += missing
-            searcher = StudySearcher(study, _space_of(cfg, sdir), ["pq", cfg.objective_key], cfg.budgets())
+            searcher = StudySearcher(study, _space_of(cfg, sdir, ds.task), [ds.metric, cfg.objective_key],
+                                     cfg.budgets())
             tuner = tune.Tuner(
                 trainable,
                 tune_config=tune.TuneConfig(search_alg=searcher, num_samples=missing,
@@ -268,7 +271,7 @@ def _run(cfg: SweepConfig, info: dict, storage: str, ds, sdir: Path, ctx: RunCon
     return summary
 
 
-def _space_of(cfg: SweepConfig, sdir: Path) -> dict:
+def _space_of(cfg: SweepConfig, sdir: Path, task: str = "panoptic") -> dict:
     """The space a sweep samples: the copy frozen in its directory when it started (a resumed sweep keeps the
     space its study began with, even if the shipped one changed since), else the configured one."""
     from eco_ray.sweep.space import load_space
@@ -277,7 +280,7 @@ def _space_of(cfg: SweepConfig, sdir: Path) -> dict:
     if frozen.is_file():
         return load_space(frozen)
     try:
-        return load_space(cfg.space)
+        return load_space(cfg.space_for(task))
     except ConfigError as e:
         raise ConfigError(f"sweep {sdir.name!r} was started with the search space {cfg.space!r}, which is gone ({e}); "
                           "start a new sweep (a study cannot change its space)") from None
@@ -313,7 +316,7 @@ def summarize(study, cfg: SweepConfig, ds, sdir: Path, name: str, storage: str) 
             record.feasible = all(b.admits(r["metrics"]) for b in cfg.budgets())
         trials.append(record)
     feasible = [t for t in trials if t.metrics is not None and t.feasible]
-    front_idx = pareto_front([t.metrics["pq"] for t in feasible], [t.metrics[key] for t in feasible]) \
+    front_idx = pareto_front([t.metrics[ds.metric] for t in feasible], [t.metrics[key] for t in feasible]) \
         if feasible else np.zeros(0, int)
     front = [{"number": feasible[i].number, "params": feasible[i].params, **feasible[i].metrics} for i in front_idx]
     val = ds.split(cfg.eval_split)
@@ -326,7 +329,7 @@ def summarize(study, cfg: SweepConfig, ds, sdir: Path, name: str, storage: str) 
 
     (static, oracle), (static_val, oracle_val) = baselines(selection), baselines(val)
     return SweepSummary(
-        name=name, study_name=study_name(name), storage=storage, objective_cost=key,
+        name=name, study_name=study_name(name), storage=storage, objective_cost=key, metric=ds.metric,
         constraints={b.key: b.limit for b in cfg.budgets()}, trials=trials, front=front,
         selection_split={"split": cfg.train_split, "held_out": cfg.holdout, "images": len(selection)}
         if cfg.holdout > 0 else {"split": cfg.eval_split, "held_out": 0.0, "images": len(val)},
