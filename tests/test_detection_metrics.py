@@ -12,6 +12,7 @@ from eco_ray.metrics.detection import (
     accumulate,
     assignment_ap,
     coco_eval,
+    label_blocks,
     match_images,
 )
 from eco_ray.testing.coco_scene import random_detection_scene as _scene
@@ -157,12 +158,13 @@ def test_per_image_ap_and_contributions_are_what_their_definitions_say():
         for v, view in enumerate((view0, view1)):
             for k in range(3):
                 assert own[n, v, k] == pytest.approx(max(0.0, accumulate({i: view[k][i]})["AP"]), abs=1e-12)
-    block = 5
-    dap = flat.contributions(block=block)
+    dap = flat.contributions(block=5)  # 14 images: blocks of 5, 5 and 4
+    assert [b.tolist() for b in label_blocks(14, 5)] == [list(range(5)), list(range(5, 10)), list(range(10, 14))]
+    assert [len(b) for b in label_blocks(300, 256)] == [150, 150] and label_blocks(0, 5) == []
     assert np.all(dap[:, :, -1] == 0)
     for n, i in enumerate(ids):
-        start = n - n % block
-        members = ids[start:start + block]
+        start = 0 if n < 5 else 5 if n < 10 else 10
+        members = ids[start:start + (4 if start == 10 else 5)]
         for v, view in enumerate((view0, view1)):
             base = accumulate({j: view[2][j] for j in members})["AP"]
             for k in range(2):
@@ -186,3 +188,9 @@ def test_records_split_by_image_and_exit_and_join_again():
                                                                        abs=1e-12)
     with pytest.raises(ValueError, match="overlap"):
         DetectionRecords.concat([flat, part])
+    with pytest.raises(ValueError, match="boolean mask of 12 images"):
+        flat.take(np.flatnonzero(mask))
+    # no image counted: no ground truth, so no AP (-1, as COCOeval's summary); mismatched counts are refused
+    assert flat.ap_of(choice, np.zeros((1, 12)))[0] == -1.0
+    with pytest.raises(ValueError, match="counts must have"):
+        flat.ap_of(np.tile(choice, (3, 1)), np.ones((1, 12)))

@@ -115,8 +115,9 @@ def test_gates_fit_and_evaluate_on_a_detection_table_in_ap(scene, tmp_path):
     from eco_ray.gate.config import GateConfig
     from eco_ray.gate.evaluate import fit_and_evaluate
     from eco_ray.gate.run import run_gate
-    from eco_ray.model.gates import decide
     from eco_ray.cli import format as fmt
+    from eco_ray.model.gates import decide
+    from eco_ray.tradeoff import choose
 
     _, _, _, split = scene
     half = np.arange(len(split)) % 2 == 0
@@ -138,9 +139,21 @@ def test_gates_fit_and_evaluate_on_a_detection_table_in_ap(scene, tmp_path):
         choice = decide(fit.gate_for(e.beta), val.gate_features, rel, e.beta)
         assert e.gate.ap == pytest.approx(val.summary_of(choice)["ap"], abs=1e-12) and e.gate.pq is None
         assert e.gate.encoder_gflops_mean == pytest.approx(np.asarray(costs)[choice].mean())
-        assert e.oracle.quality == e.oracle.ap
+        oracle = val.summary_of(choose(val.quality_per_view[:, 0], rel, e.beta))["ap"]  # picks on view 0's dap
+        assert e.oracle.ap == pytest.approx(oracle, abs=1e-12)
     with pytest.raises(ValueError, match="for a detection table"):
         fit_and_evaluate(ds, GateConfig(quality="pq"))
+    # a sweep samples the detection labels on this table, and refuses a space that would sample PQ labels
+    from eco_ray.config import ConfigError
+    from eco_ray.sweep import SweepConfig
+    from eco_ray.sweep.driver import _check_labels
+    from eco_ray.sweep.space import load_space
+
+    space = SweepConfig().space_for(ds.task)
+    assert space == "detection" and load_space(space)["quality"]["choices"] == ["dap", "ap"]
+    _check_labels(load_space(space), ds, space)
+    with pytest.raises(ConfigError, match=r"samples quality \['pq', 'dpq'\], which a detection table"):
+        _check_labels(load_space("default"), ds, "default")
     run = run_gate(str(tmp_path / "t"), GateConfig(kind="classify", epochs=20), [0.1], ctx=RunContext.create(
         tmp_path / "runs", f"sqlite:///{tmp_path}/mlflow.db"))
     text = fmt.gate(run)

@@ -4,9 +4,9 @@ Per image, view and exit it holds the COCOeval matching records of the image's d
 (eco_ray.metrics.detection.DetectionRecords), from which the COCO AP of any exit assignment over any images
 is exact; the gate input; and two per-image labels a gate can learn from:
 
-- ``dap``: the image's linearised contribution to the dataset AP (the AP of its block of ``LABEL_BLOCK``
-  images by id with the image moved from the deepest exit to exit k, minus the block's AP, times the
-  block's size). The default: it is the label whose gain from depth agrees best between an image and its
+- ``dap``: the image's linearised contribution to the dataset AP (the AP of its block of at most
+  ``LABEL_BLOCK`` images by id, blocks of equal size, with the image moved from the deepest exit to exit k,
+  minus the block's AP, times the block's size). The default: it is the label whose gain from depth agrees best between an image and its
   mirror (docs/results.md, "Object detection, first tranche");
 - ``ap``: the image's own COCO AP (0 where it has no ground truth that counts).
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from eco_ray.metrics.detection import DetectionRecords
+from eco_ray.metrics.detection import DetectionRecords, label_blocks
 
 QUALITY_MEASURES = ("dap", "ap")
 LABEL_BLOCK = 256
@@ -52,6 +52,7 @@ class DetectionSplit:
 
     task = "detection"
     metric = "ap"
+    measures = QUALITY_MEASURES  # the label sources quality_of takes
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -97,13 +98,15 @@ class DetectionSplit:
 
     # ------------------------------------------------------------------ parts
     def subset(self, mask: np.ndarray, name: str | None = None) -> DetectionSplit:
-        """The images of ``mask``, their labels as computed on the whole split."""
-        mask = np.asarray(mask, bool)
+        """The images of the boolean ``mask``, their labels as computed on the whole split."""
+        mask = np.asarray(mask)
         return DetectionSplit(name or self.split, self.image_ids[mask], list(self.exits), list(self.views),
                               self.records.take(mask), self.gate_features[mask], self.kinds[mask],
                               self.num_objects[mask], {k: v[mask] for k, v in self.labels.items()}, self.label_block)
 
     def with_exits(self, exits: list[int]) -> DetectionSplit:
+        """The same images with only ``exits``. Whose deepest exit is not this table's has its ``dap`` measured
+        again from the new deepest exit, over these images (a subset's own blocks)."""
         from eco_ray.derive.table import DerivedDataError
 
         missing = sorted(set(exits) - set(self.exits))
@@ -167,7 +170,7 @@ def split_files(root: Path, name: str) -> list[Path]:
 
 def block_labels(records: DetectionRecords, label_block: int) -> dict[str, np.ndarray]:
     """The labels of one block of images (all of ``records``): each image's contribution and its own AP."""
-    return {"dap": records.contributions(label_block), "ap": records.per_image_ap()}
+    return {"dap": records.contributions(max(label_block, len(records))), "ap": records.per_image_ap()}
 
 
 def assemble(split: str, parts: list[dict], views: list[str], label_block: int = LABEL_BLOCK,
@@ -177,8 +180,10 @@ def assemble(split: str, parts: list[dict], views: list[str], label_block: int =
     records = DetectionRecords.concat([p["records"] for p in parts])
     ids = np.concatenate([p["image_ids"] for p in parts])
     order = np.argsort(ids, kind="stable")
+    if records.image_ids.tolist() != ids[order].tolist():
+        raise ValueError("the chunks' records and their image ids disagree")
     n = len(records)
-    blocks = [records.take((np.arange(n) >= s) & (np.arange(n) < s + label_block)) for s in range(0, n, label_block)]
+    blocks = [records.take(np.isin(np.arange(n), idx)) for idx in label_blocks(n, label_block)]
     if map_blocks is None:
         results = [block_labels(b, label_block) for b in blocks]
     else:

@@ -73,6 +73,7 @@ class DerivedSplit:
 
     task = "panoptic"
     metric = "pq"
+    measures = QUALITY_MEASURES  # the label sources quality_of takes
 
     def __setattr__(self, name, value):
         if name == "stats":  # dense statistics are stored sparse; whatever was cached from the old ones goes
@@ -324,7 +325,12 @@ class DerivedDataset:
     @property
     def metric(self) -> str:
         """The dataset metric its evaluations report: ``pq``, or ``ap`` for a detector's table."""
-        return "ap" if self.task == "detection" else "pq"
+        return self.split_type.metric
+
+    @property
+    def split_type(self):
+        """The class of its splits: DerivedSplit, or DetectionSplit for a detector's table."""
+        return _split_type(self.task)
 
     @property
     def categories(self) -> CategorySet:

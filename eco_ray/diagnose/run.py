@@ -16,6 +16,9 @@ def gate_choice_on(ds, split, gate_dir: str | Path) -> tuple:
     from eco_ray.model.io import load_gate
 
     gate, meta = load_gate(gate_dir)
+    if meta.get("task", "panoptic") != ds.task:
+        raise DiagnoseError(f"the gate in {gate_dir} was fitted on a {meta.get('task', 'panoptic')} table; this is "
+                            f"a {ds.task} table")
     if list(gate.exits) != list(ds.exits):
         raise DiagnoseError(f"the gate in {gate_dir} has exits {gate.exits}, the table {ds.exits}")
     rel = relative_costs(ds.costs(meta.get("cost", "gflops")))

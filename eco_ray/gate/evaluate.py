@@ -75,6 +75,8 @@ def fit_and_evaluate(ds: DerivedDataset, cfg: GateConfig, betas: list[float] | N
     cfg.validate()
     betas = [cfg.beta] if not betas else [float(b) for b in betas]
     train, val = ds.split(train_split), ds.split(eval_split)
+    if cfg.quality is not None and cfg.quality not in train.measures:
+        raise ValueError(f"quality must be one of {train.measures} for a {ds.task} table, got {cfg.quality!r}")
     held = None
     if holdout > 0:
         train.quality_per_view  # per image: computed once per process, the parts of every trial inherit it

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -273,6 +274,12 @@ def weighted_ap(category: np.ndarray, score: np.ndarray, rank: np.ndarray, exit:
     return np.where(valid.any(1), np.nansum(per_cat, 1) / np.maximum(valid.sum(1), 1), -1.0)
 
 
+def label_blocks(n: int, block: int) -> list[np.ndarray]:
+    """Image indices 0..n-1 cut into the fewest consecutive blocks of at most ``block``, of equal size to one
+    image (300 images, block 256: two of 150; never a remnant of a few images measured on its own)."""
+    return np.array_split(np.arange(n), max(1, math.ceil(n / block))) if n else []
+
+
 @dataclass
 class DetectionRecords:
     """The matching records of many images at every exit and view, flat: one row per detection (the derived
@@ -357,6 +364,8 @@ class DetectionRecords:
         assign = np.atleast_2d(np.asarray(assign))
         if assign.shape[1] != self.image_ids.size:
             raise ValueError(f"one exit index per image: {self.image_ids.size} images, got shape {assign.shape}")
+        if counts is not None and np.shape(np.atleast_2d(counts)) != assign.shape:
+            raise ValueError(f"counts must have the assignments' shape {assign.shape}, got {np.shape(counts)}")
         if assign.size and (assign.min() < 0 or assign.max() >= len(self.exits)):
             raise ValueError(f"exit indices must lie in 0..{len(self.exits) - 1}")
         # only the rows some assignment can pick: the others would weigh 0 everywhere
@@ -387,17 +396,17 @@ class DetectionRecords:
         return np.maximum(out, 0.0)
 
     def contributions(self, block: int = 256, iou_type: str = "bbox") -> np.ndarray:
-        """(N, V, E) each image's linearised contribution to the dataset AP: the AP of its block (``block``
-        consecutive images by id) with the image moved from the deepest exit to exit k, minus the block's AP
-        at the deepest exit, times the block's size (0 at the deepest exit). Blocks keep the cost linear in
-        the images; the AP of a few hundred images is what the label was measured on (docs/results.md)."""
+        """(N, V, E) each image's linearised contribution to the dataset AP: the AP of its block with the image
+        moved from the deepest exit to exit k, minus the block's AP at the deepest exit, times the block's size
+        (0 at the deepest exit). The images, by id, are cut into ``label_blocks(N, block)``: as few blocks as
+        keep each at most ``block`` images, all of (nearly) the same size. Blocks keep the cost linear in the
+        images; the AP of a few hundred images is what the label was measured on (docs/results.md)."""
         n, e = self.image_ids.size, len(self.exits)
         out = np.zeros((n, self.views, e))
         deepest = e - 1
-        bounds = np.searchsorted(self.image, np.arange(0, n + block, block).clip(max=n))
-        for b, start in enumerate(range(0, n, block)):
-            m = min(block, n - start)
-            rows = np.arange(bounds[b], bounds[b + 1])
+        for idx in label_blocks(n, block):
+            start, m = int(idx[0]), idx.size
+            rows = np.arange(*np.searchsorted(self.image, [start, start + m]))  # rows are stored by image
             for j in range(deepest):
                 assign = np.full((m + 1, m), deepest)
                 assign[np.arange(1, m + 1), np.arange(m)] = j  # row 0: the whole block at the deepest exit
@@ -409,7 +418,10 @@ class DetectionRecords:
 
     def take(self, mask: np.ndarray) -> DetectionRecords:
         """The records of the images where ``mask`` is true (a boolean mask over ``image_ids``)."""
-        mask = np.asarray(mask, bool)
+        mask = np.asarray(mask)
+        if mask.dtype != bool or mask.shape != self.image_ids.shape:
+            raise ValueError(f"take needs a boolean mask of {self.image_ids.size} images, got {mask.dtype} "
+                             f"{mask.shape}")
         new_index = np.cumsum(mask) - 1
         rows = mask[self.image]
         return DetectionRecords(self.image_ids[mask], list(self.exits), self.views,

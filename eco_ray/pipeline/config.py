@@ -110,6 +110,7 @@ def load_pipeline_config(path: str | Path | None = None, overrides=()) -> Pipeli
     task = requested("task", path, overrides, prefix="train.", default="panoptic")
     if task != "panoptic":
         raise ConfigError(f"bad config value for 'train.task': the pipeline runs the panoptic task; got {task!r} "
-                          f"(a detector trains with `eco-ray train --task detection`)")
+                          f"(a detector runs stage by stage: `eco-ray train --task detection`, then derive, "
+                          f"diagnose, gate, sweep and select)")
     preset = requested_preset(path, overrides, prefix="train.")
     return load_config(PipelineConfig, path, overrides, layers=[{"train": preset_layer(preset)}], renamed=RENAMED)

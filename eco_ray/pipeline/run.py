@@ -125,7 +125,10 @@ class Pipeline:
     def derive(self, train: dict) -> dict:
         from eco_ray.derive.run import run_derive
 
-        key = content_hash({"parent": train["model_uri"], "run": train["run_id"], "derive": asdict(self.cfg.derive)})
+        settings = asdict(self.cfg.derive)
+        if self.cfg.train.task == "panoptic":  # detection's label setting: a panoptic pipeline's key is as it was
+            settings.pop("label_block")
+        key = content_hash({"parent": train["model_uri"], "run": train["run_id"], "derive": settings})
 
         def run():
             m = run_derive(self.cfg.derive, parent=train["model_uri"], data_root=self.data_root, ctx=self.ctx)

@@ -145,7 +145,7 @@ def run_sweep(cfg: SweepConfig, *, derived: str | Path, ctx: RunContext, name: s
                           f"another --name")
     ds = _check_table(cfg, derived)  # before Ray starts: a bad space or table fails fast
     space_name = cfg.space_for(ds.task)
-    load_space(space_name)
+    _check_labels(load_space(space_name), ds, space_name)
     _warn_if_it_does_not_pay(ds, cfg.eval_split)
     storage = cfg.storage or f"sqlite:///{(sdir / 'optuna.db').resolve()}"
     tracker = ctx.tracker()
@@ -197,6 +197,19 @@ def _warn_if_it_does_not_pay(ds, split: str) -> None:
     if d.verdict == "does not pay":
         print(f"[sweep] warning: the diagnosis of this table says adaptive depth does not pay here: {d.reasons[1]} "
               f"(eco-ray diagnose --derived {ds.root})", file=sys.stderr, flush=True)
+
+
+def _check_labels(space: dict, ds, space_name: str) -> None:
+    """Every label source the space can sample is one the table has: else every trial would fail."""
+    spec = space.get("quality")
+    if spec is None:
+        return
+    sampled = spec.get("choices", [spec.get("value")])
+    have = ds.split_type.measures
+    wrong = [q for q in sampled if q is not None and q not in have]
+    if wrong:
+        raise ConfigError(f"the search space {space_name!r} samples quality {wrong}, which a {ds.task} table does not "
+                          f"have (it has {list(have)}); use a space whose quality choices are among them")
 
 
 def _check_table(cfg: SweepConfig, derived: str | Path):
