@@ -174,7 +174,7 @@ def _worker_loop(config: dict) -> None:
 def _say(line: str) -> None:
     """A progress line from a Train worker, printed once: Ray Train's patched print() tees a line printed to a
     redirected sys.stdout AND logs it, so the driver showed every line twice; an explicit file is printed as is."""
-    print(line, file=sys.__stdout__, flush=True)
+    print(line, file=sys.__stderr__, flush=True)  # stderr: stdout carries --json
 
 
 def _checkpoint_step(checkpoint) -> int:
