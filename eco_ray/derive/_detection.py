@@ -6,8 +6,8 @@ is exact; the gate input; and two per-image labels a gate can learn from:
 
 - ``dap``: the image's linearised contribution to the dataset AP (the AP of its block of at most
   ``LABEL_BLOCK`` images by id, blocks of equal size, with the image moved from the deepest exit to exit k,
-  minus the block's AP, times the block's size). The default: it is the label whose gain from depth agrees best between an image and its
-  mirror (docs/results.md, "Object detection, first tranche");
+  minus the block's AP, times the block's size). The default: it is the label whose gain from depth agrees
+  best between an image and its mirror (docs/results.md, "Object detection, first tranche");
 - ``ap``: the image's own COCO AP (0 where it has no ground truth that counts).
 
 On disk, beside ``manifest.json`` (``"task": "detection"``)::
@@ -177,10 +177,11 @@ def assemble(split: str, parts: list[dict], views: list[str], label_block: int =
              map_blocks=None) -> DetectionSplit:
     """One split from Step B's chunks (any order): records joined by image id, then the labels, block by block
     (``map_blocks(fn, items)``: how to run them, e.g. as Ray tasks; default one after the other)."""
+    from eco_ray.derive.table import assemble_images
+
     records = DetectionRecords.concat([p["records"] for p in parts])
-    ids = np.concatenate([p["image_ids"] for p in parts])
-    order = np.argsort(ids, kind="stable")
-    if records.image_ids.tolist() != ids[order].tolist():
+    _, images = assemble_images(parts)
+    if records.image_ids.tolist() != images["image_ids"].tolist():
         raise ValueError("the chunks' records and their image ids disagree")
     n = len(records)
     blocks = [records.take(np.isin(np.arange(n), idx)) for idx in label_blocks(n, label_block)]
@@ -190,11 +191,8 @@ def assemble(split: str, parts: list[dict], views: list[str], label_block: int =
         results = map_blocks(block_labels, [(b, label_block) for b in blocks])
     labels = {name: np.concatenate([r[name] for r in results]) if results else
               np.zeros((0, len(views), len(records.exits))) for name in QUALITY_MEASURES}
-    return DetectionSplit(split, ids[order].astype(np.int64), list(records.exits), list(views), records,
-                          np.concatenate([p["gate_features"] for p in parts])[order].astype(np.float32),
-                          np.asarray(sum((p["kinds"] for p in parts), []), dtype=object)[order],
-                          np.asarray(sum((p["num_objects"] for p in parts), []), dtype=np.int64)[order],
-                          labels, label_block)
+    return DetectionSplit(split, images["image_ids"], list(records.exits), list(views), records,
+                          images["gate_features"], images["kinds"], images["num_objects"], labels, label_block)
 
 
 def split_summary(split: DetectionSplit, tolerance: float) -> dict:

@@ -215,6 +215,17 @@ def images_table(image_ids: np.ndarray, kinds: np.ndarray, num_objects: np.ndarr
     return pa.table(columns).replace_schema_metadata(meta)
 
 
+def assemble_images(parts: list[dict]) -> tuple[np.ndarray, dict]:
+    """Step B's chunks (any order) joined by image id: (the order that sorts the chunks' rows by id, the image
+    columns in that order: ``image_ids``, ``gate_features``, ``kinds``, ``num_objects``)."""
+    ids = np.concatenate([p["image_ids"] for p in parts])
+    order = np.argsort(ids, kind="stable")
+    return order, {"image_ids": ids[order].astype(np.int64),
+                   "gate_features": np.concatenate([p["gate_features"] for p in parts])[order].astype(np.float32),
+                   "kinds": np.asarray(sum((p["kinds"] for p in parts), []), dtype=object)[order],
+                   "num_objects": np.asarray(sum((p["num_objects"] for p in parts), []), dtype=np.int64)[order]}
+
+
 def column(table: pa.Table, name: str) -> np.ndarray:
     """A column as a numpy array: a zero-copy view of the (memory-mapped) buffer where Arrow allows it;
     fixed-size lists flattened."""

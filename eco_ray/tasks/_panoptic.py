@@ -67,18 +67,13 @@ class PanopticTask(Task):
                 "gate_features": plain.gate_features, **image_attributes(plain.meta)}
 
     def assemble_split(self, split, parts, views, settings, map_blocks=None):
-        import numpy as np
-
-        from eco_ray.derive.table import DerivedSplit
+        from eco_ray.derive.table import DerivedSplit, assemble_images
         from eco_ray.metrics.sparse import SparseStats
 
-        ids = np.concatenate([p["image_ids"] for p in parts])
-        order = np.argsort(ids, kind="stable")
+        order, images = assemble_images(parts)
         stats = SparseStats.concat([p["stats"] for p in parts]).take(order)
-        return DerivedSplit(split, ids[order].astype(np.int64), list(parts[0]["exits"]), list(views), stats,
-                            np.concatenate([p["gate_features"] for p in parts])[order].astype(np.float32),
-                            np.asarray(sum((p["kinds"] for p in parts), []), dtype=object)[order],
-                            np.asarray(sum((p["num_objects"] for p in parts), []), dtype=np.int64)[order])
+        return DerivedSplit(split, images["image_ids"], list(parts[0]["exits"]), list(views), stats,
+                            images["gate_features"], images["kinds"], images["num_objects"])
 
     def split_summary(self, split, categories, tolerance):
         from eco_ray.derive.table import split_summary
