@@ -12,7 +12,10 @@ It reads what `eco-ray pipeline` produced (the parent, the derived table, the se
   4. sweep throughput, TPE (benchmarks/sweep.py);
   4b. the verdict on the table (eco-ray diagnose) with the selected gate's lead and its interval;
   5. serving throughput and latency, gated vs. full depth, same replicas (benchmarks/serve_load.py);
-  6. serving under overload, full depth vs. the fixed gate vs. load-adaptive depth (benchmarks/serve_overload.py).
+  6. serving under overload, full depth vs. the fixed gate vs. load-adaptive depth (benchmarks/serve_overload.py);
+  7. the detector (`eco-ray pipeline --config detection`, when its state exists): per-exit AP and GFLOPs, both
+     gates, the oracle and the cross-view oracle, the selected gate and its lead with an interval, under the
+     report's ``detection`` key (``--skip-panoptic``: that key alone).
 Writes <out>/report.json, <out>/report.md and the plots beside them. Every figure comes from this run.
 """
 
@@ -66,15 +69,21 @@ def run_json(args: list[str], timeout: float) -> dict:
     return out
 
 
+QUALITY_KEYS = {"pq": ("pq", "pq_things", "pq_stuff", "miou"), "ap": ("ap", "ap50", "ap75")}
+
+
 def tradeoff(derived: str, selected: dict) -> tuple[list[dict], dict]:
+    """Static depth, both gates at BETAS, the oracle, the cross-view oracle and the selected gate on the
+    validation split, in the table's metric (PQ or AP), each beside the static curve at its compute."""
     from eco_ray.derive.table import DerivedDataset, relative_costs
     from eco_ray.gate.config import GateConfig
     from eco_ray.gate.evaluate import cross_view_oracle_point, fit_and_evaluate
     from eco_ray.results import static_at
 
     ds = DerivedDataset.open(derived)
-    keys = ("pq", "pq_things", "pq_stuff", "miou", "encoder_gflops_mean", "encoder_gflops_p95", "latency_ms_mean",
-            "exit_histogram")
+    metric = ds.metric
+    keys = (*QUALITY_KEYS[metric], "encoder_gflops_mean", "encoder_gflops_p95", "latency_ms_mean", "exit_histogram")
+    gain = f"{metric}_gain_vs_static_at_same_gflops"
     pick = lambda point: {k: v for k, v in point.to_json().items() if k in keys}  # noqa: E731
     classify = fit_and_evaluate(ds, GateConfig(kind="classify"), list(BETAS))
     quality = fit_and_evaluate(ds, GateConfig(kind="quality"), list(BETAS))
@@ -87,16 +96,97 @@ def tradeoff(derived: str, selected: dict) -> tuple[list[dict], dict]:
         points += [{"method": "oracle_cross_view", "beta": b, **pick(cross_view_oracle_point(
             val, ds.categories, ds.cost_columns(), rel, b))} for b in BETAS]
     for p in points:  # the equal-compute baseline of every point: the static curve at its mean GFLOPs
-        p["pq_gain_vs_static_at_same_gflops"] = p["pq"] - static_at(classify.static, p["encoder_gflops_mean"])
+        p[gain] = p[metric] - static_at(classify.static, p["encoder_gflops_mean"])
     chosen = selected["chosen"]
     # the validation figures of the selected gate (val_*): the sweep selected on held-out training images
     eco: dict = {"method": "selected", "model_uri": selected["model_uri"], "params": chosen.get("params"),
-                 **{k: chosen.get(f"val_{k}", chosen.get(k)) for k in ("pq", "pq_things", "pq_stuff",
+                 **{k: chosen.get(f"val_{k}", chosen.get(k)) for k in (*QUALITY_KEYS[metric][:3],
                                                                       "encoder_gflops_mean", "latency_ms_mean")
                     if f"val_{k}" in chosen or k in chosen}}
     timings = {"classify_fit_s": classify.fit_seconds, "quality_fit_s": quality.fit_seconds}
-    eco["pq_gain_vs_static_at_same_gflops"] = eco["pq"] - static_at(classify.static, eco["encoder_gflops_mean"])
+    eco[gain] = eco[metric] - static_at(classify.static, eco["encoder_gflops_mean"])
     return points + [eco], timings
+
+
+def pipeline_state(run_dir: str, name: str) -> dict | None:
+    """The outputs of a finished pipeline's stages (None: no such pipeline ran here)."""
+    path = Path(run_dir) / "pipeline" / name / "state.json"
+    if not path.is_file():
+        return None
+    state = {k: v["output"] for k, v in json.loads(path.read_text()).items() if isinstance(v, dict) and "output" in v}
+    for stage in ("train", "derive", "select"):
+        if stage not in state:
+            sys.exit(f"the pipeline {name!r} has not finished its {stage} stage ({path})")
+    summary = path.parent / "summary.json"
+    state["summary"] = json.loads(summary.read_text()) if summary.is_file() else None
+    return state
+
+
+def detection_section(state: dict, name: str, ctx, out: Path) -> dict:
+    """The detector's part of the report: its table's trade-off in AP and the verdict with the selected
+    gate's lead, on validation (the gate was selected on held-out training images)."""
+    from eco_ray.derive.table import DerivedDataset
+
+    derived, train, selected = state["derive"], state["train"], state["select"]
+    manifest = DerivedDataset.open(derived["path"]).manifest
+    points, timings = tradeoff(derived["path"], selected)
+    diag = diagnosis(derived["path"], ctx, selected["model_uri"])
+    static = [p for p in points if p["method"] == "static"]
+    full, eco = static[-1], points[-1]
+    same = [p for p in static if p["encoder_gflops_mean"] <= eco["encoder_gflops_mean"] + 1e-12]
+    val = manifest["splits"]["val"]
+    best = lambda method: max((p for p in points if p["method"] == method),  # noqa: E731
+                              key=lambda p: p["ap_gain_vs_static_at_same_gflops"], default=None)
+    plot = plot_tradeoff(points, out / "report_detection_tradeoff.png",
+                         f"detector {train['model_uri']}, {val['images']} val images", metric="ap")
+    summary = state.get("summary") or {}
+    return {
+        "config": {"pipeline": name, "parent": train["model_uri"], "parent_steps": train["steps"],
+                   "parent_train_seconds": train["seconds"], "derived_key": manifest["key"],
+                   "views": manifest["views"], "train_images": manifest["splits"].get("train", {}).get("images"),
+                   "val_images": val["images"], "selected_gate": selected["model_uri"],
+                   "selection": {k: selected[k] for k in ("budget", "why")}, "betas": list(BETAS),
+                   "pipeline_seconds": summary.get("seconds"), "stage_seconds": summary.get("stage_seconds")},
+        "per_exit": [{k: p[k] for k in ("exit", "ap", "ap50", "ap75", "encoder_gflops_mean")} for p in static],
+        "tradeoff": points,
+        "best_gain_vs_static": {m: best(m) for m in ("gate", "quality_gate", "oracle", "oracle_cross_view")},
+        "selected_vs_static": {
+            "static_exit": full["exit"], "static_ap": full["ap"], "static_gflops": full["encoder_gflops_mean"],
+            "eco_ap": eco["ap"], "eco_gflops": eco["encoder_gflops_mean"],
+            "encoder_gflops_saved": 1 - eco["encoder_gflops_mean"] / full["encoder_gflops_mean"],
+            "ap_lost": full["ap"] - eco["ap"], "val_lead": diag["gate_lead"], "val_lead_ci95": diag["gate_lead_ci95"],
+            "static_same_compute": {k: same[-1][k] for k in ("exit", "ap", "encoder_gflops_mean")} if same else None},
+        "diagnose": {k: v for k, v in diag.items() if k != "full"},
+        "gate_fit_seconds": timings,
+        "plot": plot.name,
+    }
+
+
+def detection_markdown(d: dict) -> list[str]:
+    c, s, dg = d["config"], d["selected_vs_static"], d["diagnose"]
+    lo, hi = dg["cross_view_oracle_lead_ci95"]
+    lines = ["", "## Object detection (`eco-ray pipeline --config detection`)", "",
+             f"Parent {c['parent']} ({c['parent_steps']} steps), table `{c['derived_key']}` ({c['train_images']} train "
+             f"/ {c['val_images']} val images), selected gate {c['selected_gate']}; COCO box AP (IoU .50:.95) on "
+             f"validation, exact from the table's matching records.", "",
+             "| method | exit / beta | AP | AP50 | AP75 | mean enc. GFLOPs | AP vs static at that compute | exits |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in d["tradeoff"]:
+        at = p.get("exit", p.get("beta", ""))
+        lines.append(f"| {p['method']} | {at} | {p['ap']:.4f} | {p.get('ap50', float('nan')):.4f} | "
+                     f"{p.get('ap75', float('nan')):.4f} | {p['encoder_gflops_mean']:.4f} | "
+                     f"{p['ap_gain_vs_static_at_same_gflops']:+.4f} | {p.get('exit_histogram', '')} |")
+    lead = s["val_lead"]
+    lines += ["", f"![detection trade-off]({d['plot']})", "",
+              f"Verdict: **{dg['verdict']}**; the cross-view oracle leads static depth by "
+              f"{dg['cross_view_oracle_lead']:+.4f} [{lo:+.4f}, {hi:+.4f}] AP (beta {dg['cross_view_oracle_beta']:g}). "
+              f"The selected gate: AP {s['eco_ap']:.4f} at {s['eco_gflops']:.4f} GFLOPs against full depth's "
+              f"{s['static_ap']:.4f} at {s['static_gflops']:.4f} ({s['encoder_gflops_saved']:.1%} saved)"
+              + (f"; its lead over static depth at equal compute {lead:+.4f} [{s['val_lead_ci95'][0]:+.4f}, "
+                 f"{s['val_lead_ci95'][1]:+.4f}] AP: it "
+                 f"{'beats' if s['val_lead_ci95'][0] > 0 else 'does not beat'} static depth" if lead is not None
+                 else "") + "."]
+    return lines
 
 
 def diagnosis(derived: str, ctx, gate_uri: str | None) -> dict:
@@ -115,7 +205,7 @@ def diagnosis(derived: str, ctx, gate_uri: str | None) -> dict:
             "images": d.images, "full": d.to_json()}
 
 
-def plot_tradeoff(points: list[dict], path: Path, title: str) -> Path:
+def plot_tradeoff(points: list[dict], path: Path, title: str, metric: str = "pq") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,17 +219,17 @@ def plot_tradeoff(points: list[dict], path: Path, title: str) -> Path:
         pts = sorted((p for p in points if p["method"] == method), key=lambda p: p["encoder_gflops_mean"])
         if not pts:
             continue
-        ax.plot([p["encoder_gflops_mean"] for p in pts], [p["pq"] for p in pts], fmt, color=colour,
+        ax.plot([p["encoder_gflops_mean"] for p in pts], [p[metric] for p in pts], fmt, color=colour,
                 ms=12 if method == "selected" else 6, label={"static": "static depth", "gate": "classify gate",
                                                                "quality_gate": "quality gate", "oracle": "oracle",
                                                                "oracle_cross_view": "oracle, picked on the flipped view",
                                                                "selected": "selected ECO model"}[method])
         for p in pts:
             label = f"exit {p['exit']}" if "exit" in p else (f"β={p['beta']:g}" if "beta" in p else "")
-            ax.annotate(label, (p["encoder_gflops_mean"], p["pq"]), textcoords="offset points", xytext=(3, -10),
+            ax.annotate(label, (p["encoder_gflops_mean"], p[metric]), textcoords="offset points", xytext=(3, -10),
                         fontsize=6, color=colour)
     ax.set_xlabel("mean encoder GFLOPs per image (validation)")
-    ax.set_ylabel("PQ (validation, dataset level)")
+    ax.set_ylabel(f"{'PQ' if metric == 'pq' else 'COCO box AP'} (validation, dataset level)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -170,10 +260,15 @@ def plot_serving(serving: dict, path: Path, title: str) -> Path:
 
 def markdown(r: dict) -> str:
     m = r["machine"]
-    lines = [
+    head = [
         "# eco-ray benchmark report", "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']} "
         f"({m['torch_threads']} threads), GPU: {m['gpu'] or 'none'}; host {m['host']}; {m['date_utc']}.",
+    ]
+    tail = detection_markdown(r["detection"]) if r.get("detection") else []
+    if "tradeoff" not in r:  # --skip-panoptic
+        return "\n".join(head + tail)
+    lines = head + [
         f"Config: pipeline `{r['config']['pipeline']}`, parent {r['config']['parent']}, derived table "
         f"`{r['config']['derived_key']}` ({r['config']['train_images']} train / {r['config']['val_images']} val images), "
         f"selected gate {r['config']['selected_gate']}. Every figure below was measured in this one run on this "
@@ -246,13 +341,16 @@ def markdown(r: dict) -> str:
         from serve_overload import markdown_lines
 
         lines += markdown_lines(r["serving_overload"])
-    return "\n".join(lines)
+    return "\n".join(lines + tail)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--pipeline", default="default", help="pipeline name whose outputs to benchmark (default default)")
+    p.add_argument("--detection-pipeline", default="detection",
+                   help="the detection pipeline for the report's detection key, when it ran (default detection)")
+    p.add_argument("--skip-panoptic", action="store_true", help="the detection key alone")
     p.add_argument("--run-dir", default="runs")
     p.add_argument("--out", default="benchmarks/results", help="where report.json/.md and plots go")
     p.add_argument("--serve-seconds", type=float, default=20, help="load per serving mode (default 20 s)")
@@ -260,23 +358,40 @@ def main() -> None:
     p.add_argument("--sweep-trials", type=int, default=40)
     args = p.parse_args()
 
-    state_path = Path(args.run_dir) / "pipeline" / args.pipeline / "state.json"
-    if not state_path.is_file():
-        sys.exit(f"no pipeline state at {state_path}: run `eco-ray pipeline` first")
-    state = {k: v["output"] for k, v in json.loads(state_path.read_text()).items() if isinstance(v, dict) and "output" in v}
-    for stage in ("train", "derive", "select"):
-        if stage not in state:
-            sys.exit(f"the pipeline has not finished its {stage} stage ({state_path})")
-    derived, train, selected = state["derive"], state["train"], state["select"]
+    from eco_ray.context import RunContext
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from eco_ray.context import RunContext
+    ctx = RunContext.create(args.run_dir)
+    t0 = time.perf_counter()
+    detector = pipeline_state(args.run_dir, args.detection_pipeline)
+    if args.skip_panoptic:
+        if detector is None:
+            sys.exit(f"no detection pipeline {args.detection_pipeline!r} under {args.run_dir}: run `eco-ray pipeline "
+                     f"--config detection` first")
+        report = {"machine": machine(), "detection": detection_section(detector, args.detection_pipeline, ctx, out)}
+    else:
+        report = panoptic_report(args, ctx, out)
+        if detector is not None:
+            report["detection"] = detection_section(detector, args.detection_pipeline, ctx, out)
+        else:
+            print(f"[report] no detection pipeline {args.detection_pipeline!r}: the report has no detection key",
+                  file=sys.stderr)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+    (out / "report.md").write_text(markdown(report))
+    print(f"wrote {out / 'report.md'} and {out / 'report.json'} in {report['seconds']:.0f} s")
+
+
+def panoptic_report(args, ctx, out: Path) -> dict:
+    state = pipeline_state(args.run_dir, args.pipeline)
+    if state is None:
+        sys.exit(f"no pipeline state at {Path(args.run_dir) / 'pipeline' / args.pipeline}: run `eco-ray pipeline` first")
+    derived, train, selected = state["derive"], state["train"], state["select"]
     from eco_ray.derive.table import DerivedDataset
 
-    ctx = RunContext.create(args.run_dir)
     tracking = ctx.tracking_uri
     manifest = DerivedDataset.open(derived["path"]).manifest
-    t0 = time.perf_counter()
     points, fit_timings = tradeoff(derived["path"], selected)
     diag = diagnosis(derived["path"], ctx, selected["model_uri"])
     dg = run_json(["benchmarks/derive_gate.py", "--derived", derived["path"], "--tracking-uri", tracking], 1800)
@@ -327,14 +442,11 @@ def main() -> None:
         "serving_overload": so,
         "serving_setup": {k: sl[k] for k in ("replicas", "clients", "seconds_per_mode", "images", "parent", "gate",
                                              "rps_ratio_gated_vs_full")},
-        "seconds": round(time.perf_counter() - t0, 1),
     }
     title = f"{report['machine']['cpu']} x{report['machine']['cores']}; parent {train['model_uri']}"
     report["plots"] = {"tradeoff": plot_tradeoff(points, out / "report_tradeoff.png", title).name,
                        "serving": plot_serving(report["serving"], out / "report_serving.png", title).name}
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
-    (out / "report.md").write_text(markdown(report))
-    print(f"wrote {out / 'report.md'} and {out / 'report.json'} in {report['seconds']:.0f} s")
+    return report
 
 
 if __name__ == "__main__":

@@ -96,8 +96,8 @@ def write_predictions(engine, dataset: CocoPanopticDataset, out_json, control=No
     for start in range(0, len(dataset), batch_size):
         indices = range(start, min(start + batch_size, len(dataset)))
         images = [dataset.image(i) for i in indices]  # the ground truth is read once, when scored
-        for i, image, (id_map, segments, k, met) in zip(indices, images,
-                                                         engine.predict(images, [control] * len(images))):
+        for i, image, ((id_map, segments), k, met) in zip(indices, images,
+                                                           engine.predict(images, [control] * len(images))):
             image_id = dataset.image_ids[i]
             name = f"{image_id}.png"
             id_map = resize_ids(id_map, image.shape[:2])
@@ -164,6 +164,6 @@ def evaluate_detector_exits(model, dataset, exits: Sequence[int] | None = None, 
         if progress:
             progress(min(start + batch_size, len(indices)), len(indices))
     records = {k: match_images(dataset.document, detections[k], image_ids=ids) for k in exits}
-    gate_dim = model.config.hidden_dim * (1 if model.config.gate_input == "stride32" else 4)
+    gate_dim = model.config.gate_dim
     return DetectionEvaluation(np.asarray(ids), exits, detections, records,
                                np.concatenate(feats) if feats else np.zeros((0, gate_dim), np.float32), metas)

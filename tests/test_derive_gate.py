@@ -117,7 +117,7 @@ def test_levels_gate_input_is_derived_recorded_and_served(env, tmp_path):
     assert meta["gate_input"] == "levels" and engine.parent.config.gate_input == "levels"
     ds = CocoPanopticDataset.from_root(env["root"], "val")
     image = ds[0].image
-    out = engine.segment([image], [RequestControl()], ["rle"])
+    out = engine.respond([image], [RequestControl()], [{"mask_format": "rle"}])
     assert out[0]["exit"] in engine.exits
 
 
@@ -338,7 +338,7 @@ def test_serving_engine_picks_the_exits_the_table_evaluation_picks(env):
     ds.manifest = copy.deepcopy(ds.manifest)
     for row in ds.manifest["costs"]["exits"]:
         row["latency_ms"] = 4.0 + 2.0 * float(row["encoder_gflops"]) / float(ds.costs("gflops")[-1])
-    train, val = ds.split("train"), ds.split("val")
+    val = ds.split("val")
     rel_latency, rel_gflops = relative_costs(ds.costs("latency")), relative_costs(ds.costs("gflops"))
     # the informative images gain 0.6 PQ from the first exit to the last: a beta between the two measures'
     # break-even points sends them deep under one cost measure and shallow under the other

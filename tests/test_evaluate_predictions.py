@@ -290,7 +290,7 @@ def test_predictions_written_through_the_engine_are_at_each_images_size(gt_root,
     assert png.shape[:2] == gt[0].image.shape[:2]
     direct = []
     for n in range(len(gt)):
-        (id_map, segs, _, _), = engine.predict([gt[n].image], [RequestControl(exit=2)])
+        ((id_map, segs), _, _), = engine.predict([gt[n].image], [RequestControl(exit=2)])
         direct.append(image_stats(*gt.ground_truth(n), resize_ids(id_map, gt[n].image.shape[:2]), segs, gt.categories))
     expected = aggregate(PanopticStats.stack(direct), gt.categories).pq
     assert score_predictions(gt, tmp_path / "pred.json").to_json()["pq"] == pytest.approx(expected, abs=1e-12)

@@ -417,15 +417,16 @@ def test_a_replica_whose_batch_hangs_fails_its_health_check(served):
     replica.reconfigure({**served["overrides"], "latency_repeats": 0, "revision": 5})
     assert replica.swap_error is None and replica.engine.latency_ms is None
 
-    refused, answered = replica._run_batch(replica.engine, [(served["image"], timed, "png"),
-                                                            (served["image"], RequestControl(), "png")], None)
+    png = {"mask_format": "png"}
+    refused, answered = replica._run_batch(replica.engine, [(served["image"], timed, png),
+                                                            (served["image"], RequestControl(), png)], None)
     assert isinstance(refused, InputError) and refused.status == 422 and "latency_repeats" in str(refused)
     assert isinstance(answered, dict) and answered["exit"] in replica.engine.exits
     # shedding: at the top level a request finding shed_held requests held is refused before it queues
     replica.reconfigure({**served["overrides"], "latency_repeats": 0, "revision": 6,
                          "adaptive": {"enabled": True, "floor_exit": 6, "shed_held": 2}})
     replica.held = 2
-    shed = asyncio.run(replica.segment(served["image"], RequestControl(), "png"))
+    shed = asyncio.run(replica.infer(served["image"], RequestControl(), {"mask_format": "png"}, "panoptic"))
     assert isinstance(shed, InputError) and shed.status == 429 and replica.held == 2
     replica.held = 0
 

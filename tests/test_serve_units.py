@@ -179,7 +179,7 @@ def test_targets_in_the_clients_units_and_missed_targets_said():
 
     def served(**params):
         engine.latency_ms = list(table)  # this replica's table, set so that the test is not this machine's timing
-        (result,) = engine.segment([image], [RequestControl.parse(params)], ["rle"])
+        (result,) = engine.respond([image], [RequestControl.parse(params)], [{"mask_format": "rle"}])
         return result["exit"], result.get("target")
 
     assert served() == (5, None) and served(exit=3) == (3, None) and served(beta=0) == (6, None)
@@ -197,10 +197,10 @@ def test_targets_in_the_clients_units_and_missed_targets_said():
     assert served(max_quality_drop=0.0)[0] == 6 and served(max_quality_drop=1.0)[0] == 2
     # a single image served updates its exit's figure; a batch of several does not
     engine.latency_ms = list(table)
-    engine.segment([image], [RequestControl()], ["rle"])
+    engine.respond([image], [RequestControl()], [{"mask_format": "rle"}])
     assert engine.latency_ms[3] != 40.0 and engine.latency_ms[:3] == table[:3]
     engine.latency_ms = list(table)
-    engine.segment([image, image], [RequestControl(), RequestControl()], ["rle", "rle"])
+    engine.respond([image, image], [RequestControl(), RequestControl()], [{"mask_format": "rle"}] * 2)
     assert engine.latency_ms == table
     # measured on this machine when a replica starts
     assert all(t > 0 for t in engine.measure_latency(repeats=1))
@@ -216,3 +216,72 @@ def test_targets_in_the_clients_units_and_missed_targets_said():
         assert e.value.status == 422
     with pytest.raises(InputError, match="at most one"):
         RequestControl(exit=6, max_quality_drop=0.1)
+
+
+def _detector_engine(tmp_path):
+    """A tiny random detector and a classification gate, saved as files and loaded as a replica loads them."""
+    import torch
+
+    from eco_ray.model.config import load_model_config
+    from eco_ray.model.gates import ExitClassifierGate
+    from eco_ray.model.io import build_parent, save_gate, save_parent
+    from eco_ray.serve.engine import load_engine
+
+    torch.manual_seed(0)
+    parent = build_parent(load_model_config("tiny", ["num_labels=2"], task="detection")).eval()
+    cats = [{"id": 5, "name": "gem"}, {"id": 9, "name": "key"}]  # as COCO instance files give them
+    save_parent(parent, tmp_path / "parent", extra={"categories": cats})
+    gate = ExitClassifierGate(parent.config.gate_dim, parent.exits)
+    record = {"task": "detection", "costs": {"gflops": [0.1 * (i + 1) for i in range(len(parent.exits))]},
+              "cost": "gflops", "beta": 0.05, "gate_input": "stride32"}
+    save_gate(gate, tmp_path / "gate", extra=record)
+    save_gate(gate, tmp_path / "panoptic-gate", extra={**record, "task": "panoptic"})
+    engine, _ = load_engine(str(tmp_path / "parent"), str(tmp_path / "gate"), f"sqlite:///{tmp_path}/mlflow.db")
+    return engine, parent
+
+
+def test_a_detector_is_served_in_cocos_result_format_at_each_images_own_size(tmp_path):
+    import torch
+
+    from eco_ray.data.collate import pixel_values
+    from eco_ray.model.postprocess import to_detections
+    from eco_ray.serve.engine import load_engine
+    from eco_ray.tasks import get_task
+
+    engine, parent = _detector_engine(tmp_path)
+    assert engine.task_name == "detection" and engine.task.route == "detect"
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (96, 160, 3), np.uint8), rng.integers(0, 255, (200, 120, 3), np.uint8)]
+    options = [get_task("detection").response_options({}), get_task("detection").response_options(
+        {"min_score": "0.2", "image_id": "42"})]
+    results = engine.respond(images, [RequestControl(exit=3), RequestControl(exit=6)], options)
+    # each image at its forced exit, boxes in its own pixels, equal to the parent's output post-processed
+    for im, r, k, opts in zip(images, results, (3, 6), options):
+        x = pixel_values([np.asarray(Image.fromarray(im).resize((128, 128), Image.BILINEAR))])
+        with torch.no_grad():
+            ref = [d for d in to_detections(parent.forward_exits(x, [k])[k], [5, 9], [im.shape[:2]])[0]
+                   if d["score"] >= opts["min_score"]]
+        assert r["exit"] == k and (r["height"], r["width"]) == im.shape[:2] and "segments" not in r
+        assert len(r["detections"]) == len(ref) > 0 or opts["min_score"] > 0
+        for d, e in zip(r["detections"], ref):
+            assert d["category_id"] == e["category_id"] and d["category"] == {5: "gem", 9: "key"}[e["category_id"]]
+            np.testing.assert_allclose(d["bbox"], e["bbox"], atol=0.01)
+            assert d["score"] == pytest.approx(e["score"], abs=1e-4)
+            x0, y0, w, h = d["bbox"]
+            assert -0.01 <= x0 and x0 + w <= im.shape[1] + 0.01 and -0.01 <= y0 and y0 + h <= im.shape[0] + 0.01
+    pairs = parent.config.num_queries * 2  # every (query, class) pair when fewer than COCO's 100 exist
+    assert len(results[0]["detections"]) == min(100, pairs) and "image_id" not in results[0]["detections"][0]
+    assert all(d["image_id"] == 42 and d["score"] >= 0.2 for d in results[1]["detections"])
+    # the gate decides without a forced exit; the per-request budgets are the segmenter's
+    (r,) = engine.respond(images[:1], [RequestControl.parse({"max_gflops": "0.25"})], options[:1])
+    assert r["exit"] in (2, 3) and r["target"] == {"name": "max_gflops", "limit": 0.25, "met": True}
+    # bad detection options, and a gate of another task, get clear errors
+    for params, says in (({"min_score": "2"}, r"in \[0, 1\]"), ({"min_score": "x"}, "not a number"),
+                         ({"image_id": "1.5"}, "not an integer")):
+        with pytest.raises(InputError, match=says) as e:
+            get_task("detection").response_options(params)
+        assert e.value.status == 422
+    with pytest.raises(ValueError, match="fitted for panoptic, but .* is a detection parent"):
+        load_engine(str(tmp_path / "parent"), str(tmp_path / "panoptic-gate"), f"sqlite:///{tmp_path}/m.db")
+    with pytest.raises(ValueError, match="holds a detection parent; this takes a panoptic parent"):
+        load_engine(str(tmp_path / "parent"), str(tmp_path / "gate"), f"sqlite:///{tmp_path}/m.db", task="panoptic")

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -19,7 +18,7 @@ from eco_ray.context import RunContext
 from eco_ray.data import CocoPanopticDataset, collate_panoptic
 from eco_ray.model.io import load_parent
 from eco_ray.model.postprocess import to_panoptic
-from eco_ray.tracking import RegistryError, resolve_model_dir
+from eco_ray.tracking import resolve_model_dir
 from eco_ray.train.config import load_train_config
 
 pytestmark = pytest.mark.slow
@@ -192,72 +191,3 @@ def test_resume_after_the_driver_is_killed(synth_root, tmp_path):
     client = MlflowClient(summary["tracking_uri"])
     resumed = [m.value for m in client.get_metric_history(summary["run_id"], "resumed_from_step")]
     assert resumed and min(resumed) >= stopped_after - 10 and min(resumed) > 0
-
-
-
-def test_a_detector_trains_registers_and_derives_its_table(ray_cluster, synth_root, tmp_path):
-    """Step A for detection: the same Ray Train loop, the task's batches, loss and validation (COCO AP), the
-    detector registered under its own name and loading as one. Then Step B from the registry on the same Ray
-    (the table's AP per exit is the validation's on the same images) and the verdict on it."""
-    from eco_ray.data.coco_instances import CocoInstancesDataset
-    from eco_ray.data.collate import collate_detection
-    from eco_ray.model.early_exit_detr import EarlyExitDeformableDetr
-    from eco_ray.model.postprocess import to_detections
-    from eco_ray.train.ray_train import run_training
-
-    cfg = load_train_config(overrides=["task=detection", "model_preset=tiny", "batch_size=4", "num_workers=2",
-                                       "warmup_steps=2", "eval_images=8", "steps=4", "checkpoint_every=2",
-                                       "eval_every=4", "exit_sampling=deepest_plus_one", "model.exits=[3,6]"])
-    summary = run_training(cfg, data_root=synth_root, ctx=RunContext.create(tmp_path), name="det")
-    assert summary["model_uri"] == "models:/eco-det-parent/1" and summary["task"] == "detection"
-    assert set(summary["val_ap_per_exit"]) == {3, 6} and all(0 <= v <= 1 for v in summary["val_ap_per_exit"].values())
-    client = MlflowClient(summary["tracking_uri"])
-    assert len(client.get_metric_history(summary["run_id"], "loss_exit6")) == 4
-    assert {"parent", "ap_per_exit.png"} <= {a.path for a in client.list_artifacts(summary["run_id"])}
-    model, meta = load_parent(resolve_model_dir(summary["model_uri"], summary["tracking_uri"]), task="detection")
-    ds = CocoInstancesDataset.from_root(synth_root, "val")
-    assert isinstance(model, EarlyExitDeformableDetr) and meta["categories"] == ds.categories
-    batch = collate_detection([ds[0], ds[1]], ds.labels, model.config.image_size)
-    with torch.no_grad():
-        dets = to_detections(model.forward_per_image(batch["pixel_values"], [3, 6]), ds.category_ids, batch["sizes"])
-    assert [len(d) for d in dets] == [100, 100]
-
-    from eco_ray.config import load_config
-    from eco_ray.derive.config import DeriveConfig
-    from eco_ray.derive.run import run_derive
-    from eco_ray.derive.table import DerivedDataset
-    from eco_ray.diagnose.run import diagnose_table
-
-    ctx = RunContext.create(tmp_path, summary["tracking_uri"])
-    derive_cfg = load_config(DeriveConfig, overrides=["max_images=8", "chunk_size=3", "batch_size=4",
-                                                      "label_block=4", "measure_latency=false"])
-    manifest = run_derive(derive_cfg, parent=summary["model_uri"], data_root=synth_root, ctx=ctx)
-    table = DerivedDataset.open(manifest["path"])
-    val = table.split("val")
-    assert manifest["task"] == "detection" and table.exits == [3, 6] and len(val) == 8
-    for k in (3, 6):  # the validation scored the same first 8 images at each exit
-        assert table.static("val")[k]["ap"] == pytest.approx(summary["val_ap_per_exit"][k], abs=1e-6)
-    assert val.labels["dap"].shape == (8, 2, 2) and np.all(val.labels["dap"][:, :, -1] == 0)
-    runs = client.search_runs([client.get_run(manifest["mlflow_run_id"]).info.experiment_id],
-                              f"attributes.run_id = '{manifest['mlflow_run_id']}'")
-    assert {"val_ap_exit3", "val_ap50_exit6"} <= set(runs[0].data.metrics)
-    again = run_derive(derive_cfg, parent=summary["model_uri"], data_root=synth_root, ctx=ctx)
-    assert again["reused"] and again["key"] == manifest["key"]
-    d, plot = diagnose_table(manifest["path"], ctx, resamples=50)
-    assert d.metric == "ap" and plot.is_file() and len(d.cross_view_oracle) == 3
-
-    # Step C: a sweep over the table samples the detection labels, scores its trials on AP, and the selection
-    # registers the chosen gate as a detector's
-    from eco_ray.sweep import SweepConfig, run_sweep, select
-    from eco_ray.budget import Budget
-
-    s = run_sweep(load_config(SweepConfig, overrides=["trials=2", "concurrency=2", "holdout=0.25"]),
-                  derived=manifest["path"], ctx=ctx, name="det-sweep")
-    assert s.metric == "ap" and s.complete == 2 and s.failed == 0
-    assert all("ap" in t.metrics and "pq" not in t.metrics and t.params["quality"] in ("dap", "ap") for t in s.trials)
-    chosen = select("det-sweep", Budget.named("min_ap", 0.0), ctx=ctx)
-    assert chosen.registered_model == "eco-det-gate" and chosen.model_uri == "models:/eco-det-gate@production"
-    with pytest.raises(RegistryError, match="use min_ap"):
-        select("det-sweep", Budget.named("min_pq", 0.0), ctx=ctx)
-    with pytest.raises(ConfigError, match="data_root="):
-        run_derive(derive_cfg, parent=summary["model_uri"], data_root=tmp_path / "nowhere", ctx=ctx)

@@ -83,7 +83,7 @@ def main() -> None:
             images = [decode_image(b, "image/png", engine_mod.Limits()) for b in batch]
             decode_ms = (time.perf_counter() - t0) * 1e3
             t1 = time.perf_counter()
-            res = engine.segment(images, [budget] * len(images), ["png"] * len(images))
+            res = engine.respond(images, [budget] * len(images), [{"mask_format": "png"}] * len(images))
             total = (time.perf_counter() - t1) * 1e3 + decode_ms
             parts = dict(t.ms)
             parts["input (decode)"] = decode_ms

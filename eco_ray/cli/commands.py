@@ -222,7 +222,7 @@ def _predict(args, gt, pred_json: Path, tracking_uri: str) -> dict:
         raise ConfigError(str(e)) from None
     if args.gate:
         try:
-            engine, _ = load_engine(args.parent, args.gate, tracking_uri, threshold=threshold)
+            engine, _ = load_engine(args.parent, args.gate, tracking_uri, threshold=threshold, task="panoptic")
         except ValueError as e:
             raise ConfigError(str(e)) from None
     else:
@@ -455,7 +455,7 @@ def pipeline(args) -> int:
     if args.keep_serving:
         from eco_ray.serve.run import serve_until_interrupted
 
-        serve_until_interrupted(summary["serving"]["url"])
+        serve_until_interrupted(summary["serving"]["url"], summary["serving"]["route"].removeprefix("/v1/"))
     return 0
 
 

@@ -185,6 +185,10 @@ class CocoInstancesDataset:
     def annotations(self, index: int) -> list[dict]:
         return self._anns[self.image_ids[index]]
 
+    def image_path(self, index: int) -> Path:
+        """The image file of sample ``index``."""
+        return self.images_dir / self.image_meta(index)["file_name"]
+
     def __getitem__(self, index: int) -> DetectionSample:
         meta = self.image_meta(index)
         image = read_image(self.images_dir / meta["file_name"], "RGB")

@@ -117,6 +117,10 @@ class CocoPanopticDataset:
     def image_meta(self, index: int) -> dict:
         return self._items[index][0]
 
+    def image_path(self, index: int) -> Path:
+        """The image file of sample ``index``."""
+        return self.paths.images / self._items[index][0]["file_name"]
+
     def __getitem__(self, index: int) -> PanopticSample:
         image_meta, _ = self._items[index]
         image_path = self.paths.images / image_meta["file_name"]
@@ -130,7 +134,7 @@ class CocoPanopticDataset:
 
     def image(self, index: int) -> np.ndarray:
         """The (H, W, 3) uint8 image alone (its ground truth is not read)."""
-        return read_image(self.paths.images / self._items[index][0]["file_name"], "RGB")
+        return read_image(self.image_path(index), "RGB")
 
     def ground_truth(self, index: int) -> tuple[np.ndarray, list[dict]]:
         """The id map and segments of one image, checked against each other (the image itself is not read)."""

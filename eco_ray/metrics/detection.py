@@ -368,8 +368,11 @@ class DetectionRecords:
             raise ValueError(f"counts must have the assignments' shape {assign.shape}, got {np.shape(counts)}")
         if assign.size and (assign.min() < 0 or assign.max() >= len(self.exits)):
             raise ValueError(f"exit indices must lie in 0..{len(self.exits) - 1}")
-        # only the rows some assignment can pick: the others would weigh 0 everywhere
-        rows = np.flatnonzero((self.view == view) & np.isin(self.exit, np.unique(assign)))
+        # only the rows some assignment can pick: the others would weigh 0 everywhere (one assignment under many
+        # resamples, the bootstrap's case, picks one exit's rows per image)
+        picked = self.exit == assign[0][self.image] if (assign == assign[0]).all() else \
+            np.isin(self.exit, np.unique(assign))
+        rows = np.flatnonzero((self.view == view) & picked)
         return self._weighted(rows, assign, counts, iou_type)
 
     def _weighted(self, rows: np.ndarray, assign: np.ndarray, counts: np.ndarray | None, iou_type: str,

@@ -62,6 +62,11 @@ class ModelConfig:
     # stages 3-4: a receptive field capped at stage 2's, so that context must travel through the encoder
     pooled_coarse_levels: bool = False
 
+    @property
+    def gate_dim(self) -> int:
+        """The length of the gate input's feature vector."""
+        return self.hidden_dim * (1 if self.gate_input == "stride32" else 3)
+
     def validate(self) -> None:
         if self.gate_input not in GATE_INPUTS:
             raise ValueError(f"gate_input must be one of {GATE_INPUTS}, got {self.gate_input!r}")
@@ -140,6 +145,11 @@ class DetectionModelConfig:
     # what the gate sees, computed before any encoder layer: stride32 = the pooled stride-32 projected tokens
     # (level 2 of Deformable DETR's four, which run stride 8 first); levels = every level pooled (4 x hidden_dim)
     gate_input: str = "stride32"
+
+    @property
+    def gate_dim(self) -> int:
+        """The length of the gate input's feature vector."""
+        return self.hidden_dim * (1 if self.gate_input == "stride32" else 4)
 
     def validate(self) -> None:
         if self.gate_input not in GATE_INPUTS:

@@ -84,6 +84,11 @@ def load_parent(directory: str | Path, task: str | None = "panoptic") -> tuple[E
     return model.eval(), meta
 
 
+def parent_task(directory: str | Path) -> str:
+    """The task of the parent in ``directory`` (``panoptic`` or ``detection``), from its config alone."""
+    return _read_config(directory, "parent").get("task", "panoptic")
+
+
 def read_parent_blob(directory: str | Path, task: str | None = "panoptic") -> dict:
     """A parent as plain bytes + config, to ship through Ray's object store to workers on other nodes
     (which need no shared file system or MLflow access for the model); ``task`` as for :func:`load_parent`."""

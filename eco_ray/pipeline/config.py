@@ -3,14 +3,16 @@ command (``eco-ray train --set steps=...`` is ``--set train.steps=...`` here).
 
     name, run_dir                     the job: state under <run_dir>/pipeline/<name>
     data:    root | generate (train_images, val_images, synth: SynthConfig)
-    train:   TrainConfig    (Step A; model preset under train.model_preset, train.model.* overrides it)
+    train:   TrainConfig    (Step A; train.task: panoptic | detection; model preset under train.model_preset,
+                             train.model.* overrides it)
     derive:  DeriveConfig   (Step B)
     sweep:   SweepConfig    (Step C)
     select:  budget, limit, registered_gate, alias
     serve:   config, host, port, requests
 
 The keys of the flat layout that came before (``train_images``, ``synth.*``, ``budget``, ``limit``, ``requests``,
-``port``, ...) keep working: they are moved to their section. Settings that are now handed from stage to
+``port``, ...) keep working: they are moved to their section. Every stage runs the task of ``train.task``
+(``eco-ray pipeline --config detection``: the detector). Settings that are now handed from stage to
 stage (``derive.parent``, ``sweep.derived``, ``train.data_root``, ``*.run_dir``) are refused, naming what
 replaced them.
 """
@@ -26,7 +28,7 @@ from eco_ray.data.synth import SynthConfig
 from eco_ray.derive.config import DeriveConfig
 from eco_ray.resources import resolve_resource
 from eco_ray.sweep.config import SweepConfig
-from eco_ray.train.config import TrainConfig, preset_layer, requested, requested_preset
+from eco_ray.train.config import DetectionTrainConfig, TrainConfig, preset_layer, requested, requested_preset
 
 STAGES = ("data", "train", "derive", "sweep", "select", "serve")
 
@@ -47,7 +49,8 @@ RENAMED = {
 
 @dataclass
 class DataStage:
-    root: str | None = None  # a COCO-panoptic dataset you bring; None: generate the benchmark into <run_dir>/data
+    root: str | None = None  # a COCO dataset you bring (panoptic files, or instances for a detector); None: generate
+    # the benchmark into <run_dir>/data
     train_images: int = 6000
     val_images: int = 300
     synth: SynthConfig = field(default_factory=SynthConfig)
@@ -61,7 +64,7 @@ class DataStage:
 class SelectStage:
     budget: str = "max_relative_gflops"  # a budget name (eco_ray/budget.py); relative: a share of full depth
     limit: float = 0.7  # 0.7 of the full-depth encoder GFLOPs: save 30%
-    registered_gate: str = "eco-gate"
+    registered_gate: str | None = None  # default: the task's (eco-gate, eco-det-gate for a detector)
     alias: str = "production"
 
     def to_budget(self) -> Budget:
@@ -103,14 +106,22 @@ class PipelineConfig:
             raise ValueError(f"name must be a plain directory name, got {self.name!r}")
 
 
+@dataclass
+class DetectionPipelineConfig(PipelineConfig):
+    """The same tree with a detector under ``train`` (``train.task=detection``)."""
+
+    train: DetectionTrainConfig = field(default_factory=lambda: DetectionTrainConfig(
+        steps=5000, exit_sampling="deepest_plus_one", eval_every=2500, checkpoint_every=600))
+
+
 def load_pipeline_config(path: str | Path | None = None, overrides=()) -> PipelineConfig:
-    """Defaults <- the train section's model preset <- the file (a path or a shipped name: ``smoke``) <- overrides."""
+    """Defaults <- the train section's model preset <- the file (a path or a shipped name: ``smoke``,
+    ``detection``) <- overrides. ``train.task`` picks the tree's train section."""
     if path is not None:
         path = resolve_resource("pipelines", path)
     task = requested("task", path, overrides, prefix="train.", default="panoptic")
-    if task != "panoptic":
-        raise ConfigError(f"bad config value for 'train.task': the pipeline runs the panoptic task; got {task!r} "
-                          f"(a detector runs stage by stage: `eco-ray train --task detection`, then derive, "
-                          f"diagnose, gate, sweep and select)")
+    if task not in ("panoptic", "detection"):
+        raise ConfigError(f"bad config value for 'train.task': {task!r} is not one of panoptic, detection")
+    schema = DetectionPipelineConfig if task == "detection" else PipelineConfig
     preset = requested_preset(path, overrides, prefix="train.")
-    return load_config(PipelineConfig, path, overrides, layers=[{"train": preset_layer(preset)}], renamed=RENAMED)
+    return load_config(schema, path, overrides, layers=[{"train": preset_layer(preset, task)}], renamed=RENAMED)

@@ -3,6 +3,9 @@ repeat.
 
     data -> train (Step A) -> derive (Step B) [+ diagnose] -> sweep (Step C + Tune) -> select -> serve
 
+The stages run the task of ``train.task`` (panoptic segmentation or detection), asking it (``eco_ray.tasks``) for
+what differs: its annotation files, its metric, its registry names, its Serve route.
+
 Every stage has an *input key*: a hash of its own settings and of the key (or output) of the stage before it.
 ``<run_dir>/pipeline/<name>/state.json`` records, per stage, the key it ran with and what it produced; a stage
 whose key is unchanged and whose output still exists is skipped. ``--from STAGE`` reruns that stage and every
@@ -26,6 +29,7 @@ from eco_ray.config import ConfigError, content_hash
 from eco_ray.context import RunContext
 from eco_ray.files import write_json as _write_json
 from eco_ray.pipeline.config import STAGES, PipelineConfig
+from eco_ray.tasks import get_task
 
 
 class Pipeline:
@@ -42,6 +46,7 @@ class Pipeline:
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {}
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self.data_root = Path(cfg.data.root).resolve() if cfg.data.root else ctx.data_dir
+        self.task = get_task(cfg.train.task)
         self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------- state
@@ -91,7 +96,7 @@ class Pipeline:
         if self.cfg.data.root:  # a dataset the user brought: its annotations are the key
             from eco_ray.train.ray_train import dataset_hash
 
-            key = dataset_hash(self.data_root)
+            key = dataset_hash(self.data_root, self.task.name)
             return self._record("data", key, {"root": str(self.data_root), "generated": False, "key": key}, 0.0)
         d = self.cfg.data
         splits = {"train": d.train_images, "val": d.val_images}
@@ -159,7 +164,7 @@ class Pipeline:
         from eco_ray.resources import resolve_resource
         from eco_ray.sweep import resume_sweep, run_sweep
 
-        space = resolve_resource("search_spaces", self.cfg.sweep.space)
+        space = resolve_resource("search_spaces", self.cfg.sweep.space_for(self.task.name))
         key = content_hash({"derived": derived["key"], "sweep": asdict(self.cfg.sweep), "space": space.read_text()})
 
         def run():
@@ -175,10 +180,11 @@ class Pipeline:
         from eco_ray.sweep import select
 
         s = self.cfg.select
+        gate_name = s.registered_gate or self.task.gate_name
         budget = s.to_budget()
         if budget.relative:
             budget = budget.absolute(CostTable(derived["costs"]).full_depth().get(budget.metric))
-        key = content_hash({"sweep": sweep["name"], "budget": str(budget), "model": s.registered_gate, "alias": s.alias})
+        key = content_hash({"sweep": sweep["name"], "budget": str(budget), "model": gate_name, "alias": s.alias})
         # registering is idempotent by this token: recorded before the registry call, so a select killed after
         # registering (before moving the alias) registers nothing new when the pipeline is run again
         pending = self.state.get("select_pending", {})
@@ -187,8 +193,7 @@ class Pipeline:
         _write_json(self.state_path, self.state)
 
         def run():
-            r = select(sweep["name"], budget, ctx=self.ctx, registered_model=s.registered_gate, alias=s.alias,
-                       token=token)
+            r = select(sweep["name"], budget, ctx=self.ctx, registered_model=gate_name, alias=s.alias, token=token)
             return {"model_uri": r.model_uri, "version": r.version, "why": r.why, "budget": r.budget,
                     "chosen": r.chosen}
 
@@ -198,14 +203,14 @@ class Pipeline:
         return out
 
     def _alias_points_to(self, version) -> bool:
-        return self.ctx.tracker().alias_version(self.cfg.select.registered_gate, self.cfg.select.alias) == str(version)
+        gate_name = self.cfg.select.registered_gate or self.task.gate_name
+        return self.ctx.tracker().alias_version(gate_name, self.cfg.select.alias) == str(version)
 
     def serve(self, train: dict, select: dict) -> dict:
         """Start the Serve app, send real requests, stop it (serving is never "reused": it is a check)."""
         import ray
         from ray import serve
 
-        from eco_ray.data import CocoPanopticDataset
         from eco_ray.serve.run import start
 
         t0 = time.perf_counter()
@@ -213,18 +218,16 @@ class Pipeline:
         url = start(sv.config, parent_uri=train["model_uri"], gate_uri=select["model_uri"], ctx=self.ctx,
                     host=sv.host, port=sv.port, blocking=False)
         _wait_healthy(url, timeout=120)
-        ds = CocoPanopticDataset.from_root(self.data_root, "val")
-        replies = []
-        for i in range(min(max(sv.requests, 1), len(ds))):
-            body = (ds.paths.images / ds.image_meta(i)["file_name"]).read_bytes()
-            replies.append(_post(f"{url}/v1/segment?mask_format=rle", body))
-        full = _post(f"{url}/v1/segment?exit={train_exits(train)[-1]}&mask_format=rle",
-                     (ds.paths.images / ds.image_meta(0)["file_name"]).read_bytes()) if len(ds) else None
-        out = {"url": url, "requests": len(replies), "seconds": round(time.perf_counter() - t0, 1),
-               "exits_used": [r["exit"] for r in replies],
+        ds = self.task.open_dataset(self.data_root, "val")
+        endpoint = f"{url}/v1/{self.task.route}?{self.task.compact_query}"
+        replies = [_post(endpoint, ds.image_path(i).read_bytes()) for i in range(min(max(sv.requests, 1), len(ds)))]
+        full = _post(f"{endpoint}exit={train_exits(train)[-1]}", ds.image_path(0).read_bytes()) if len(ds) else None
+        items = self.task.response_items
+        out = {"url": url, "route": f"/v1/{self.task.route}", "requests": len(replies),
+               "seconds": round(time.perf_counter() - t0, 1), "exits_used": [r["exit"] for r in replies],
                "encoder_gflops_mean": sum(r["encoder_gflops"] for r in replies) / max(1, len(replies)),
                "latency_ms_mean": sum(r["timing_ms"]["total"] for r in replies) / max(1, len(replies)),
-               "segments_per_image": [len(r["segments"]) for r in replies],
+               f"{items}_per_image": [len(r[items]) for r in replies],
                "full_depth_check": {"exit": full["exit"], "encoder_gflops": full["encoder_gflops"]} if full else None}
         self.timings["serve"] = out["seconds"]
         if not self.keep_serving:
@@ -256,7 +259,7 @@ class Pipeline:
 
 
 def train_exits(train: dict) -> list[int]:
-    return sorted(int(k) for k in train["val_pq_per_exit"])
+    return sorted(int(k) for k in train[f"val_{train.get('metric', 'pq')}_per_exit"])
 
 
 def _sweep_output(s) -> dict:

@@ -1,10 +1,13 @@
-"""Ray Serve application: an HTTP ingress (FastAPI) in front of autoscaled gated-segmenter replicas.
+"""Ray Serve application: an HTTP ingress (FastAPI) in front of autoscaled replicas of the gated parent (the
+``Segmenter`` deployment, which serves a segmenter or a detector: the task of the models it is given).
 
-- ``POST /v1/segment``: an image (raw bytes with an image content type, or multipart with a ``file``
-  part) -> the panoptic result, the exit used, the encoder GFLOPs spent, model versions and timing.
-  Query parameters: ``max_gflops`` | ``max_latency_ms`` | ``max_quality_drop`` | ``beta`` | ``exit``
-  (per-request compute control; a cost target no exit meets is served and reported as missed), ``mask_format``
-  (``png`` or ``rle``).
+- ``POST /v1/segment`` (a segmenter) and ``POST /v1/detect`` (a detector): an image (raw bytes with an image
+  content type, or multipart with a ``file`` part) -> the panoptic result or the COCO detections, the exit
+  used, the encoder GFLOPs spent, model versions and timing. Query parameters: ``max_gflops`` |
+  ``max_latency_ms`` | ``max_quality_drop`` | ``beta`` | ``exit`` (per-request compute control, the same for
+  both tasks; a cost target no exit meets is served and reported as missed); for a segmenter ``mask_format``
+  (``png`` or ``rle``), for a detector ``min_score`` and ``image_id`` (copied into each detection). The route of
+  the other task answers 404, naming the right one.
 - ``GET /v1/models``: the deployed parent and gate (pinned versions), their operating points, and the error
   of a model swap that failed; ``GET /healthz``: the ingress and a Segmenter replica answer.
 - Requests are batched (``@serve.batch``) on the segmenter; a batch runs as one parent pass in which
@@ -43,7 +46,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from eco_ray.model.postprocess import OVERLAP_THRESHOLD
-from eco_ray.serve.engine import MASK_FORMATS, InputError, Limits, RequestControl, decode_image
+from eco_ray.serve.engine import InputError, Limits, RequestControl, decode_image
 from eco_ray.serve.http import RETRY_AFTER_S, error_response as _error, read_image_body
 
 logger = logging.getLogger("ray.serve")
@@ -279,13 +282,13 @@ class Segmenter:
             except InputError as e:
                 results[i] = e  # that request's answer; the others still run
         if run:
-            images, controls, formats = zip(*(items[i] for i in run))
-            for i, r in zip(run, engine.segment(list(images), list(controls), list(formats), cap)):
+            images, controls, options = zip(*(items[i] for i in run))
+            for i, r in zip(run, engine.respond(list(images), list(controls), list(options), cap)):
                 results[i] = r
         return results
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _segment_batch(self, items: list[tuple]) -> list:
+    async def _infer_batch(self, items: list[tuple]) -> list:
         engine, load = self.serving
         cap = self._observe_load(load)
         self.batch_started = time.monotonic()
@@ -294,7 +297,11 @@ class Segmenter:
         finally:
             self.batch_started = None
 
-    async def segment(self, image, control: RequestControl, mask_format: str):
+    async def infer(self, image, control: RequestControl, options: dict, task: str):
+        """One image of the route of ``task`` (``options``: its response options, checked by the ingress)."""
+        if task != self.engine.task_name:
+            route = self.engine.task.route
+            return InputError(404, f"this service serves a {self.engine.task_name} model: POST /v1/{route}")
         try:
             self.engine.allowed_exits(control)  # a bad control never joins (and never costs) a batch
         except InputError as e:
@@ -308,7 +315,7 @@ class Segmenter:
         self.held += 1
         result = None
         try:
-            result = await self._segment_batch((image, control, mask_format))
+            result = await self._infer_batch((image, control, options))
         finally:  # a failed or cancelled request's time counts too: the slowest are the signal
             self.held -= 1
             ms = (time.monotonic() - t0) * 1e3
@@ -320,7 +327,7 @@ class Segmenter:
     def describe(self) -> dict:
         e = self.engine
         self._observe_load()
-        return {"versions": e.versions, "exits": e.exits, "encoder_gflops_per_exit": e.gflops,
+        return {"task": e.task_name, "route": f"/v1/{e.task.route}", "versions": e.versions, "exits": e.exits, "encoder_gflops_per_exit": e.gflops,
                 "latency_ms_per_exit": e.latency_ms, "load": {**self.load.state(), "held": self.held},
                 "default_beta": e.default_beta, "gate_kind": e.versions.get("gate_kind"),
                 "gate_cost": e.versions.get("gate_cost"),
@@ -408,17 +415,26 @@ class Ingress:
 
     @api.post("/v1/segment")
     async def segment(self, request: Request):
+        """A segmenter's panoptic result."""
+        return await self._answer(request, "panoptic")
+
+    @api.post("/v1/detect")
+    async def detect(self, request: Request):
+        """A detector's COCO detections."""
+        return await self._answer(request, "detection")
+
+    async def _answer(self, request: Request, task: str):
+        from eco_ray.tasks import get_task
+
         t0 = time.perf_counter()
         request_id = uuid.uuid4().hex[:16]
         try:
             self._check_key(request)
             control = RequestControl.parse(dict(request.query_params))
-            mask_format = request.query_params.get("mask_format", "png")
-            if mask_format not in MASK_FORMATS:
-                raise InputError(422, f"mask_format must be one of {list(MASK_FORMATS)}, got {mask_format!r}")
+            options = get_task(task).response_options(request.query_params)
             data, ctype = await read_image_body(request, self.limits)
             image = decode_image(data, ctype, self.limits)
-            result = await self._call(self.segmenter.segment.remote(image, control, mask_format), self.timeout_s)
+            result = await self._call(self.segmenter.infer.remote(image, control, options, task), self.timeout_s)
             if isinstance(result, InputError):
                 raise result
         except InputError as e:

@@ -1,12 +1,13 @@
-"""The gated segmenter, Ray-free: decode + check an image, pick each image's exit (gate + per-request
-control), run the parent once per batch with rows leaving the encoder at their exits, encode the result.
+"""The gated parent, Ray-free: decode + check an image, pick each image's exit (gate + per-request control), run
+the parent once per batch with rows leaving the encoder at their exits, encode the result in its task's response
+format (a segmenter's panoptic segments, a detector's COCO detections: ``eco_ray.tasks``).
 
 A request's exit is decided by the one rule, ``eco_ray.tradeoff.choose``, over the gate's scores, with the
 costs of the measure the gate was fitted with (``cost`` in its record: GFLOPs, latency or layers), so a
 served image gets exactly the exit the derived table's evaluation gave it; a per-request target restricts
 the exits allowed: a cost budget (``max_gflops`` or ``max_latency_ms``, the one Budget type; the cheapest exit
 when none fits, and the response says the target was missed) or ``max_quality_drop`` (the quality gate's
-prediction).
+prediction, in the task's metric: PQ or AP).
 
 Ray Serve (eco_ray/serve/app.py) wraps this in deployments; tests and benchmarks can call it directly.
 """
@@ -32,7 +33,8 @@ from eco_ray.data.collate import pixel_values
 from eco_ray.derive.table import relative_costs
 from eco_ray.metrics.panoptic import CategorySet
 from eco_ray.model.gates import gate_scores
-from eco_ray.model.postprocess import OVERLAP_THRESHOLD, to_panoptic
+from eco_ray.model.postprocess import OVERLAP_THRESHOLD
+from eco_ray.tasks import get_task
 from eco_ray.tradeoff import choose
 
 logger = logging.getLogger("ray.serve")
@@ -120,8 +122,8 @@ CONTROLS = ("max_gflops", "max_latency_ms", "max_quality_drop", "beta", "exit")
 class RequestControl:
     """Per-request compute control, at most one of: a per-image cost budget (``max_gflops``, or
     ``max_latency_ms`` against this replica's measured latency of each exit), a quality target
-    (``max_quality_drop``: the cheapest exit whose quality the quality gate predicts within that much PQ of
-    full depth's; the gate predicts quality relative to the deepest exit, so a drop is what it can judge), a
+    (``max_quality_drop``: the cheapest exit whose quality the quality gate predicts within that much PQ (AP
+    for a detector) of full depth's; the gate predicts quality relative to the deepest exit, so a drop is what it can judge), a
     trade-off ``beta`` (a quality gate only), a forced ``exit`` (e.g. the full-depth baseline). A cost budget
     no exit meets is served by the cheapest exit, and the response says the target was missed."""
 
@@ -136,7 +138,8 @@ class RequestControl:
         if len(given) > 1:
             raise InputError(422, f"give at most one of {', '.join(CONTROLS)}; got {', '.join(given)}")
         if self.max_quality_drop is not None and not 0 <= self.max_quality_drop <= 1:
-            raise InputError(422, f"max_quality_drop is a PQ difference in [0, 1], got {self.max_quality_drop}")
+            raise InputError(422, f"max_quality_drop is a quality difference (PQ or AP) in [0, 1], got "
+                                  f"{self.max_quality_drop}")
 
     @property
     def explicit(self) -> bool:
@@ -194,7 +197,7 @@ class LoadCap:
 
 @dataclass
 class Engine:
-    """A parent, a gate and the per-exit costs, ready to segment batches."""
+    """A parent, a gate and the per-exit costs, ready to serve batches of the parent's task."""
 
     parent: torch.nn.Module
     gate: torch.nn.Module | None  # None: a parent alone (``eco-ray evaluate --exit``), every request forces its exit
@@ -209,6 +212,10 @@ class Engine:
     # ms for one image at each exit on this machine, the whole predict() path: measured at start
     # (measure_latency), then kept current from the single-image batches served (what max_latency_ms reads)
     latency_ms: list[float] | None = None
+    task_name: str = "panoptic"  # what the parent does: its predictions and response format (eco_ray.tasks)
+
+    def __post_init__(self):
+        self.task = get_task(self.task_name)
 
     @property
     def exits(self) -> list[int]:
@@ -286,19 +293,18 @@ class Engine:
 
     @torch.no_grad()
     def predict(self, images: list[np.ndarray], controls: list[RequestControl], load: LoadCap | None = None,
-                bound: list | None = None) -> list[tuple[np.ndarray, list[dict], int, bool | None]]:
+                bound: list | None = None) -> list[tuple[object, int, bool | None]]:
         """One batch: every image resized to the model's input, exits chosen per image, one parent pass in
-        which rows leave the encoder at their exit -> (id map at the model's input size, segments, exit,
-        target met) each; ``resize_ids`` takes a map to its image's size (one at a time: a batch of full-size
-        maps is large)."""
+        which rows leave the encoder at their exit -> (the task's prediction, exit, target met) each: a
+        segmenter's (id map at the model's input size, segments; ``resize_ids`` takes a map to its image's size),
+        a detector's COCO detections in the image's own pixels."""
         size = self.parent.config.image_size
         x = pixel_values([np.asarray(Image.fromarray(im).resize((size, size), Image.BILINEAR)) for im in images])
         met: list = [None] * len(controls)
         bound = bound if bound is not None else [False] * len(controls)  # filled: rows the load cap moved
         out = self.parent.forward_gated(x, lambda feats: self.choose_exits(feats, controls, met, load, bound))
-        preds = to_panoptic(out, self.categories, (size, size), self.threshold, self.mask_threshold,
-                            self.overlap_threshold)
-        return [(id_map, segs, int(k), m) for (id_map, segs), k, m in zip(preds, out.exit_per_image.tolist(), met)]
+        preds = self.task.predictions(out, self, [im.shape[:2] for im in images])
+        return [(p, int(k), m) for p, k, m in zip(preds, out.exit_per_image.tolist(), met)]
 
     def measure_latency(self, repeats: int = 3) -> list[float]:
         """Time one image at every exit through :meth:`predict` (median of ``repeats`` after one warm-up) on
@@ -316,22 +322,23 @@ class Engine:
         self.latency_ms = table
         return table
 
-    def segment(self, images: list[np.ndarray], controls: list[RequestControl], mask_format: list[str],
+    def respond(self, images: list[np.ndarray], controls: list[RequestControl], options: list[dict],
                 load: LoadCap | None = None) -> list[dict]:
-        """:meth:`predict`, encoded at each image's own size for a response (segments, PNG or RLE masks, exit,
-        cost, versions, timing, and the load cap where one is in force)."""
+        """:meth:`predict`, each image's result in its task's response format at the image's own size
+        (``options``: each request's ``Task.response_options``), with the exit, its cost, the versions, the
+        timing, the target and whether it was met, and the load cap where one is in force."""
         t0 = time.perf_counter()
         bound = [False] * len(controls)
         preds = self.predict(images, controls, load, bound)
         batch_ms = (time.perf_counter() - t0) * 1e3
         predicted = list(self.latency_ms) if self.latency_ms is not None else None  # what the decision read
         if self.latency_ms is not None and len(images) == 1:  # the table follows what one image costs now
-            j = self.exits.index(preds[0][2])
+            j = self.exits.index(preds[0][1])
             self.latency_ms[j] = round(0.8 * self.latency_ms[j] + 0.2 * batch_ms, 3)
         gflops_of = dict(zip(self.exits, self.gflops))
         results = []
-        for im, (id_map, segs, k, met), fmt, c, moved in zip(images, preds, mask_format, controls, bound):
-            result = {**encode_panoptic(id_map, segs, im.shape[:2], self.categories, fmt), "exit": k,
+        for im, (pred, k, met), opts, c, moved in zip(images, preds, options, controls, bound):
+            result = {**self.task.response(pred, im.shape[:2], self, opts), "exit": k,
                       "encoder_gflops": gflops_of[k], "versions": self.versions,
                       "timing_ms": {"batch": round(batch_ms, 2), "batch_size": len(images)}}
             if load is not None:
@@ -389,15 +396,19 @@ def encode_panoptic(id_map: np.ndarray, segments: list[dict], shape: tuple[int, 
 
 
 def load_engine(parent_uri: str, gate_uri: str, tracking_uri: str, default_beta: float | None = None,
-                threshold: float = 0.5, mask_threshold: float = 0.5, overlap_threshold: float = OVERLAP_THRESHOLD
-                ) -> tuple[Engine, dict]:
-    """(engine, gate record): parent and gate from MLflow URIs or directories; the gate must fit the parent."""
+                threshold: float = 0.5, mask_threshold: float = 0.5, overlap_threshold: float = OVERLAP_THRESHOLD,
+                task: str | None = None) -> tuple[Engine, dict]:
+    """(engine, gate record): parent and gate from MLflow URIs or directories; the gate must fit the parent.
+    ``task``: the task the caller serves (None: the parent's own)."""
     from eco_ray.model.io import load_gate, load_parent
     from eco_ray.tracking import describe_model_uri, resolve_model_dir
 
     parent_dir = resolve_model_dir(parent_uri, tracking_uri)
-    parent, pmeta = load_parent(parent_dir)
+    parent, pmeta = load_parent(parent_dir, task)
     gate, gmeta = load_gate(resolve_model_dir(gate_uri, tracking_uri))
+    parent_task, gate_task = pmeta.get("task", "panoptic"), gmeta.get("task", "panoptic")
+    if gate_task != parent_task:
+        raise ValueError(f"the gate {gate_uri} was fitted for {gate_task}, but {parent_uri} is a {parent_task} parent")
     fitted_on = (gmeta.get("parent") or {}).get("weights_sha256")
     if not fitted_on:
         logger.warning("eco-ray: the gate %s records no parent weights hash: its pairing with %s is checked by "
@@ -422,7 +433,7 @@ def engine_from(parent, pmeta: dict, gate, gmeta: dict, versions: dict | None = 
         raise ValueError(f"gate exits {gate.exits} do not match the parent's {parent.exits}")
     # the gate was fitted on the gate input its derived table recorded: the parent computes that one
     parent.config.gate_input = gmeta.get("gate_input", "stride32")
-    expected = parent.config.hidden_dim * (3 if parent.config.gate_input == "levels" else 1)
+    expected = parent.config.gate_dim
     if gate.in_dim != expected:
         raise ValueError(f"the gate takes {gate.in_dim} input features, but the parent's {parent.config.gate_input!r} "
                          f"gate input has {expected}")
@@ -434,8 +445,9 @@ def engine_from(parent, pmeta: dict, gate, gmeta: dict, versions: dict | None = 
     relative = relative_costs(np.maximum.accumulate(np.asarray(costs[measure], np.float64))).tolist()
     beta = gmeta.get("beta", 0.05) if default_beta is None else default_beta
     versions = {**(versions or {}), "gate_kind": gate.kind, "gate_beta": gmeta.get("beta"), "gate_cost": measure}
-    return Engine(parent.eval(), gate.eval(), CategorySet(pmeta["categories"]), list(costs["gflops"]), relative,
-                  float(beta), versions, threshold, mask_threshold, overlap_threshold)
+    task = get_task(pmeta.get("task", "panoptic"))
+    return Engine(parent.eval(), gate.eval(), task.category_set(pmeta["categories"]), list(costs["gflops"]),
+                  relative, float(beta), versions, threshold, mask_threshold, overlap_threshold, task_name=task.name)
 
 
 def parent_engine(parent, pmeta: dict, versions: dict | None = None, threshold: float = 0.5,
@@ -446,6 +458,8 @@ def parent_engine(parent, pmeta: dict, versions: dict | None = None, threshold: 
 
     table = count_exit_gflops(parent, parent.config.image_size)
     gflops = [next(e["encoder_gflops"] for e in table["exits"] if e["exit"] == k) for k in parent.exits]
-    return Engine(parent.eval(), None, CategorySet(pmeta["categories"]), gflops,
+    task = get_task(pmeta.get("task", "panoptic"))
+    return Engine(parent.eval(), None, task.category_set(pmeta["categories"]), gflops,
                   relative_costs(np.maximum.accumulate(np.asarray(gflops, np.float64))).tolist(), 0.0,
-                  {**(versions or {}), "gate_kind": None}, threshold, mask_threshold, overlap_threshold)
+                  {**(versions or {}), "gate_kind": None}, threshold, mask_threshold, overlap_threshold,
+                  task_name=task.name)

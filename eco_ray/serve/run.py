@@ -118,17 +118,26 @@ def start(config: str | None, *, parent_uri: str | None, gate_uri: str | None, c
     serve.run(app, name=doc["applications"][0].get("name", "eco-ray"), route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
     if blocking:
-        serve_until_interrupted(url)
+        serve_until_interrupted(url, served_route(parent_uri, ctx.tracking_uri))
     return url
 
 
-def serve_until_interrupted(url: str) -> None:
+def served_route(parent_uri: str, tracking_uri: str) -> str:
+    """The endpoint that serves the parent's task: ``segment`` or ``detect``."""
+    from eco_ray.model.io import parent_task
+    from eco_ray.tasks import get_task
+    from eco_ray.tracking import resolve_model_dir
+
+    return get_task(parent_task(resolve_model_dir(parent_uri, tracking_uri))).route
+
+
+def serve_until_interrupted(url: str, route: str = "segment") -> None:
     """Keep the (already running) app up until Ctrl-C, then shut Serve down."""
     import time
 
     from ray import serve
 
-    print(f"eco-ray serving on {url}  (POST {url}/v1/segment, GET {url}/v1/models); Ctrl-C stops", flush=True)
+    print(f"eco-ray serving on {url}  (POST {url}/v1/{route}, GET {url}/v1/models); Ctrl-C stops", flush=True)
     try:
         while True:
             time.sleep(3600)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +16,10 @@ class Task:
     model_name: str  # the parent, as people call it
     parent_name: str  # the parent's default name in the model registry
     annotation_kind: str  # the COCO annotation files it reads: annotations/<kind>_<split>.json
+    route: str  # the Serve endpoint that answers it: POST /v1/<route>
+    response_items: str  # the list a response holds: "segments" | "detections"
+    compact_query: str = ""  # the query options of the smallest response (the pipeline's serving check)
+    gate_name: str  # the gate's default name in the model registry
 
     # ---------------------------------------------------------------------------------------------- data
     def annotation_file(self, root: str | Path, split: str) -> Path:
@@ -75,6 +79,27 @@ class Task:
 
     def split_summary(self, split, categories: list[dict], tolerance: float) -> dict:
         """The manifest's summary of a split: ``static`` (exit -> the task's metrics), the label noise floor, ..."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ serving
+    def category_set(self, categories: Sequence[dict]):
+        """The parent's categories (its record's COCO list) as the ``CategorySet`` its predictions index."""
+        from eco_ray.metrics.panoptic import CategorySet
+
+        return CategorySet(categories)
+
+    def response_options(self, params: Mapping[str, str]) -> dict:
+        """The task's own query parameters of a request (``mask_format``, ``min_score``, ...), checked: an
+        ``InputError`` (422) for a bad one, before the request joins a batch."""
+        raise NotImplementedError
+
+    def predictions(self, output, engine, sizes: Sequence[tuple[int, int]]) -> list:
+        """The parent's output on a served batch -> one prediction per image; ``sizes[i]``: image i's own
+        (height, width). A prediction may stay at the model's input size until :meth:`response`."""
+        raise NotImplementedError
+
+    def response(self, prediction, size: tuple[int, int], engine, options: dict) -> dict:
+        """One image's prediction as the task's part of the JSON response, at the image's own size."""
         raise NotImplementedError
 
 

@@ -13,6 +13,9 @@ class DetectionTask(Task):
     model_name = "Deformable DETR"
     parent_name = "eco-det-parent"
     annotation_kind = "instances"
+    route = "detect"
+    response_items = "detections"
+    gate_name = "eco-det-gate"
 
     def open_dataset(self, root, split):
         from eco_ray.data.coco_instances import CocoInstancesDataset
@@ -68,3 +71,51 @@ class DetectionTask(Task):
         from eco_ray.derive._detection import split_summary
 
         return split_summary(split, tolerance)
+
+    def category_set(self, categories):
+        """Every class is a thing (COCO instance files carry no ``isthing``)."""
+        from eco_ray.metrics.panoptic import CategorySet
+
+        return CategorySet([{**c, "isthing": 1} for c in categories])
+
+    def response_options(self, params):
+        """``min_score`` (default 0: every one of the 100 best detections, as COCO AP scores them) and
+        ``image_id`` (an integer copied into each detection, so the responses concatenate into a COCO results
+        file)."""
+        import math
+
+        from eco_ray.serve.engine import InputError
+
+        options = {"min_score": 0.0, "image_id": None}
+        raw = params.get("min_score")
+        if raw not in (None, ""):
+            try:
+                options["min_score"] = float(raw)
+            except ValueError:
+                raise InputError(422, f"min_score={raw!r} is not a number") from None
+            if not (math.isfinite(options["min_score"]) and 0 <= options["min_score"] <= 1):
+                raise InputError(422, f"min_score is a score in [0, 1], got {raw!r}")
+        raw = params.get("image_id")
+        if raw not in (None, ""):
+            try:
+                options["image_id"] = int(raw)
+            except ValueError:
+                raise InputError(422, f"image_id={raw!r} is not an integer") from None
+        return options
+
+    def predictions(self, output, engine, sizes):
+        """COCO detections per image in its own pixels (boxes are relative: no resize), best first."""
+        from eco_ray.model.postprocess import to_detections
+
+        return to_detections(output, engine.categories.ids, sizes)
+
+    def response(self, prediction, size, engine, options):
+        """COCO's result format (``category_id``, ``bbox`` [x, y, w, h], ``score``; ``image_id`` when the request
+        gave one), with the category's name."""
+        names = {c.id: c.name for c in engine.categories.categories}
+        image_id = {} if options.get("image_id") is None else {"image_id": options["image_id"]}
+        floor = options.get("min_score", 0.0)
+        detections = [{**image_id, "category_id": d["category_id"], "category": names[d["category_id"]],
+                       "bbox": [round(v, 2) for v in d["bbox"]], "score": round(d["score"], 4)}
+                      for d in prediction if d["score"] >= floor]
+        return {"height": int(size[0]), "width": int(size[1]), "detections": detections}

@@ -13,6 +13,10 @@ class PanopticTask(Task):
     model_name = "Mask2Former"
     parent_name = "eco-parent"
     annotation_kind = "panoptic"
+    route = "segment"
+    response_items = "segments"
+    compact_query = "mask_format=rle&"  # masks as RLE, not PNG id maps
+    gate_name = "eco-gate"
 
     def open_dataset(self, root, split):
         from eco_ray.data.coco_panoptic import CocoPanopticDataset
@@ -80,3 +84,26 @@ class PanopticTask(Task):
         from eco_ray.metrics.panoptic import CategorySet
 
         return split_summary(split, CategorySet(categories), tolerance)
+
+    def response_options(self, params):
+        from eco_ray.serve.engine import MASK_FORMATS, InputError
+
+        mask_format = params.get("mask_format", "png")
+        if mask_format not in MASK_FORMATS:
+            raise InputError(422, f"mask_format must be one of {list(MASK_FORMATS)}, got {mask_format!r}")
+        return {"mask_format": mask_format}
+
+    def predictions(self, output, engine, sizes):
+        """(id map, segments) per image at the model's input size: a batch of full-size maps is large, so each
+        is resized when its response is encoded."""
+        from eco_ray.model.postprocess import to_panoptic
+
+        size = engine.parent.config.image_size
+        return to_panoptic(output, engine.categories, (size, size), engine.threshold, engine.mask_threshold,
+                           engine.overlap_threshold)
+
+    def response(self, prediction, size, engine, options):
+        from eco_ray.serve.engine import encode_panoptic
+
+        id_map, segments = prediction
+        return encode_panoptic(id_map, segments, size, engine.categories, options.get("mask_format", "png"))
