@@ -108,15 +108,19 @@ def tradeoff(derived: str, selected: dict) -> tuple[list[dict], dict]:
     return points + [eco], timings
 
 
-def pipeline_state(run_dir: str, name: str) -> dict | None:
-    """The outputs of a finished pipeline's stages (None: no such pipeline ran here)."""
+def pipeline_state(run_dir: str, name: str, required: bool = True) -> dict | None:
+    """The outputs of a finished pipeline's stages (None: no such pipeline ran here, or, unless ``required``,
+    it has not finished)."""
     path = Path(run_dir) / "pipeline" / name / "state.json"
     if not path.is_file():
         return None
     state = {k: v["output"] for k, v in json.loads(path.read_text()).items() if isinstance(v, dict) and "output" in v}
     for stage in ("train", "derive", "select"):
         if stage not in state:
-            sys.exit(f"the pipeline {name!r} has not finished its {stage} stage ({path})")
+            if required:
+                sys.exit(f"the pipeline {name!r} has not finished its {stage} stage ({path})")
+            print(f"[report] the pipeline {name!r} has not finished its {stage} stage: left out", file=sys.stderr)
+            return None
     summary = path.parent / "summary.json"
     state["summary"] = json.loads(summary.read_text()) if summary.is_file() else None
     return state
@@ -364,7 +368,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     ctx = RunContext.create(args.run_dir)
     t0 = time.perf_counter()
-    detector = pipeline_state(args.run_dir, args.detection_pipeline)
+    detector = pipeline_state(args.run_dir, args.detection_pipeline, required=args.skip_panoptic)
     if args.skip_panoptic:
         if detector is None:
             sys.exit(f"no detection pipeline {args.detection_pipeline!r} under {args.run_dir}: run `eco-ray pipeline "

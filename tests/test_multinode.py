@@ -118,6 +118,15 @@ def _job_api(cluster, path: str) -> dict:
         return json.loads(r.read())
 
 
+def _run_job(cluster, entrypoint: list[str], timeout: float = 900) -> tuple[dict, str]:
+    job_id = _job(cluster, entrypoint)
+    status = wait_until(lambda: (s := _job_api(cluster, job_id)["status"]) in ("SUCCEEDED", "FAILED", "STOPPED") and s,
+                        timeout, f"job {job_id}", every=1.0)
+    logs = _job_api(cluster, f"{job_id}/logs")["logs"]
+    assert status == "SUCCEEDED", logs[-4000:]
+    return _job_api(cluster, job_id), logs
+
+
 def serve_config_for_loopback(port: int, **segmenter) -> dict:
     """The shipped Serve config with its HTTP proxy on the head only: every node of a loopback cluster shares one
     host, so a proxy per node (EveryNode, right for pods) would fight over one port."""
@@ -160,8 +169,8 @@ def test_the_pipeline_as_a_ray_job_loses_a_node_in_each_step_and_finishes(cluste
     """What the RayJob manifest does: the pipeline's entrypoint submitted to the cluster's job server, MLflow the
     tracking server, the Optuna study in PostgreSQL. While it runs, the node of one training worker is lost
     mid-training, the node of a running derive chunk mid-derive and the node of a running trial mid-sweep, each
-    followed by a replacement node; the job finishes with the outcome of an undisturbed run. (A rerun that reuses
-    the stages before the selection: tests/test_detection_pipeline.py, the same Pipeline code.)"""
+    followed by a replacement node; the job finishes with the outcome of an undisturbed run. Then resubmitted
+    with `--from select`: every stage before it is reused and only the selection runs again."""
     from test_pipeline import TINY
 
     from eco_ray.config import load_config
@@ -311,6 +320,15 @@ def test_the_pipeline_as_a_ray_job_loses_a_node_in_each_step_and_finishes(cluste
     entries = list((tmp_path / "cache" / "artifacts").iterdir())
     assert len(entries) == 1 and local.is_relative_to(entries[0])
 
+    # resubmitted from the selection: everything before it reused
+    _, again = _run_job(cluster, entry + ["--set", "requests=0", "--from", "select"])
+    for stage in ("data", "train", "derive", "sweep"):
+        assert f"[pipeline] {stage}: reused" in again, stage
+    assert "[pipeline] select: running" in again and "[pipeline] serve: skipped" in again
+    assert sorted(v.version for v in client.search_model_versions(f"name='{names['gate']}'")) == ["1", "2"]
+    assert sorted(v.version for v in client.search_model_versions(f"name='{names['parent']}'")) == ["1"]
+    s2 = json.loads(summary_file.read_text())
+    assert s2["parent"] == s["parent"] and s2["eco_selected"] == s["eco_selected"]  # the same pick again
     print(f"\npipeline job with three lost nodes: {job_seconds:.0f} s, stages {s['stage_seconds']}; replacement "
           f"nodes joined in {', '.join(f'{j:.1f}' for j in joined)} s\n"
           f"  Step A: node dead after {train_loss['dead_after']:.1f} s; resumed from the checkpoint at step "

@@ -2,6 +2,8 @@
 HTTP against Serve, a rerun that reuses the stages and ``--from`` forcing one) runs as a Ray job on a multi-node
 cluster in tests/test_multinode.py, with the TINY settings below."""
 
+import json
+
 import pytest
 
 TINY = [
@@ -75,3 +77,28 @@ def test_the_config_tree_and_its_old_keys(tmp_path, capsys):
     assert "no longer a setting" in capsys.readouterr().err
     assert {"smoke"} <= set(resource_names("pipelines"))
     assert load_pipeline_config("smoke").train.model_preset == "tiny"  # a shipped config by name
+
+
+def test_generated_data_another_pipeline_replaced_is_generated_again(tmp_path):
+    """Two pipelines on one run_dir generate into the same <run_dir>/data: the one whose settings are not the
+    dataset's on disk makes its own again instead of reusing the other's."""
+    from eco_ray.context import RunContext
+    from eco_ray.data.synth import STAMP
+    from eco_ray.pipeline import Pipeline, load_pipeline_config
+
+    ctx = RunContext.create(tmp_path)
+    small = ["data.train_images=3", "data.val_images=2", "data.synth.size=32"]
+    log: list[str] = []
+    a = Pipeline(load_pipeline_config(overrides=small), ctx, log=log.append)
+    b = Pipeline(load_pipeline_config("detection", [*small, "data.train_images=4"]), ctx, log=log.append)
+    a.data(), b.data()
+    assert log.count("[pipeline] data: running") == 2
+    stamp = json.loads((tmp_path / "data" / STAMP).read_text())
+    assert stamp["request"]["splits"] == {"train": 4, "val": 2}
+    log.clear()
+    Pipeline(load_pipeline_config(overrides=small), ctx, log=log.append).data()  # a's settings again
+    assert "[pipeline] data: running" in log and "[pipeline] data: reused" not in "\n".join(log)
+    assert json.loads((tmp_path / "data" / STAMP).read_text())["request"]["splits"] == {"train": 3, "val": 2}
+    log.clear()
+    Pipeline(load_pipeline_config(overrides=small), ctx, log=log.append).data()
+    assert any(line.startswith("[pipeline] data: reused") for line in log)

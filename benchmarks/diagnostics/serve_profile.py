@@ -1,4 +1,4 @@
-"""Where a Segmenter replica's time goes: one batch of the serving hot path (Engine.segment), in process, no
+"""Where a Segmenter replica's time goes: one batch of the serving hot path (Engine.respond), in process, no
 HTTP, split into its parts, gated vs. forced full depth, same images, interleaved, on this machine.
 
     python benchmarks/diagnostics/serve_profile.py --parent models:/eco-parent/latest \

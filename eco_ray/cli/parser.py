@@ -347,7 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Starts the Serve application of a Serve config (default: the shipped one, "
                                     "deploy/serve_config.yaml; autoscaling, limits, batching) on a local Ray or "
                                     "--address, against the MLflow store, and prints the URL. POST /v1/segment "
-                                    "with an image; GET /v1/models, /healthz. Ctrl-C stops.")
+                                    "with an image (POST /v1/detect when the parent is a detector); GET "
+                                    "/v1/models, /healthz. Ctrl-C stops.")
     sv.add_argument("--config", help="Serve config YAML (default: the shipped one)")
     sv.add_argument("--parent", help="parent URI (default: the config's, models:/eco-parent/latest)")
     sv.add_argument("--gate", help="gate URI (default: the config's, models:/eco-gate@production)")

@@ -370,7 +370,7 @@ class DetectionRecords:
             raise ValueError(f"exit indices must lie in 0..{len(self.exits) - 1}")
         # only the rows some assignment can pick: the others would weigh 0 everywhere (one assignment under many
         # resamples, the bootstrap's case, picks one exit's rows per image)
-        picked = self.exit == assign[0][self.image] if (assign == assign[0]).all() else \
+        picked = self.exit == assign[0][self.image] if len(assign) and (assign == assign[0]).all() else \
             np.isin(self.exit, np.unique(assign))
         rows = np.flatnonzero((self.view == view) & picked)
         return self._weighted(rows, assign, counts, iou_type)

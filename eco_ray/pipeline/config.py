@@ -108,8 +108,10 @@ class PipelineConfig:
 
 @dataclass
 class DetectionPipelineConfig(PipelineConfig):
-    """The same tree with a detector under ``train`` (``train.task=detection``)."""
+    """The same tree with a detector under ``train`` (``train.task=detection``), its state apart from the
+    segmenter's."""
 
+    name: str = "detection"
     train: DetectionTrainConfig = field(default_factory=lambda: DetectionTrainConfig(
         steps=5000, exit_sampling="deepest_plus_one", eval_every=2500, checkpoint_every=600))
 

@@ -107,7 +107,13 @@ class Pipeline:
                                         progress=lambda s, n_done, n: self.log(f"  {s}: {n_done}/{n} images"))
             return {"root": str(self.data_root), "generated": True, "key": key, "splits": summary["splits"]}
 
-        return self._stage("data", key, run, lambda out: (Path(out["root"]) / "eco_ray_synth.json").is_file())
+        request = {"config": asdict(d.synth), "splits": splits}
+
+        def still_there(out) -> bool:  # as generated: another pipeline on this run_dir may have made other data
+            stamp = Path(out["root"]) / "eco_ray_synth.json"
+            return stamp.is_file() and json.loads(stamp.read_text()).get("request") == request
+
+        return self._stage("data", key, run, still_there)
 
     def train(self, data: dict) -> dict:
         from eco_ray.train.config import train_config_key

@@ -45,9 +45,10 @@ def format_summary(s: dict) -> str:
     from eco_ray.tasks import get_task
 
     task = get_task(s.get("task", "panoptic"))
-    metric, series, label = task.metric, task.validation_series, task.metric_label
+    metric, label = task.metric, task.metric_label
+    series = [(k, name.removeprefix(f"{label} ")) for k, name in task.validation_series]  # "things", not "PQ things"
     st, eco = s["static_full_depth"], s["eco_selected"]
-    widths = [max(len(name) + 2, 7) for _, name in series]
+    widths = [max(len(name) + 2, 7) if i else 7 for i, (_, name) in enumerate(series)]
 
     def row(title: str, point: dict, keys) -> str:
         cells = "".join(f"{point[k]:>{w}.3f}" if point.get(k) is not None else f"{'':>{w}}"

@@ -98,7 +98,7 @@ def start(config: str | None, *, parent_uri: str | None, gate_uri: str | None, c
 
     doc = load_serve_config(config)
     # pinned and loaded here: models that cannot be served fail before Ray starts
-    app, _ = build_app(doc, {"parent_uri": parent_uri, "gate_uri": gate_uri, "tracking_uri": ctx.tracking_uri})
+    app, user = build_app(doc, {"parent_uri": parent_uri, "gate_uri": gate_uri, "tracking_uri": ctx.tracking_uri})
     from eco_ray.serve.proxy import CALLBACK, CALLBACK_ENV
 
     os.environ.setdefault(CALLBACK_ENV, CALLBACK)  # the proxy processes inherit it from the Ray we start
@@ -118,7 +118,7 @@ def start(config: str | None, *, parent_uri: str | None, gate_uri: str | None, c
     serve.run(app, name=doc["applications"][0].get("name", "eco-ray"), route_prefix="/", blocking=False)
     url = f"http://{host}:{port}"
     if blocking:
-        serve_until_interrupted(url, served_route(parent_uri, ctx.tracking_uri))
+        serve_until_interrupted(url, served_route(user["parent_uri"], user.get("tracking_uri") or ctx.tracking_uri))
     return url
 
 
