@@ -50,20 +50,23 @@ def format_summary(s: dict) -> str:
     st, eco = s["static_full_depth"], s["eco_selected"]
     widths = [max(len(name) + 2, 7) if i else 7 for i, (_, name) in enumerate(series)]
 
+    selected = f"ECO selected ({s['selection']['model_uri'].removeprefix('models:/')})"
+    first = max(34, len(selected))  # the value columns are right-aligned: their width keeps them apart
+
     def row(title: str, point: dict, keys) -> str:
         cells = "".join(f"{point[k]:>{w}.3f}" if point.get(k) is not None else f"{'':>{w}}"
                         for (k, _), w in zip(series, widths) if k in keys)
         pad = "".join(f"{'':>{w}}" for (k, _), w in zip(series, widths) if k not in keys)
-        return f"{title:<34}{cells}{pad}{point['encoder_gflops_mean']:>13.4f}"
+        return f"{title:<{first}}{cells}{pad}{point['encoder_gflops_mean']:>13.4f}"
 
     every = [k for k, _ in series]
     lines = [
         f"eco-ray pipeline {s['name']!r} ({task.name}) finished in {s['seconds'] / 60:.1f} min "
         f"(stages, s: {', '.join(f'{k} {v:.0f}' for k, v in s['stage_seconds'].items())})",
         "",
-        f"{'validation split':<34}{''.join(f'{name:>{w}}' for (_, name), w in zip(series, widths))}{'enc. GFLOPs':>13}",
+        f"{'validation split':<{first}}{''.join(f'{name:>{w}}' for (_, name), w in zip(series, widths))}{'enc. GFLOPs':>13}",
         row(f"static, full depth (exit {st['exit']})", st, every),
-        row(f"ECO selected ({s['selection']['model_uri'].removeprefix('models:/')})", eco, every),
+        row(selected, eco, every),
     ]
     sc = s.get("static_at_or_below_eco_compute")
     if sc:
