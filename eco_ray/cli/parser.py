@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "stage whose inputs did not change is reused (state in <run_dir>/pipeline/<name>/state.json); "
                     "a stopped training or sweep continues where it stopped. The default takes about 45 minutes "
                     "on 2 cores; --config smoke runs every stage in a few minutes; --config detection runs the "
-                    "early-exit Deformable DETR through every stage (COCO AP, POST /v1/detect), about 45 minutes.")
+                    "early-exit Deformable DETR through every stage (COCO AP, POST /v1/detect), about 50-55 minutes.")
     pl.add_argument("--config", help="YAML with PipelineConfig settings (eco_ray/pipeline/config.py), or the name of "
                                      "a shipped one (smoke, detection); --print-config shows every key")
     pl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
