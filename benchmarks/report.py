@@ -166,6 +166,19 @@ def detection_section(state: dict, name: str, ctx, out: Path) -> dict:
     }
 
 
+def tradeoff_table(points: list[dict], metric: str, labels: tuple[str, ...]) -> list[str]:
+    """The trade-off points as a Markdown table: the metric and its two parts, cost, gain over static depth."""
+    keys = QUALITY_KEYS[metric][:3]
+    lines = [f"| method | exit / beta | {' | '.join(labels)} | mean enc. GFLOPs | {labels[0]} vs static at that "
+             f"compute | exits |", "|---|---|" + "---|" * len(labels) + "---|---|---|"]
+    for p in points:
+        at = p.get("exit", p.get("beta", ""))
+        cells = " | ".join(f"{p.get(k, float('nan')):.4f}" for k in keys)
+        lines.append(f"| {p['method']} | {at} | {cells} | {p['encoder_gflops_mean']:.4f} | "
+                     f"{p[f'{metric}_gain_vs_static_at_same_gflops']:+.4f} | {p.get('exit_histogram', '')} |")
+    return lines
+
+
 def detection_markdown(d: dict) -> list[str]:
     c, s, dg = d["config"], d["selected_vs_static"], d["diagnose"]
     lo, hi = dg["cross_view_oracle_lead_ci95"]
@@ -173,13 +186,7 @@ def detection_markdown(d: dict) -> list[str]:
              f"Parent {c['parent']} ({c['parent_steps']} steps), table `{c['derived_key']}` ({c['train_images']} train "
              f"/ {c['val_images']} val images), selected gate {c['selected_gate']}; COCO box AP (IoU .50:.95) on "
              f"validation, exact from the table's matching records.", "",
-             "| method | exit / beta | AP | AP50 | AP75 | mean enc. GFLOPs | AP vs static at that compute | exits |",
-             "|---|---|---|---|---|---|---|---|"]
-    for p in d["tradeoff"]:
-        at = p.get("exit", p.get("beta", ""))
-        lines.append(f"| {p['method']} | {at} | {p['ap']:.4f} | {p.get('ap50', float('nan')):.4f} | "
-                     f"{p.get('ap75', float('nan')):.4f} | {p['encoder_gflops_mean']:.4f} | "
-                     f"{p['ap_gain_vs_static_at_same_gflops']:+.4f} | {p.get('exit_histogram', '')} |")
+             *tradeoff_table(d["tradeoff"], "ap", ("AP", "AP50", "AP75"))]
     lead = s["val_lead"]
     lines += ["", f"![detection trade-off]({d['plot']})", "",
               f"Verdict: **{dg['verdict']}**; the cross-view oracle leads static depth by "
@@ -294,13 +301,7 @@ def markdown(r: dict) -> str:
                  f"{dg['gate_lead_ci95'][1]:+.4f}]" if dg["gate_lead"] is not None else "") + ".", ""]
     lines += [f"- {reason}" for reason in dg["reasons"]]
     lines += ["", "## Trade-off on the validation split (exact, from the derived statistics)", "",
-              "| method | exit / beta | PQ | things | stuff | mean enc. GFLOPs | PQ vs static at that compute | exits |",
-              "|---|---|---|---|---|---|---|---|"]
-    for p in r["tradeoff"]:
-        at = p.get("exit", p.get("beta", ""))
-        lines.append(f"| {p['method']} | {at} | {p['pq']:.4f} | {p.get('pq_things', float('nan')):.4f} | "
-                     f"{p.get('pq_stuff', float('nan')):.4f} | {p['encoder_gflops_mean']:.4f} | "
-                     f"{p['pq_gain_vs_static_at_same_gflops']:+.4f} | {p.get('exit_histogram', '')} |")
+              *tradeoff_table(r["tradeoff"], "pq", ("PQ", "things", "stuff"))]
     s = r["selected_vs_static"]
     lines += ["", f"![trade-off]({r['plots']['tradeoff']})", "",
               f"**Selected ECO model vs. the static (full-depth) model:** encoder GFLOPs saved "
