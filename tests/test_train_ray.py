@@ -74,10 +74,13 @@ def test_a_detection_config_is_the_detectors_and_says_what_is_wrong():
         load_train_config(overrides=["task=detection", "model_preset=swin-t"])
     with pytest.raises(ConfigError, match="'task'"):
         load_train_config(overrides=["task=keypoints"])
-    with pytest.raises(ConfigError, match="the pipeline runs the panoptic task"):
-        from eco_ray.pipeline.config import load_pipeline_config
+    from eco_ray.pipeline.config import load_pipeline_config
 
-        load_pipeline_config(None, ["train.task=detection"])
+    # the pipeline's train section is the detector's, its state apart from the segmenter's
+    pipe = load_pipeline_config(None, ["train.task=detection"])
+    assert isinstance(pipe.train, DetectionTrainConfig) and pipe.name == "detection"
+    with pytest.raises(ConfigError, match="not one of the detection presets"):
+        load_pipeline_config(None, ["train.task=detection", "train.model_preset=swin-t"])
 
 
 def test_workers_know_their_own_cluster_and_skip_the_known_noise(ray_cluster):
