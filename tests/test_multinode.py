@@ -69,12 +69,13 @@ class Replacement(threading.Thread):
         super().__init__(daemon=True)
         cluster.spare += 1
         self.cluster, self.name_, self.seconds, self.error = cluster, f"r{cluster.spare}", None, None
+        self.starts = 0
         self.start()
 
     def run(self):
         t0 = time.time()
         try:
-            self.cluster.add_node(self.name_, 1)
+            self.starts = self.cluster.add_node(self.name_, 1).starts
             self.seconds = time.time() - t0
         except Exception as e:  # noqa: BLE001 - reported by joined()
             self.error = e
@@ -330,7 +331,8 @@ def test_the_pipeline_as_a_ray_job_loses_a_node_in_each_step_and_finishes(cluste
     s2 = json.loads(summary_file.read_text())
     assert s2["parent"] == s["parent"] and s2["eco_selected"] == s["eco_selected"]  # the same pick again
     print(f"\npipeline job with three lost nodes: {job_seconds:.0f} s, stages {s['stage_seconds']}; replacement "
-          f"nodes joined in {', '.join(f'{j:.1f}' for j in joined)} s\n"
+          f"nodes joined in {', '.join(f'{j:.1f}' for j in joined)} s (`ray start` tries: "
+          f"{[loss['replacement'].starts for loss in (train_loss, derive_loss, sweep_loss)]})\n"
           f"  Step A: node dead after {train_loss['dead_after']:.1f} s; resumed from the checkpoint at step "
           f"{first_resume} {train_recovered:.1f} s after the loss (the newest checkpoint when the loss was decided: "
           f"{killed_after}); steps trained twice: at most one checkpoint interval (10), at least {retrained} by the "
@@ -425,7 +427,8 @@ def test_serving_loses_the_node_of_a_replica_under_load(cluster, tiny_derived, t
                    env=cluster.client_env(), capture_output=True, timeout=120)
     print(f"lost node under serving: dead after {dead_after:.1f} s, {len(failed)} of {len(record)} requests failed "
           f"(statuses {sorted({s for s, _ in failed})}), {answered_alone} answered by the surviving replica, "
-          f"replacement node joined in {joined:.1f} s, two replicas again {replaced:.1f} s after the loss")
+          f"replacement node joined in {joined:.1f} s ({replacement.starts} `ray start`), two replicas again "
+          f"{replaced:.1f} s after the loss")
 
 
 def test_the_clusters_token_never_reached_disk(cluster):

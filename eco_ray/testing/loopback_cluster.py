@@ -34,10 +34,15 @@ from pathlib import Path
 RESOURCE_PREFIX = "loopback-node-"  # every node has one unit of its own resource: pins work to it, names it
 OBJECT_STORE_BYTES = 200 * 1024 * 1024  # per node; Ray's default (30% of RAM each) would overcommit /dev/shm
 WORKER_PORTS_PER_NODE = 400
+START_TRIES = 3  # per worker node
 
 
 class ClusterUnavailable(RuntimeError):
     """``ray start`` cannot run a cluster here (no ray executable, not Linux, a node that never came up)."""
+
+
+class NodeStartFailed(ClusterUnavailable):
+    """A node's ``ray start`` exited before the node was up."""
 
 
 def _free_port() -> int:
@@ -94,6 +99,7 @@ class Node:
     killed_at: float | None = None
     ports: dict = field(default_factory=dict)
     node_id: str | None = None  # Ray's, once the cluster has shown the node alive
+    starts: int = 1  # tries of `ray start` it took
 
     @property
     def running(self) -> bool:
@@ -163,7 +169,7 @@ class LoopbackCluster:
         try:
             self._start_node("head", 0, head_args, timeout)
             for name, cpus in workers.items():
-                self._start_node(name, cpus, [f"--address={self.address}"], timeout)
+                self._start_worker(name, cpus, timeout)
             self.wait_for_nodes(len(workers) + 1, timeout)
         except BaseException:
             self.shutdown()
@@ -172,7 +178,7 @@ class LoopbackCluster:
 
     def add_node(self, name: str, num_cpus: int, timeout: float = 120) -> Node:
         """Another worker node (a replacement for a lost one, or more capacity); returns once it is alive."""
-        node = self._start_node(name, num_cpus, [f"--address={self.address}"], timeout)
+        node = self._start_worker(name, num_cpus, timeout)
         deadline = time.time() + timeout
         while time.time() < deadline:
             try:
@@ -182,6 +188,49 @@ class LoopbackCluster:
                 pass
             time.sleep(0.5)
         raise ClusterUnavailable(f"node {name!r} started but the cluster does not show it alive")
+
+    def _start_worker(self, name: str, num_cpus: int, timeout: float) -> Node:
+        """A worker node, started again (as Kubernetes restarts a pod that failed) when its ``ray start`` gives up:
+        Ray waits a fixed 30 s for a new raylet to register with the GCS, which a loaded machine can exceed.
+        ``Node.starts`` counts the tries."""
+        for start in range(1, START_TRIES + 1):
+            try:
+                node = self._start_node(name, num_cpus, [f"--address={self.address}"], timeout)
+            except NodeStartFailed:
+                if start == START_TRIES:
+                    raise
+                self._forget_failed(name)
+                continue
+            node.starts = start
+            return node
+        raise AssertionError("unreachable")
+
+    def _forget_failed(self, name: str) -> None:
+        """Remove every trace of a node whose ``ray start`` failed, so a new try starts clean: its processes (found
+        by its temp dir: a raylet outlives the ``ray start`` that gave up on it), its temp dir, and its entry in
+        the GCS (a raylet that registered late is shown dead before the name is used again)."""
+        with self._lock:
+            node = self.nodes.pop(name)
+        marker = str(node.temp_dir).encode()
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != os.getpid():
+                try:
+                    args = Path(f"/proc/{entry}/cmdline").read_bytes()
+                    if marker + b"/" in args or marker + b"\0" in args:
+                        os.kill(int(entry), signal.SIGKILL)
+                except OSError:
+                    continue
+        self._kill_group(node)
+        shutil.rmtree(node.temp_dir, ignore_errors=True)
+        node.log.replace(node.log.with_suffix(f".failed-{time.time():.0f}.log"))  # kept for the post-mortem
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if name not in self.alive():
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
 
     def _start_node(self, name: str, num_cpus: int, role_args: list[str], timeout: float) -> Node:
         with self._lock:
@@ -208,7 +257,7 @@ class LoopbackCluster:
         deadline = time.time() + timeout
         while time.time() < deadline:
             if proc.poll() is not None:
-                raise ClusterUnavailable(f"`ray start` of node {name!r} exited with {proc.returncode}: "
+                raise NodeStartFailed(f"`ray start` of node {name!r} exited with {proc.returncode}: "
                                          f"{self._tail(log)}")
             if node.head and not _listening(self.gcs_port):
                 time.sleep(0.2)
