@@ -9,6 +9,12 @@ from cluster_stack import ADMIN, ROOT, SQLA, free_port, postgres_or_skip, server
 
 from eco_ray.data.synth import SynthConfig, write_dataset
 
+# Ray Train's controller polls its workers every 2 s and its preemption watcher every 5 s: a run's end waits
+# for both, several seconds per training in a suite of short trainings. Set before any Ray starts, so the
+# local clusters and the loopback cluster's nodes (which inherit this environment) poll faster.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S", "1")
+
 
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):

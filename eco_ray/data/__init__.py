@@ -1,15 +1,26 @@
-"""Data: COCO-panoptic reader, transforms, Mask2Former collate, instance->panoptic converter, generator."""
+"""Data: COCO-panoptic reader, transforms, Mask2Former collate, instance->panoptic converter, generator.
 
-from eco_ray.data.coco_panoptic import (
-    CocoPanopticDataset,
-    DatasetError,
-    PanopticSample,
-    SplitPaths,
-    id2rgb,
-    rgb2id,
-)
-from eco_ray.data.collate import collate_panoptic, pixel_values
-from eco_ray.data.transforms import build_transform
+The names below load on first use (PEP 562), so that reading a config (``eco_ray.data.synth``'s SynthConfig)
+does not import torch with the collate functions.
+"""
 
-__all__ = ["CocoPanopticDataset", "DatasetError", "PanopticSample", "SplitPaths", "id2rgb", "rgb2id",
-           "collate_panoptic", "pixel_values", "build_transform"]
+import importlib
+
+_WHERE = {
+    "CocoPanopticDataset": "coco_panoptic", "DatasetError": "coco_panoptic", "PanopticSample": "coco_panoptic",
+    "SplitPaths": "coco_panoptic", "id2rgb": "coco_panoptic", "rgb2id": "coco_panoptic",
+    "collate_panoptic": "collate", "pixel_values": "collate", "build_transform": "transforms",
+}
+__all__ = list(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"eco_ray.data.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'eco_ray.data' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *__all__])

@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from eco_ray.derive.table import VIEWS
-from eco_ray.model.config import GATE_INPUTS
-from eco_ray.model.postprocess import OVERLAP_THRESHOLD
+from eco_ray.model.config import GATE_INPUTS, OVERLAP_THRESHOLD
 
 # keys that were settings before and are arguments now: refused with the flag that replaced them
 MOVED_KEYS = {"parent": "!pass it with --parent", "data_root": "!pass it with --data-root",

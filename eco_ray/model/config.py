@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from transformers import DeformableDetrConfig, Mask2FormerConfig, ResNetConfig, SwinConfig
+from typing import TYPE_CHECKING
 
 from eco_ray.config import ConfigError, load_config
 from eco_ray.resources import resolve_resource, resource_names, resource_path
 
+if TYPE_CHECKING:  # transformers (and torch with it) loads only where a model is built, not to read a config
+    from transformers import DeformableDetrConfig, Mask2FormerConfig
+
 BACKBONES = ("resnet", "swin")
 GATE_INPUTS = ("stride32", "levels")
+# detectron2 Mask2Former's value (lower values keep more, mostly wrong or loose, segments; docs/results.md).
+# Derive and serve take it as a setting, and both must use the same value for the table's PQ to hold for what
+# is served.
+OVERLAP_THRESHOLD = 0.8
 TASKS = ("panoptic", "detection")
 # the shipped presets of each task (eco_ray/resources/<folder>/<name>.yaml)
 _PRESETS = {"panoptic": "models", "detection": "detectors"}
@@ -83,6 +89,8 @@ class ModelConfig:
             raise ValueError("num_labels and num_queries must be >= 1 and image_size >= 32")
 
     def to_hf(self) -> Mask2FormerConfig:
+        from transformers import Mask2FormerConfig, ResNetConfig, SwinConfig
+
         stages = [f"stage{i + 1}" for i in range(len(self.backbone_depths))]
         if self.backbone == "resnet":
             backbone = ResNetConfig(embedding_size=self.backbone_embed, hidden_sizes=list(self.backbone_hidden_sizes),
@@ -165,6 +173,8 @@ class DetectionModelConfig:
             raise ValueError(f"image_size must be >= 128 (the stride-64 level is 2x2 there), got {self.image_size}")
 
     def to_hf(self) -> DeformableDetrConfig:
+        from transformers import DeformableDetrConfig, ResNetConfig
+
         backbone = ResNetConfig(embedding_size=self.backbone_embed, hidden_sizes=list(self.backbone_hidden_sizes),
                                 depths=list(self.backbone_depths), layer_type="basic",
                                 out_features=["stage2", "stage3", "stage4"])

@@ -22,12 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from eco_ray.metrics.panoptic import CategorySet
+from eco_ray.model.config import OVERLAP_THRESHOLD
 from eco_ray.model.early_exit import ExitOutput
-
-# detectron2 Mask2Former's value (lower values keep more, mostly wrong or loose, segments; docs/results.md).
-# Derive and serve take it as a setting, and both must use the same value for the table's PQ to hold for what
-# is served.
-OVERLAP_THRESHOLD = 0.8
 
 
 @torch.no_grad()
