@@ -15,7 +15,10 @@ It reads what `eco-ray pipeline` produced (the parent, the derived table, the se
   6. serving under overload, full depth vs. the fixed gate vs. load-adaptive depth (benchmarks/serve_overload.py);
   7. the detector (`eco-ray pipeline --config detection`, when its state exists): per-exit AP and GFLOPs, both
      gates, the oracle and the cross-view oracle, the selected gate and its lead with an interval, under the
-     report's ``detection`` key (``--skip-panoptic``: that key alone).
+     report's ``detection`` key (``--skip-panoptic``: that key alone);
+  8. with ``--depth-need <run_dir>/pipeline/<name>``: that pipeline judged as the issue "Where depth pays" asks
+     (static line, cross-view oracle lead, the selected gate's validation lead and capture, PQ per exit per
+     kind, each bar met or not) under ``depth_need``, with a control pipeline beside it in the same format.
 Writes <out>/report.json, <out>/report.md and the plots beside them. Every figure comes from this run.
 """
 
@@ -166,6 +169,104 @@ def detection_section(state: dict, name: str, ctx, out: Path) -> dict:
     }
 
 
+# issue "Where depth pays": what a depth-need regime must show on validation (a bar is never moved to fit a result)
+DEPTH_NEED_BARS = {"cross_view_oracle_lead": 0.03, "selected_gate_val_lead": 0.01, "captured_share": 0.5,
+                   "encoder_gflops_saved": 0.30, "pq_lost": 0.01}
+
+
+def pipeline_dir_state(path: str) -> tuple[dict, str]:
+    """The state of the finished pipeline whose directory (``<run_dir>/pipeline/<name>``) is ``path``."""
+    where = Path(path)
+    state = pipeline_state(str(where.parent.parent), where.name)
+    if state is None:
+        sys.exit(f"no pipeline state at {where}: give <run_dir>/pipeline/<name> of a finished `eco-ray pipeline`")
+    return state, where.name
+
+
+def depth_need_section(state: dict, name: str, ctx, out: Path) -> dict:
+    """One pipeline judged as the issue "Where depth pays" asks, on validation: the static line, the cross-view
+    oracle's lead (bootstrap 95% interval), the gate selected on held-out training images and its lead, the
+    share of the oracle's lead it captures at its compute, PQ per exit per kind, and each bar met or not."""
+    from eco_ray.derive.table import DerivedDataset
+
+    derived, train, selected = state["derive"], state["train"], state["select"]
+    manifest = DerivedDataset.open(derived["path"]).manifest
+    points, _ = tradeoff(derived["path"], selected)
+    diag = diagnosis(derived["path"], ctx, selected["model_uri"])
+    full_diag = diag["full"]
+    static = [p for p in points if p["method"] == "static"]
+    full, eco = static[-1], points[-1]
+    from eco_ray.model.io import CONFIG
+
+    meta_file = Path(train.get("parent_dir") or "") / CONFIG
+    parent_meta = json.loads(meta_file.read_text()) if train.get("parent_dir") and meta_file.is_file() else {}
+    synth = Path(state["data"]["root"]) / "eco_ray_synth.json" if "data" in state else None
+    gate = {"val_pq": eco["pq"], "encoder_gflops_mean": eco["encoder_gflops_mean"],
+            "val_lead": diag["gate_lead"], "val_lead_ci95": diag["gate_lead_ci95"],
+            "captured_share": full_diag.get("gate_capture"),
+            "encoder_gflops_saved": 1 - eco["encoder_gflops_mean"] / full["encoder_gflops_mean"],
+            "pq_lost": full["pq"] - eco["pq"], "model_uri": selected["model_uri"]}
+    b = DEPTH_NEED_BARS
+    lead, (lo, hi) = diag["cross_view_oracle_lead"], diag["cross_view_oracle_lead_ci95"]
+    bars = {
+        "cross_view_oracle_lead >= +0.03 at some beta": lead >= b["cross_view_oracle_lead"],
+        "selected gate's val lead >= +0.01, interval above 0": gate["val_lead"] is not None and
+        gate["val_lead"] >= b["selected_gate_val_lead"] and gate["val_lead_ci95"][0] > 0,
+        "captures >= 50% of the cross-view oracle's lead at its compute": gate["captured_share"] is not None and
+        gate["captured_share"] >= b["captured_share"],
+        ">= 30% encoder GFLOPs saved at <= 0.01 PQ lost": gate["encoder_gflops_saved"] >= b["encoder_gflops_saved"]
+        and gate["pq_lost"] <= b["pq_lost"]}
+    val = manifest["splits"]["val"]
+    plot = plot_tradeoff([p for p in points if p["method"] != "selected"] + [eco], out / f"report_depth_need_{name}.png",
+                         f"{name}: parent {train['model_uri']}, {val['images']} val images")
+    return {
+        "config": {"pipeline": name, "parent": train["model_uri"], "parent_steps": train["steps"],
+                   "model": parent_meta.get("model"), "data": json.loads(synth.read_text())["request"]
+                   if synth is not None and synth.is_file() else {"root": state.get("data", {}).get("root")},
+                   "derived_key": manifest["key"], "views": manifest["views"], "val_images": val["images"],
+                   "train_images": manifest["splits"].get("train", {}).get("images"), "betas": list(BETAS),
+                   "selection": {k: selected[k] for k in ("budget", "why")}},
+        "static": [{k: p[k] for k in ("exit", "pq", "encoder_gflops_mean")} for p in static],
+        "cross_view_oracle_lead": lead, "cross_view_oracle_lead_ci95": [lo, hi],
+        "cross_view_oracle_beta": diag["cross_view_oracle_beta"],
+        "cross_view_oracle": full_diag["cross_view_oracle"],
+        "selected_gate": gate,
+        "per_kind_pq_by_exit": full_diag.get("per_kind_by_exit"),
+        "verdict": diag["verdict"],
+        "gate_pays": bool(gate["val_lead_ci95"] and gate["val_lead_ci95"][0] > 0),
+        "bars": bars, "all_bars_met": all(bars.values()),
+        "tradeoff": points, "plot": plot.name,
+    }
+
+
+def depth_need_markdown(d: dict) -> list[str]:
+    lines = ["", "## Where depth pays (validation; the gate selected on held-out training images)", ""]
+    for part in (d, d.get("control")):
+        if not part:
+            continue
+        c, g = part["config"], part["selected_gate"]
+        lo, hi = part["cross_view_oracle_lead_ci95"]
+        glo, ghi = g["val_lead_ci95"] or (float("nan"), float("nan"))
+        lines += [f"### `{c['pipeline']}`{' (control)' if part is d.get('control') else ''}: {c['val_images']} val "
+                  f"images, parent {c['parent']} ({c['parent_steps']} steps)", "",
+                  "static PQ by exit: " + ", ".join(f"{p['exit']}: {p['pq']:.3f}" for p in part["static"]), "",
+                  "| kind | " + " | ".join(f"exit {p['exit']}" for p in part["static"]) + " |",
+                  "|---|" + "---|" * len(part["static"])]
+        for kind, by_exit in (part["per_kind_pq_by_exit"] or {}).items():
+            lines.append(f"| {kind} | " + " | ".join(f"{by_exit.get(str(p['exit']), float('nan')):.3f}"
+                                                   for p in part["static"]) + " |")
+        lines += ["", f"Cross-view oracle lead {part['cross_view_oracle_lead']:+.4f} [{lo:+.4f}, {hi:+.4f}] PQ "
+                  f"(beta {part['cross_view_oracle_beta']:g}); selected gate PQ {g['val_pq']:.4f} at "
+                  f"{g['encoder_gflops_mean']:.4f} GFLOPs ({g['encoder_gflops_saved']:.1%} saved, {g['pq_lost']:+.4f} "
+                  f"PQ lost), lead {g['val_lead']:+.4f} [{glo:+.4f}, {ghi:+.4f}]"
+                  + (f", {g['captured_share']:.0%} of the cross-view oracle's lead there" if g["captured_share"]
+                     is not None else "") + f". Verdict: **{part['verdict']}**; the gate "
+                  f"{'pays' if part['gate_pays'] else 'does not pay'}.", ""]
+        lines += [f"- {'met' if ok else 'not met'}: {bar}" for bar, ok in part["bars"].items()]
+        lines += ["", f"![trade-off {c['pipeline']}]({part['plot']})", ""]
+    return lines
+
+
 def tradeoff_table(points: list[dict], metric: str, labels: tuple[str, ...]) -> list[str]:
     """The trade-off points as a Markdown table: the metric and its two parts, cost, gain over static depth."""
     keys = QUALITY_KEYS[metric][:3]
@@ -276,7 +377,8 @@ def markdown(r: dict) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']} "
         f"({m['torch_threads']} threads), GPU: {m['gpu'] or 'none'}; host {m['host']}; {m['date_utc']}.",
     ]
-    tail = detection_markdown(r["detection"]) if r.get("detection") else []
+    tail = (detection_markdown(r["detection"]) if r.get("detection") else []) + \
+        (depth_need_markdown(r["depth_need"]) if r.get("depth_need") else [])
     if "tradeoff" not in r:  # --skip-panoptic
         return "\n".join(head + tail)
     lines = head + [
@@ -355,7 +457,12 @@ def main() -> None:
     p.add_argument("--pipeline", default="default", help="pipeline name whose outputs to benchmark (default default)")
     p.add_argument("--detection-pipeline", default="detection",
                    help="the detection pipeline for the report's detection key, when it ran (default detection)")
-    p.add_argument("--skip-panoptic", action="store_true", help="the detection key alone")
+    p.add_argument("--depth-need", metavar="DIR", help="a finished pipeline (<run_dir>/pipeline/<name>) to judge "
+                   "under the report's depth_need key, as the issue 'Where depth pays' asks")
+    p.add_argument("--depth-need-control", metavar="DIR", help="the control pipeline reported beside it in the same "
+                   "format (default: --pipeline's, when it ran under --run-dir)")
+    p.add_argument("--skip-panoptic", action="store_true",
+                   help="no panoptic benchmarks: the detection key and/or the depth_need key alone")
     p.add_argument("--run-dir", default="runs")
     p.add_argument("--out", default="benchmarks/results", help="where report.json/.md and plots go")
     p.add_argument("--serve-seconds", type=float, default=20, help="load per serving mode (default 20 s)")
@@ -369,12 +476,15 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     ctx = RunContext.create(args.run_dir)
     t0 = time.perf_counter()
-    detector = pipeline_state(args.run_dir, args.detection_pipeline, required=args.skip_panoptic)
+    detector = pipeline_state(args.run_dir, args.detection_pipeline,
+                              required=args.skip_panoptic and not args.depth_need)
     if args.skip_panoptic:
-        if detector is None:
+        if detector is None and not args.depth_need:
             sys.exit(f"no detection pipeline {args.detection_pipeline!r} under {args.run_dir}: run `eco-ray pipeline "
                      f"--config detection` first")
-        report = {"machine": machine(), "detection": detection_section(detector, args.detection_pipeline, ctx, out)}
+        report = {"machine": machine()}
+        if detector is not None:
+            report["detection"] = detection_section(detector, args.detection_pipeline, ctx, out)
     else:
         report = panoptic_report(args, ctx, out)
         if detector is not None:
@@ -382,6 +492,12 @@ def main() -> None:
         else:
             print(f"[report] no detection pipeline {args.detection_pipeline!r}: the report has no detection key",
                   file=sys.stderr)
+    if args.depth_need:
+        report["depth_need"] = depth_need_section(*pipeline_dir_state(args.depth_need), ctx, out)
+        control = args.depth_need_control or (str(Path(args.run_dir) / "pipeline" / args.pipeline)
+                                              if (Path(args.run_dir) / "pipeline" / args.pipeline).is_dir() else None)
+        if control and Path(control).resolve() != Path(args.depth_need).resolve():
+            report["depth_need"]["control"] = depth_need_section(*pipeline_dir_state(control), ctx, out)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     (out / "report.md").write_text(markdown(report))
