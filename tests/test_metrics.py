@@ -266,3 +266,19 @@ def test_pq_contributions_keep_other_leading_axes_apart():
     q = pq_contributions(both)
     np.testing.assert_allclose(q[:, 0], pq_contributions(a))
     np.testing.assert_allclose(q[:, 1], pq_contributions(b))
+
+
+def test_a_subsets_pq_counts_its_own_categories_and_no_stray_prediction():
+    from eco_ray.metrics.panoptic import PanopticStats, ground_truth_pq, totals_summary
+
+    # two exits of one subset, three categories; category 2 has no ground truth here, and exit 1 predicts it once
+    iou = np.array([[1.6, 0.9, 0.0], [1.6, 0.9, 0.0]])
+    tp, fp, fn = (np.array(x) for x in ([[2, 1, 0], [2, 1, 0]], [[0, 1, 0], [0, 1, 1]], [[0, 1, 0], [0, 1, 0]]))
+    z = np.zeros_like(tp)
+    totals = PanopticStats(iou, tp, fp, fn, z, z)
+    per_cat = [1.6 / 2, 0.9 / 2]  # iou_sum / (tp + fp/2 + fn/2) of the two categories with ground truth
+    np.testing.assert_allclose(ground_truth_pq(totals), [np.mean(per_cat)] * 2)
+    # dataset PQ counts the stray prediction's category as a zero: the subset's PQ falls by a third at exit 1
+    np.testing.assert_allclose(totals_summary(totals, np.ones(3, bool))["pq"], [np.mean(per_cat),
+                                                                               np.sum(per_cat) / 3])
+    assert ground_truth_pq(PanopticStats.zeros((2, 3))).tolist() == [0.0, 0.0]

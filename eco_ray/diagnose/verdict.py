@@ -33,7 +33,7 @@ import numpy as np
 from eco_ray.bootstrap import interval, resample_counts
 from eco_ray.derive.table import relative_costs
 from eco_ray.errors import EcoRayError
-from eco_ray.metrics.panoptic import CategorySet, PanopticStats, totals_summary
+from eco_ray.metrics.panoptic import CategorySet, PanopticStats, ground_truth_pq, totals_summary
 from eco_ray.tradeoff import choose
 
 SCHEMA_VERSION = 2
@@ -86,7 +86,7 @@ class Diagnosis:
     probe_images: int
     probe_ceiling: float
     probes: list[Probe]
-    per_kind_by_exit: dict[str, dict[int, float]]  # the metric over each kind's images
+    per_kind_by_exit: dict[str, dict[int, float]]  # the metric over each kind's images (PQ: its own categories)
     gate: Lead | None
     gate_source: str | None
     gate_capture: float | None  # gate lead / cross-view oracle lead at the gate's compute
@@ -221,7 +221,7 @@ class _PanopticScorer(_Scorer):
         out = {}
         for kind in self.kinds():
             totals = self.stats.take(self.split.kinds == kind).totals()  # (E, C): summed over the kind's images
-            pq = totals_summary(totals, self.isthing)["pq"]
+            pq = ground_truth_pq(totals)  # over the kind's own categories: a stray prediction adds no zero
             out[kind] = {k: float(pq[e]) for e, k in enumerate(self.exits)}
         return out
 
