@@ -174,16 +174,22 @@ DEPTH_NEED_BARS = {"cross_view_oracle_lead": 0.03, "selected_gate_val_lead": 0.0
                    "encoder_gflops_saved": 0.30, "pq_lost": 0.01}
 
 
-def pipeline_dir_state(path: str) -> tuple[dict, str]:
-    """The state of the finished pipeline whose directory (``<run_dir>/pipeline/<name>``) is ``path``."""
+def pipeline_dir_state(path: str, required: bool = True):
+    """(state, name, run context) of the finished pipeline whose directory (``<run_dir>/pipeline/<name>``) is
+    ``path``, its models read from that run directory's tracking store; None where it has not finished and is
+    not ``required``."""
+    from eco_ray.context import RunContext
+
     where = Path(path)
-    state = pipeline_state(str(where.parent.parent), where.name)
+    state = pipeline_state(str(where.parent.parent), where.name, required=required)
     if state is None:
-        sys.exit(f"no pipeline state at {where}: give <run_dir>/pipeline/<name> of a finished `eco-ray pipeline`")
-    return state, where.name
+        if required:
+            sys.exit(f"no pipeline state at {where}: give <run_dir>/pipeline/<name> of a finished `eco-ray pipeline`")
+        return None
+    return state, where.name, RunContext.create(where.parent.parent)
 
 
-def depth_need_section(state: dict, name: str, ctx, out: Path) -> dict:
+def depth_need_section(state: dict, name: str, ctx, out: Path, plot_name: str | None = None) -> dict:
     """One pipeline judged as the issue "Where depth pays" asks, on validation: the static line, the cross-view
     oracle's lead (bootstrap 95% interval), the gate selected on held-out training images and its lead, the
     share of the oracle's lead it captures at its compute, PQ per exit per kind, and each bar met or not."""
@@ -217,7 +223,7 @@ def depth_need_section(state: dict, name: str, ctx, out: Path) -> dict:
         ">= 30% encoder GFLOPs saved at <= 0.01 PQ lost": gate["encoder_gflops_saved"] >= b["encoder_gflops_saved"]
         and gate["pq_lost"] <= b["pq_lost"]}
     val = manifest["splits"]["val"]
-    plot = plot_tradeoff([p for p in points if p["method"] != "selected"] + [eco], out / f"report_depth_need_{name}.png",
+    plot = plot_tradeoff(points, out / f"report_depth_need_{plot_name or name}.png",
                          f"{name}: parent {train['model_uri']}, {val['images']} val images")
     return {
         "config": {"pipeline": name, "parent": train["model_uri"], "parent_steps": train["steps"],
@@ -246,7 +252,8 @@ def depth_need_markdown(d: dict) -> list[str]:
             continue
         c, g = part["config"], part["selected_gate"]
         lo, hi = part["cross_view_oracle_lead_ci95"]
-        glo, ghi = g["val_lead_ci95"] or (float("nan"), float("nan"))
+        lead = "n/a" if g["val_lead"] is None else \
+            f"{g['val_lead']:+.4f} [{g['val_lead_ci95'][0]:+.4f}, {g['val_lead_ci95'][1]:+.4f}]"
         lines += [f"### `{c['pipeline']}`{' (control)' if part is d.get('control') else ''}: {c['val_images']} val "
                   f"images, parent {c['parent']} ({c['parent_steps']} steps)", "",
                   "static PQ by exit: " + ", ".join(f"{p['exit']}: {p['pq']:.3f}" for p in part["static"]), "",
@@ -258,10 +265,11 @@ def depth_need_markdown(d: dict) -> list[str]:
         lines += ["", f"Cross-view oracle lead {part['cross_view_oracle_lead']:+.4f} [{lo:+.4f}, {hi:+.4f}] PQ "
                   f"(beta {part['cross_view_oracle_beta']:g}); selected gate PQ {g['val_pq']:.4f} at "
                   f"{g['encoder_gflops_mean']:.4f} GFLOPs ({g['encoder_gflops_saved']:.1%} saved, {g['pq_lost']:+.4f} "
-                  f"PQ lost), lead {g['val_lead']:+.4f} [{glo:+.4f}, {ghi:+.4f}]"
+                  f"PQ lost), lead over static depth {lead}"
                   + (f", {g['captured_share']:.0%} of the cross-view oracle's lead there" if g["captured_share"]
-                     is not None else "") + f". Verdict: **{part['verdict']}**; the gate "
-                  f"{'pays' if part['gate_pays'] else 'does not pay'}.", ""]
+                     is not None else "") + f". The selected gate **{'pays' if part['gate_pays'] else 'does not pay'}"
+                  f"** (its lead's interval {'above' if part['gate_pays'] else 'not above'} 0); `eco-ray diagnose`'s "
+                  f"verdict on the table (a cross-view lead beyond 0.005 PQ): {part['verdict']}.", ""]
         lines += [f"- {'met' if ok else 'not met'}: {bar}" for bar, ok in part["bars"].items()]
         lines += ["", f"![trade-off {c['pipeline']}]({part['plot']})", ""]
     return lines
@@ -493,11 +501,14 @@ def main() -> None:
             print(f"[report] no detection pipeline {args.detection_pipeline!r}: the report has no detection key",
                   file=sys.stderr)
     if args.depth_need:
-        report["depth_need"] = depth_need_section(*pipeline_dir_state(args.depth_need), ctx, out)
-        control = args.depth_need_control or (str(Path(args.run_dir) / "pipeline" / args.pipeline)
-                                              if (Path(args.run_dir) / "pipeline" / args.pipeline).is_dir() else None)
-        if control and Path(control).resolve() != Path(args.depth_need).resolve():
-            report["depth_need"]["control"] = depth_need_section(*pipeline_dir_state(control), ctx, out)
+        report["depth_need"] = depth_need_section(*pipeline_dir_state(args.depth_need), out)
+        control = args.depth_need_control or str(Path(args.run_dir) / "pipeline" / args.pipeline)
+        if Path(control).resolve() != Path(args.depth_need).resolve():
+            found = pipeline_dir_state(control, required=bool(args.depth_need_control))
+            if found is None:
+                print(f"[report] no finished control pipeline at {control}: depth_need has no control", file=sys.stderr)
+            else:
+                report["depth_need"]["control"] = depth_need_section(*found, out, plot_name="control")
     report["seconds"] = round(time.perf_counter() - t0, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
     (out / "report.md").write_text(markdown(report))

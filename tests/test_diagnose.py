@@ -169,7 +169,7 @@ def test_the_diagnose_command_on_tables_on_disk(tmp_path, capsys):
     assert "verdict: PAYS" in out and "cross-view oracle" in out and (good / "diagnosis.png").stat().st_size > 0
     assert main(["diagnose", "--derived", str(good), "--resamples", "100", "--json", "--exits", "2,4,6"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["exits"] == [2, 4, 6] and doc["schema_version"] == 2 and set(doc["static"][0]) >= {"exit", "pq"}
+    assert doc["exits"] == [2, 4, 6] and doc["schema_version"] == 3 and set(doc["static"][0]) >= {"exit", "pq"}
     split = table(30)
     one_view = table_dir("one-view", replace(split, views=["plain"], stats=split.dense_stats()[:, :1]))
     empty = table_dir("empty", split.subset(np.zeros(30, bool)))

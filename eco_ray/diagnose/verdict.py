@@ -36,7 +36,7 @@ from eco_ray.errors import EcoRayError
 from eco_ray.metrics.panoptic import CategorySet, PanopticStats, ground_truth_pq, totals_summary
 from eco_ray.tradeoff import choose
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: per_kind_by_exit's PQ averages over the kind's ground-truth categories
 VERDICTS = ("pays", "does not pay", "cannot tell yet")
 DEFAULT_BETAS = (0.02, 0.1, 0.3)
 # the betas that trace the cross-view oracle's curve, to read it at a gate's compute

@@ -197,9 +197,9 @@ class LoopbackCluster:
             try:
                 node = self._start_node(name, num_cpus, [f"--address={self.address}"], timeout)
             except NodeStartFailed:
+                self._forget_failed(name)
                 if start == START_TRIES:
                     raise
-                self._forget_failed(name)
                 continue
             node.starts = start
             return node
@@ -228,9 +228,10 @@ class LoopbackCluster:
             try:
                 if name not in self.alive():
                     return
-            except OSError:
+            except Exception:  # noqa: BLE001 - the dashboard busy or restarting: ask again
                 pass
             time.sleep(0.5)
+        raise ClusterUnavailable(f"node {name!r} failed to start and the cluster still shows it alive after 60 s")
 
     def _start_node(self, name: str, num_cpus: int, role_args: list[str], timeout: float) -> Node:
         with self._lock:
