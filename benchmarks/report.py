@@ -194,6 +194,7 @@ def depth_need_section(state: dict, name: str, ctx, out: Path, plot_name: str | 
     oracle's lead (bootstrap 95% interval), the gate selected on held-out training images and its lead, the
     share of the oracle's lead it captures at its compute, PQ per exit per kind, and each bar met or not."""
     from eco_ray.derive.table import DerivedDataset
+    from eco_ray.model.io import CONFIG
 
     derived, train, selected = state["derive"], state["train"], state["select"]
     manifest = DerivedDataset.open(derived["path"]).manifest
@@ -202,8 +203,6 @@ def depth_need_section(state: dict, name: str, ctx, out: Path, plot_name: str | 
     full_diag = diag["full"]
     static = [p for p in points if p["method"] == "static"]
     full, eco = static[-1], points[-1]
-    from eco_ray.model.io import CONFIG
-
     meta_file = Path(train.get("parent_dir") or "") / CONFIG
     parent_meta = json.loads(meta_file.read_text()) if train.get("parent_dir") and meta_file.is_file() else {}
     synth = Path(state["data"]["root"]) / "eco_ray_synth.json" if "data" in state else None

@@ -249,18 +249,22 @@ def aggregate(stats: PanopticStats, categories: CategorySet) -> PanopticResult:
     return PanopticResult(**{k: float(v) for k, v in r.items()}, per_class_pq=pq_c, per_class_iou=iou_c)
 
 
+def _category_pq(stats: PanopticStats) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per category: (present: a segment in ground truth or prediction, PQ (0 where absent), tp + fp/2 + fn/2)."""
+    denom = stats.tp + 0.5 * stats.fp + 0.5 * stats.fn
+    present = denom > 0
+    return present, np.where(present, stats.iou_sum / np.where(present, denom, 1), 0.0), denom
+
+
 def totals_summary(totals: PanopticStats, isthing: np.ndarray) -> dict[str, np.ndarray]:
     """PQ / SQ / RQ (all, things, stuff) and mIoU of statistics that are ALREADY summed over images, for every
     leading index at once: (..., C) -> arrays of shape (...). A category counts where it has a segment in the
     ground truth or the prediction; a group with no such category scores 0 (as :func:`aggregate` reports).
     The bootstrap evaluates thousands of resampled totals with one call."""
     s = totals
-    denom = s.tp + 0.5 * s.fp + 0.5 * s.fn
-    present = denom > 0
-    safe = np.where(present, denom, 1)
-    pq_c = np.where(present, s.iou_sum / safe, 0.0)
+    present, pq_c, denom = _category_pq(s)
     sq_c = np.where(s.tp > 0, s.iou_sum / np.maximum(s.tp, 1), 0.0)
-    rq_c = np.where(present, s.tp / safe, 0.0)
+    rq_c = np.where(present, s.tp / np.where(present, denom, 1), 0.0)
     isthing = np.asarray(isthing, dtype=bool)
     out = {}
     for suffix, group in (("", np.ones_like(isthing)), ("_things", isthing), ("_stuff", ~isthing)):
@@ -281,8 +285,7 @@ def ground_truth_pq(totals: PanopticStats) -> np.ndarray:
     same at every exit). Dataset PQ also counts a category that only a prediction names, which is right for the
     whole split but, on a subset, lets one stray prediction of a category the subset lacks add a zero to the
     mean and move the subset's PQ by 1/C."""
-    denom = totals.tp + 0.5 * totals.fp + 0.5 * totals.fn
-    pq_c = np.where(denom > 0, totals.iou_sum / np.where(denom > 0, denom, 1), 0.0)
+    _, pq_c, _ = _category_pq(totals)
     gt = (totals.tp + totals.fn).reshape(-1, totals.tp.shape[-1])[0] > 0
     if not gt.any():
         return np.zeros(pq_c.shape[:-1])
@@ -294,9 +297,7 @@ def per_image_pq(stats: PanopticStats) -> np.ndarray:
 
     Works on any leading shape (..., C) -> (...). An image with no segment at all scores 1.0 (nothing
     to find, nothing predicted), which is the convention that makes its utility neutral."""
-    denom = stats.tp + 0.5 * stats.fp + 0.5 * stats.fn
-    present = denom > 0
-    pq_c = np.where(present, stats.iou_sum / np.where(present, denom, 1), 0.0)
+    present, pq_c, _ = _category_pq(stats)
     n = present.sum(-1)
     return np.where(n > 0, pq_c.sum(-1) / np.maximum(n, 1), 1.0)
 

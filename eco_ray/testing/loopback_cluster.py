@@ -259,7 +259,7 @@ class LoopbackCluster:
         while time.time() < deadline:
             if proc.poll() is not None:
                 raise NodeStartFailed(f"`ray start` of node {name!r} exited with {proc.returncode}: "
-                                         f"{self._tail(log)}")
+                                      f"{self._tail(log)}")
             if node.head and not _listening(self.gcs_port):
                 time.sleep(0.2)
                 continue
